@@ -1,0 +1,15 @@
+"""Llip (Latent Language Image Pretraining) for OpenCLIP.
+
+Importing this package registers the Llip model configs and model class with ``open_clip``;
+an installed package also does so by itself whenever ``open_clip`` is imported (see README).
+"""
+from .version import __version__
+from .checkpoint import convert_authors_config, convert_state_dict, load_checkpoint
+from .loss import LlipLoss
+from .mixer import LlipMixer, TextQueryHead
+from .model import LlipCfg, LlipModel
+from .scoring import conditioned_cosine
+from .vision import MixtureTokenViT
+from .plugin import llip_model_names, register
+
+register()

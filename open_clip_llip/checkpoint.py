@@ -1,0 +1,209 @@
+"""Checkpoints for ``LlipModel``: ours, the authors' released ones, and OpenCLIP CLIP ViTs.
+
+Three layouts are recognised (after dropping ``module.`` and ``_orig_mod.`` prefixes):
+
+- **ours**, as ``open_clip_train`` saves ``LlipModel``: ``mixer.out_proj``, ``visual.k_proj``, ``text.*``;
+- **the authors'** (METHOD §8): early-OpenCLIP names with ``k_proj``/``v_proj``/``q_proj``,
+  ``K_norm``/``V_norm``/``Q_norm`` and ``pred.out_proj`` (or ``out_proj``) at the top level,
+  and the text tower unpacked at the top level;
+- **OpenCLIP CLIP with a ViT image tower**: its towers are copied; the K mixture tokens and
+  their positions start as copies of the class token and its position; ``visual.proj`` is
+  dropped; the key, value and query projections, the mixer's W_O (and the K/V/Q norms) keep
+  the model's fresh initialisation, as does ``logit_bias`` when the checkpoint has none.
+
+Files are read with ``weights_only=True`` unless the caller says otherwise.
+"""
+import logging
+import pickle
+import re
+from typing import Dict, List, Tuple
+
+import torch
+from safetensors.torch import load_file as load_safetensors
+from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed
+
+_WRAPPER_PREFIX = re.compile(r'^(module\.|_orig_mod\.)+')
+# The authors' names of the parts Llip adds, and ours.
+_AUTHORS_NAMES = {
+    'k_proj': 'visual.k_proj',
+    'v_proj': 'visual.v_proj',
+    'K_norm.weight': 'visual.k_norm.weight',
+    'K_norm.bias': 'visual.k_norm.bias',
+    'V_norm.weight': 'visual.v_norm.weight',
+    'V_norm.bias': 'visual.v_norm.bias',
+    'q_proj': 'query_head.q_proj',
+    'Q_norm.weight': 'query_head.q_norm.weight',
+    'Q_norm.bias': 'query_head.q_norm.bias',
+    'pred.out_proj': 'mixer.out_proj',
+    'out_proj': 'mixer.out_proj',
+}
+
+StateDict = Dict[str, torch.Tensor]
+
+
+def strip_wrapper_prefixes(state_dict: StateDict) -> StateDict:
+    """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, in any order."""
+    return {_WRAPPER_PREFIX.sub('', key): value for key, value in state_dict.items()}
+
+
+def checkpoint_layout(state_dict: StateDict) -> str:
+    """'llip' (ours), 'authors' or 'clip'; ValueError for anything else."""
+    if 'mixer.out_proj' in state_dict:
+        return 'llip'
+    if 'k_proj' in state_dict:
+        return 'authors'
+    class_embedding = state_dict.get('visual.class_embedding')
+    if 'visual.proj' in state_dict and class_embedding is not None and class_embedding.ndim == 1:
+        return 'clip'
+    sample = sorted(state_dict)[:8]
+    raise ValueError(
+        'This is neither a Llip checkpoint (ours or the authors\') nor an OpenCLIP CLIP checkpoint with a ViT '
+        f'image tower; its first keys are {sample}.')
+
+
+def describe_architecture(state_dict: StateDict) -> str:
+    """A one-line summary of the Llip or CLIP architecture that a state dict's shapes imply."""
+    def count(prefix):
+        return len({k.split('.')[3] for k in state_dict if k.startswith(prefix)})
+
+    parts = []
+    if 'visual.class_embedding' in state_dict:
+        tokens = state_dict['visual.class_embedding']
+        parts.append(f'{tokens.shape[0] if tokens.ndim == 2 else 1} image token(s)')
+        parts.append(f'vision width {tokens.shape[-1]}')
+    parts.append(f'{count("visual.transformer.resblocks.")} vision layers')
+    if 'visual.k_proj' in state_dict:
+        parts.append(f'D = {state_dict["visual.k_proj"].shape[-1]}')
+    if 'text.text_projection' in state_dict:
+        parts.append(f'text width {state_dict["text.text_projection"].shape[0]}')
+    parts.append(f'{count("text.transformer.resblocks.")} text layers')
+    return ', '.join(parts)
+
+
+def _from_authors(state_dict: StateDict) -> StateDict:
+    renamed = {_AUTHORS_NAMES.get(key, key): value for key, value in state_dict.items()}
+    return convert_to_custom_text_state_dict(renamed)
+
+
+def _from_clip(state_dict: StateDict, model) -> Tuple[StateDict, List[str]]:
+    state_dict = convert_to_custom_text_state_dict(dict(state_dict))
+    resize_pos_embed(state_dict, model)  # CLIP's one class token: OpenCLIP's resize applies as is
+    num_tokens = model.visual.num_prefix_tokens
+    class_token = state_dict.pop('visual.class_embedding')
+    positions = state_dict['visual.positional_embedding']
+    state_dict.pop('visual.proj')
+    state_dict['visual.class_embedding'] = class_token.expand(num_tokens, -1).clone()
+    state_dict['visual.positional_embedding'] = torch.cat([positions[:1].expand(num_tokens, -1), positions[1:]])
+    initial = model.state_dict()
+    fresh = [key for key in initial if key not in state_dict]
+    state_dict.update({key: initial[key] for key in fresh})
+    logging.info(
+        f'Llip from a CLIP checkpoint: towers copied; {num_tokens} mixture tokens and their positions copied from '
+        f'the class token; visual.proj dropped; initialised fresh: {", ".join(fresh)}.')
+    return state_dict, fresh
+
+
+def _resize_positions(state_dict: StateDict, model):
+    """Resize the patch positions to the model's grid, keeping the K mixture-token positions."""
+    positions = state_dict.get('visual.positional_embedding')
+    num_tokens = model.visual.num_prefix_tokens
+    tokens = state_dict.get('visual.class_embedding')
+    if positions is None or tokens is None or tokens.shape[0] != num_tokens \
+            or positions.shape == model.visual.positional_embedding.shape:
+        return
+    # OpenCLIP's resize keeps exactly one leading token: hand it the last mixture token's row.
+    tail = {'visual.positional_embedding': positions[num_tokens - 1:]}
+    resize_pos_embed(tail, model)
+    state_dict['visual.positional_embedding'] = torch.cat([positions[:num_tokens - 1], tail['visual.positional_embedding']])
+
+
+def convert_state_dict(state_dict: StateDict, model) -> StateDict:
+    """Any recognised layout -> ``model``'s keys and shapes; ValueError for another architecture."""
+    state_dict = strip_wrapper_prefixes(state_dict)
+    layout = checkpoint_layout(state_dict)
+    if layout == 'authors':
+        state_dict = _from_authors(state_dict)
+    elif layout == 'clip':
+        state_dict, _ = _from_clip(state_dict, model)
+    _resize_positions(state_dict, model)
+    expected = model.state_dict()
+    for name in ('logit_scale', 'logit_bias'):  # scalar vs [1], as OpenCLIP's loader allows
+        if name in state_dict and name in expected and state_dict[name].numel() == 1:
+            state_dict[name] = state_dict[name].reshape(expected[name].shape)
+    mismatched = [
+        f'{key}: {list(value.shape)} in the checkpoint, {list(expected[key].shape)} in the model'
+        for key, value in state_dict.items() if key in expected and value.shape != expected[key].shape]
+    if mismatched:
+        raise ValueError(
+            f'The checkpoint was made for another architecture ({describe_architecture(state_dict)}) than this '
+            f'model ({describe_architecture(expected)}): ' + '; '.join(mismatched[:5])
+            + ('; …' if len(mismatched) > 5 else '') + '. Create the model from the config that matches it.')
+    return state_dict
+
+
+def read_state_dict(checkpoint_path: str, weights_only: bool = True, device='cpu') -> StateDict:
+    """A checkpoint file's state dict (.safetensors, or torch.save of a state dict or of {'state_dict': ...}).
+
+    Errors say what is wrong with the file: missing, unreadable, refused by ``weights_only``
+    (naming the Python object it would have to rebuild), or not holding tensors.
+    """
+    path = str(checkpoint_path)
+    try:
+        if path.endswith('.safetensors'):
+            checkpoint = load_safetensors(path, device=str(device))
+        else:
+            checkpoint = torch.load(path, map_location=device, weights_only=weights_only)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except pickle.UnpicklingError as error:
+        needs = re.search(r'GLOBAL (\S+)', str(error))
+        if needs is None:
+            raise ValueError(f'Could not read {path} as a checkpoint: it is corrupt or not a PyTorch file.') from None
+        raise ValueError(
+            f'{path} holds a Python object ({needs.group(1)}) that only running code could rebuild, so '
+            'weights_only=True refuses it. If you trust the file, load it yourself with '
+            'torch.load(path, weights_only=False) and torch.save its state_dict alone.') from None
+    except Exception as error:
+        raise ValueError(f'Could not read {path} as a checkpoint: {type(error).__name__}: {error}') from None
+    if isinstance(checkpoint, dict) and 'state_dict' in checkpoint:
+        checkpoint = checkpoint['state_dict']
+    if not isinstance(checkpoint, dict) or not checkpoint \
+            or not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        raise ValueError(f'{path} does not hold a state dict (a non-empty dict of tensors).')
+    return checkpoint
+
+
+def load_checkpoint(model, checkpoint_path: str, strict: bool = True, weights_only: bool = True, device='cpu'):
+    """Load a checkpoint of any recognised layout into ``model``; returns ``load_state_dict``'s result."""
+    state_dict = read_state_dict(checkpoint_path, weights_only=weights_only, device=device)
+    try:
+        state_dict = convert_state_dict(state_dict, model)
+    except ValueError as error:
+        raise ValueError(f'{checkpoint_path}: {error}') from None
+    if strict:
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f'{checkpoint_path} does not fit this model ({describe_architecture(expected)}): '
+                f'missing {missing[:5]}{" …" if len(missing) > 5 else ""}, '
+                f'unexpected {unexpected[:5]}{" …" if len(unexpected) > 5 else ""}.')
+    return model.load_state_dict(state_dict, strict=strict)
+
+
+def convert_authors_config(model_cfg: dict, weight_scale: float) -> dict:
+    """The authors' model config (``num_heads``, ``vision_cfg.ncls``, ``use_norm``) and τ -> ours."""
+    cfg = {key: value for key, value in model_cfg.items() if key not in ('num_heads', 'use_norm')}
+    vision_cfg = dict(cfg['vision_cfg'])
+    cfg.update(
+        model_class='LlipModel',
+        vision_cfg=vision_cfg,
+        llip_cfg=dict(
+            mixture_tokens=vision_cfg.pop('ncls'),
+            heads=model_cfg['num_heads'],
+            temperature=float(weight_scale),
+            norm=bool(model_cfg.get('use_norm', False)),
+        ),
+    )
+    return cfg

@@ -1,0 +1,66 @@
+"""Llip's loss: SigLIP's sigmoid loss on the text-conditioned scores (METHOD §4).
+
+    s[i,j] = exp(logit_scale) · cos(z[i|j], t[j]) + logit_bias
+    L      = −(1/b) Σ_{i,j} log σ(y[i,j] · s[i,j]),   y = +1 if i == j else −1
+
+b local images, B texts in all. Images (keys, values, Gram) stay on their rank; each text's
+query and target, packed into one ``[M, 2, H, d]`` tensor, travel exactly as text features do
+in OpenCLIP's ``SigLipLoss``, whose four distributed implementations (``bidir``, ``shift``,
+``reduce``, ``gather``) this class inherits unchanged.
+
+Memory: the scores are computed in blocks of texts, each under activation checkpointing, so
+between the forward and the backward pass only the inputs and one scalar per block are kept,
+and at any time at most one block's ``[b, m, H, K]`` intermediates — never ``[b, B, D]``.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import SigLipLoss
+from torch.utils.checkpoint import checkpoint
+
+from .scoring import pair_cosine, text_block_size
+
+
+def _block_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, first_text: int, negative_only: bool):
+    """Σ −log σ(y·s) over b images × one block of texts, texts numbered from ``first_text``."""
+    logits = logit_scale * pair_cosine(keys, values, gram, queries, targets) + logit_bias  # [b, m]
+    labels = -torch.ones_like(logits)
+    if not negative_only:
+        positives = torch.arange(logits.shape[0], device=logits.device) - first_text
+        in_block = (positives >= 0) & (positives < logits.shape[1])
+        labels[in_block.nonzero()[:, 0], positives[in_block]] = 1.
+    return -F.logsigmoid(labels * logits).sum()
+
+
+class LlipLoss(SigLipLoss):
+    """Sigmoid loss on Llip's conditioned scores; takes ``LlipModel.forward``'s outputs as keywords.
+
+    Args:
+        rank, world_size, dist_impl: as for OpenCLIP's ``SigLipLoss``.
+        block_size: texts per block (default: about 4M elements per ``[b, m, H, K]`` intermediate).
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, dist_impl: Optional[str] = None,
+                 block_size: Optional[int] = None):
+        super().__init__(rank=rank, world_size=world_size, dist_impl=dist_impl)
+        self.block_size = block_size
+
+    def _loss(self, image_features, text_features, logit_scale, logit_bias=None, negative_only=False):
+        keys, values, gram = image_features
+        queries, targets = text_features.unbind(dim=1)
+        num_images, heads, tokens, _ = keys.shape
+        block_size = self.block_size or text_block_size(num_images, heads, tokens)
+        total = 0.
+        for start in range(0, queries.shape[0], block_size):
+            stop = start + block_size
+            total = total + checkpoint(
+                _block_loss, keys, values, gram, queries[start:stop], targets[start:stop], logit_scale, logit_bias,
+                start, negative_only, use_reentrant=False)
+        return total / num_images
+
+    def forward(self, image_keys, image_values, image_gram, text_queries, text_targets, logit_scale, logit_bias,
+                output_dict: bool = False):
+        """Keys, values [b, H, K, d], Gram [b, H·K, H·K], queries (/τ) and targets [b, H, d] -> loss."""
+        texts = torch.stack([text_queries, text_targets], dim=1)  # [b, 2, H, d]: one tensor to exchange
+        return super().forward((image_keys, image_values, image_gram), texts, logit_scale, logit_bias, output_dict)

@@ -1,0 +1,182 @@
+"""Llip model: OpenCLIP's towers with mixture tokens, a text query and a mixer (METHOD §1–4).
+
+Notation: N images, M texts, K mixture tokens, H mixer heads, D = ``embed_dim``, d = D / H.
+"""
+from dataclasses import dataclass, fields
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower
+from open_clip.transformer import LayerNorm, LayerNormFp32, text_global_pool
+
+from .mixer import LlipMixer, TextQueryHead, split_heads
+from .scoring import conditioned_cosine
+from .vision import build_mixture_token_vit
+
+
+@dataclass
+class LlipCfg:
+    """What Llip adds to an OpenCLIP config, under the key ``llip_cfg``."""
+    mixture_tokens: int = 32  # K
+    heads: int = 8  # H, the mixer's heads
+    temperature: float = 5.0  # τ, divides the mixer's attention logits
+    norm: bool = False  # LayerNorm on keys, values and queries (the "-norm" configs)
+
+
+def config_from_dict(cls, cfg: Union[dict, object], where: str):
+    """Build dataclass ``cls`` from a dict, naming unknown keys and ``where`` they are."""
+    if not isinstance(cfg, dict):
+        return cfg
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f'{where} has unknown key(s) {unknown}; valid keys are {sorted(known)}.')
+    return cls(**cfg)
+
+
+def _check_llip_cfg(embed_dim: int, cfg: LlipCfg):
+    problems = []
+    if cfg.mixture_tokens < 1:
+        problems.append(f'llip_cfg.mixture_tokens (K) must be at least 1, got {cfg.mixture_tokens}')
+    if cfg.heads < 1 or embed_dim % cfg.heads:
+        problems.append(f'embed_dim (D = {embed_dim}) must be divisible by llip_cfg.heads (H = {cfg.heads})')
+    if not cfg.temperature > 0:
+        problems.append(f'llip_cfg.temperature (τ) must be positive, got {cfg.temperature}')
+    if problems:
+        raise ValueError('Impossible Llip config: ' + '; '.join(problems) + '.')
+
+
+def _check_text_cfg(cfg: CLIPTextCfg):
+    unsupported = {
+        'hf_model_name': cfg.hf_model_name is not None,
+        'embed_cls': cfg.embed_cls,
+        'proj_type': cfg.proj_type == 'none',
+        'pool_type': cfg.pool_type == 'none',
+    }
+    bad = [f'text_cfg.{name} = {getattr(cfg, name)!r}' for name, is_bad in unsupported.items() if is_bad]
+    if bad:
+        raise ValueError(
+            f"{', '.join(bad)} not supported: Llip needs OpenCLIP's own text transformer, pooled to one token "
+            'and projected (text_projection), because its query comes from that pooled token.')
+
+
+class LlipModel(nn.Module):
+    """Llip: CLIP whose image embedding depends on the text it is compared with.
+
+    Towers: ``visual`` (``MixtureTokenViT``) gives K keys and values per image; ``text``
+    (OpenCLIP's ``TextTransformer``) gives the text embedding t, and ``query_head``
+    (``TextQueryHead``) the mixer query q from the same pooled token; ``mixer`` (``LlipMixer``)
+    turns them into conditioned scores ``s[i,j] = exp(logit_scale)·cos(z[i|j], t[j]) + logit_bias``.
+
+    The constructor takes an OpenCLIP model config with one more key, ``llip_cfg`` (``LlipCfg``).
+    ``forward`` always returns a dict (``output_dict`` is accepted for OpenCLIP's factory).
+    """
+    def __init__(
+            self,
+            embed_dim: int,
+            vision_cfg: Union[dict, CLIPVisionCfg],
+            text_cfg: Union[dict, CLIPTextCfg],
+            llip_cfg: Union[dict, LlipCfg],
+            quick_gelu: bool = False,
+            init_logit_scale: float = np.log(1 / 0.07),
+            init_logit_bias: Optional[float] = -10.,
+            nonscalar_logit_scale: bool = False,
+            cast_dtype: Optional[torch.dtype] = None,
+            output_dict: bool = True,
+    ):
+        super().__init__()
+        llip_cfg = config_from_dict(LlipCfg, llip_cfg, 'llip_cfg')
+        vision_cfg = config_from_dict(CLIPVisionCfg, vision_cfg, 'vision_cfg')
+        text_cfg = config_from_dict(CLIPTextCfg, text_cfg, 'text_cfg')
+        _check_llip_cfg(embed_dim, llip_cfg)
+        _check_text_cfg(text_cfg)
+        if init_logit_bias is None:
+            raise ValueError('Llip needs a logit bias (its loss is sigmoid); init_logit_bias must not be None.')
+        norm_layer = LayerNormFp32 if cast_dtype in (torch.float16, torch.bfloat16) else LayerNorm
+
+        self.visual = build_mixture_token_vit(
+            embed_dim, vision_cfg, llip_cfg.mixture_tokens, llip_cfg.norm, quick_gelu, cast_dtype)
+        text_cfg.output_tokens = True  # the query head reads the pooled token before text_projection
+        self.text = _build_text_tower(embed_dim, text_cfg, quick_gelu, cast_dtype)
+        self.context_length = self.text.context_length
+        self.vocab_size = self.text.vocab_size
+        self.query_head = TextQueryHead(text_cfg.width, embed_dim, llip_cfg.heads, llip_cfg.norm, norm_layer)
+        self.mixer = LlipMixer(embed_dim, llip_cfg.heads, llip_cfg.temperature)
+
+        lshape = [1] if nonscalar_logit_scale else []
+        self.logit_scale = nn.Parameter(torch.ones(lshape) * init_logit_scale)
+        self.logit_bias = nn.Parameter(torch.ones(lshape) * init_logit_bias)
+
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False):
+        self.visual.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True):
+        """Lock the text tower as OpenCLIP does; the query head is locked with ``text_projection``."""
+        self.text.lock(unlocked_layers, freeze_layer_norm)
+        self.query_head.requires_grad_(unlocked_layers > 0)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {f'visual.{n}' for n in self.visual.no_weight_decay()} | {f'text.{n}' for n in self.text.no_weight_decay()}
+
+    def load_checkpoint(self, checkpoint_path: str, strict: bool = True, weights_only: bool = True, device='cpu'):
+        """Load our checkpoints, the authors' released ones, or an OpenCLIP CLIP ViT's (see ``checkpoint``)."""
+        from .checkpoint import load_checkpoint
+        return load_checkpoint(self, checkpoint_path, strict=strict, weights_only=weights_only, device=device)
+
+    def encode_image(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Images [N, 3, H_img, W_img] -> keys, values: each [N, H, K, d]."""
+        keys, values = self.visual(image)
+        heads = self.mixer.heads
+        return split_heads(keys, heads).transpose(1, 2), split_heads(values, heads).transpose(1, 2)
+
+    def check_text(self, text: torch.Tensor):
+        """Raise a ValueError unless ``text`` is a batch of token ids [M, context_length]."""
+        if text.ndim != 2 or text.shape[1] != self.context_length or text.is_floating_point() or text.is_complex():
+            raise ValueError(
+                f'{type(self).__name__} expects integer token ids of shape [M, {self.context_length}]; got a '
+                f'{text.dtype} tensor of shape {list(text.shape)}. Tokenize with open_clip.get_tokenizer(model_name).')
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [M, L] -> text embeddings t [M, D] (unit length if ``normalize``), raw queries q [M, H, d]."""
+        self.check_text(text)
+        features, tokens = self.text(text)
+        pooled = text_global_pool(tokens, text, self.text.pool_type, eos_token_id=self.text.eos_id)
+        queries = self.query_head(pooled)
+        return (F.normalize(features, dim=-1) if normalize else features), queries
+
+    def get_logits(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Images [N, ...], texts [M, L] -> (image_logits [N, M], text_logits [M, N]) of the conditioned scores."""
+        out = self(image, text)
+        cosine = conditioned_cosine(
+            out['image_keys'], out['image_values'], out['image_gram'], out['text_queries'], out['text_targets'])
+        image_logits = out['logit_scale'] * cosine + out['logit_bias']
+        return image_logits, image_logits.T
+
+    def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Everything the loss needs, batch first so OpenCLIP's ``--accum-freq`` can concatenate it.
+
+        Returns, for the inputs given:
+            ``image_keys``, ``image_values``: [N, H, K, d]
+            ``image_gram``: [N, H·K, H·K]  (``LlipMixer.image_gram``)
+            ``text_queries``: [M, H, d]  (q / τ)
+            ``text_targets``: [M, H, d]  (W_O t̂, ``LlipMixer.text_targets``)
+            ``logit_scale`` (exponentiated), ``logit_bias``
+        """
+        out = {}
+        if image is not None:
+            keys, values = self.encode_image(image)
+            out.update(image_keys=keys, image_values=values, image_gram=self.mixer.image_gram(values))
+        if text is not None:
+            features, queries = self.encode_text(text)
+            out.update(text_queries=self.mixer.scale_queries(queries), text_targets=self.mixer.text_targets(features))
+        out.update(logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias)
+        return out

@@ -1,0 +1,193 @@
+"""LlipModel keeps OpenCLIP's model contract and its ViT options."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import open_clip
+from open_clip_llip import LlipLoss, LlipModel, conditioned_cosine
+
+N, M = 6, 5
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return open_clip.create_model('Llip-Tiny').eval()
+
+
+def batch(model, n=N, m=M, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, *model.visual.image_size, generator=generator)
+    texts = torch.randint(1, 1000, (m, model.context_length), generator=generator)
+    texts[:, 7] = model.vocab_size - 1  # EOT: the highest id, as CLIP's tokenizer guarantees
+    texts[:, 8:] = 0
+    return images, texts
+
+
+def reference_logits(model, images, texts):
+    """Plain Llip: materialise z[i|j] and take its cosine with t[j]."""
+    keys, values = model.encode_image(images)
+    features, queries = model.encode_text(texts)
+    z = model.mixer(keys, values, queries)  # [N, M, D]
+    cosine = F.cosine_similarity(z, features[None], dim=-1)
+    return model.logit_scale.exp() * cosine + model.logit_bias
+
+
+def test_forward_returns_batch_first_tensors(model):
+    images, texts = batch(model)
+    out = model(images, texts)
+    heads, tokens = model.mixer.heads, model.visual.num_prefix_tokens
+    d = model.mixer.out_proj.shape[0] // heads
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        'image_keys': (N, heads, tokens, d), 'image_values': (N, heads, tokens, d),
+        'image_gram': (N, heads * tokens, heads * tokens),
+        'text_queries': (M, heads, d), 'text_targets': (M, heads, d), 'logit_scale': (), 'logit_bias': ()}
+    assert model(image=images).keys() == {'image_keys', 'image_values', 'image_gram', 'logit_scale', 'logit_bias'}
+    assert model(text=texts).keys() == {'text_queries', 'text_targets', 'logit_scale', 'logit_bias'}
+
+
+def test_micro_batch_outputs_concatenate_to_the_full_batch(model):
+    """OpenCLIP's --accum-freq caches each micro-batch's outputs and torch.cat's them along dim 0."""
+    images, texts = batch(model, N, N)
+    with torch.no_grad():
+        full = model(images, texts)
+        halves = [model(images[:3], texts[:3]), model(images[3:], texts[3:])]
+    for key, value in full.items():
+        if key not in ('logit_scale', 'logit_bias'):
+            torch.testing.assert_close(torch.cat([h[key] for h in halves]), value, rtol=1e-5, atol=1e-6)
+
+
+def test_get_logits_matches_materialised_reference(model):
+    images, texts = batch(model)
+    image_logits, text_logits = model.get_logits(images, texts)
+    assert image_logits.shape == (N, M) and text_logits.shape == (M, N)
+    torch.testing.assert_close(image_logits, reference_logits(model, images, texts), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(text_logits, image_logits.T)
+
+
+class LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.numel = max(self.numel, tensor.numel())
+        return out
+
+
+def test_scores_and_loss_never_build_a_pairwise_embedding_tensor(model):
+    """No [N, M, D] tensor: with blocks of 2 texts, nothing outgrows the largest input (the Gram)."""
+    images, texts = batch(model, 8, 64)
+    out = {k: v.detach().requires_grad_() for k, v in model(images, texts).items()}
+    largest_input = max(v.numel() for v in out.values())
+    assert largest_input < 8 * 64 * model.mixer.out_proj.shape[0]
+    with LargestTensor() as largest:
+        conditioned_cosine(out['image_keys'], out['image_values'], out['image_gram'],
+                           out['text_queries'], out['text_targets'], block_size=2)
+        LlipLoss(block_size=2)(**out).backward()
+    assert 0 < largest.numel <= largest_input
+
+
+def test_lock_image_tower_groups(model):
+    def trainable():
+        return {n for n, p in model.named_parameters() if p.requires_grad and n.startswith('visual.')}
+
+    model.lock_image_tower(unlocked_groups=0)
+    assert trainable() == set()
+    model.lock_image_tower(unlocked_groups=1)
+    assert trainable() == {'visual.k_proj', 'visual.v_proj'}
+    model.lock_image_tower(unlocked_groups=2)
+    assert trainable() == {'visual.k_proj', 'visual.v_proj', 'visual.ln_post.weight', 'visual.ln_post.bias',
+                           *{f'visual.{n}' for n, _ in model.visual.transformer.resblocks[-1].named_parameters(
+                               prefix='transformer.resblocks.1')}}
+    model.lock_image_tower(unlocked_groups=100)
+    assert trainable() == {n for n, _ in model.named_parameters() if n.startswith('visual.')}
+
+
+def test_lock_text_tower_locks_query_head_with_projection(model):
+    model.lock_text_tower(unlocked_layers=0)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith(('text.', 'query_head.')))
+    assert model.mixer.out_proj.requires_grad and model.visual.k_proj.requires_grad
+    model.lock_text_tower(unlocked_layers=1)
+    unlocked = {n for n, p in model.named_parameters() if p.requires_grad and n.startswith(('text.', 'query_head.'))}
+    assert unlocked == {'text.text_projection', 'query_head.q_proj'}
+
+
+def test_grad_checkpointing_gives_the_same_gradients(model):
+    images, texts = batch(model, 4, 4)
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        LlipLoss()(**model(images, texts)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_patch_dropout_keeps_every_mixture_token():
+    model = open_clip.create_model('Llip-Tiny', force_patch_dropout=0.5).train()
+    images, _ = batch(model, 3, 3)
+    lengths = []
+    model.visual.transformer.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    model.visual.ln_pre.register_forward_hook(lambda module, args, out: lengths.append(args[0]))
+    keys, values = model.encode_image(images)
+    tokens, patches = model.visual.num_prefix_tokens, model.visual.grid_size[0] * model.visual.grid_size[1]
+    assert lengths[1] == tokens + patches // 2
+    # The mixture tokens enter the transformer first, unchanged by dropout.
+    expected = model.visual.class_embedding + model.visual.positional_embedding[:tokens]
+    torch.testing.assert_close(lengths[0][:, :tokens], expected.expand(3, -1, -1))
+    assert keys.shape[2] == tokens and torch.isfinite(values).all()
+
+
+def test_no_weight_decay_names_exist(model):
+    names = dict(model.named_parameters())
+    assert model.no_weight_decay() and all(n in names for n in model.no_weight_decay())
+
+
+def test_forward_intermediates_split_mixture_tokens(model):
+    images, _ = batch(model, 2, 2)
+    out = model.visual.forward_intermediates(images, indices=2, output_extra_tokens=True)
+    tokens, grid = model.visual.num_prefix_tokens, model.visual.grid_size
+    width = model.visual.conv1.out_channels
+    assert [tuple(y.shape) for y in out['image_intermediates']] == [(2, width, *grid)] * 2
+    assert [tuple(y.shape) for y in out['image_intermediates_prefix']] == [(2, tokens, width)] * 2
+    keys, values = model.visual(images)
+    torch.testing.assert_close(out['image_keys'], keys)
+    torch.testing.assert_close(out['image_values'], values)
+
+
+@pytest.mark.parametrize('precision', ['bf16', 'pure_bf16'])
+def test_low_precision_models_run(precision):
+    model = open_clip.create_model('Llip-Tiny', precision=precision).eval()
+    images, texts = batch(model, 2, 2)
+    dtype = torch.bfloat16
+    image_logits, _ = model.get_logits(images.to(dtype), texts)
+    assert torch.isfinite(image_logits).all()
+
+
+def test_autocast_loss_is_finite(model):
+    images, texts = batch(model, 4, 4)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = LlipLoss()(**model.train()(images, texts))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_factory_overrides_and_transforms():
+    model, train_transform, val_transform = open_clip.create_model_and_transforms(
+        'Llip-Tiny', force_image_size=48, force_context_length=16)
+    assert isinstance(model, LlipModel)
+    assert model.visual.image_size == (48, 48) and model.context_length == 16
+    assert model.visual.positional_embedding.shape[0] == model.visual.num_prefix_tokens + (48 // 4) ** 2
+    from PIL import Image
+    image = val_transform(Image.new('RGB', (100, 70)))
+    assert image.shape == (3, 48, 48)
+    tokenizer = open_clip.get_tokenizer('Llip-Tiny', context_length=16)
+    keys, _ = model.encode_image(image[None])
+    features, _ = model.encode_text(tokenizer(['a red square']))
+    assert keys.shape[0] == 1 and features.shape == (1, 64)

@@ -45,6 +45,7 @@ class LlipLoss(SigLipLoss):
                  block_size: Optional[int] = None):
         super().__init__(rank=rank, world_size=world_size, dist_impl=dist_impl)
         self.block_size = block_size
+        self.calls = 0
 
     def _loss(self, image_features, text_features, logit_scale, logit_bias=None, negative_only=False):
         keys, values, gram = image_features
@@ -63,4 +64,18 @@ class LlipLoss(SigLipLoss):
                 output_dict: bool = False):
         """Keys, values [b, H, K, d], Gram [b, H·K, H·K], queries (/τ) and targets [b, H, d] -> loss."""
         texts = torch.stack([text_queries, text_targets], dim=1)  # [b, 2, H, d]: one tensor to exchange
-        return super().forward((image_keys, image_values, image_gram), texts, logit_scale, logit_bias, output_dict)
+        loss = super().forward((image_keys, image_values, image_gram), texts, logit_scale, logit_bias, output_dict)
+        self.calls += 1
+        value = loss['contrastive_loss'] if output_dict else loss
+        if not torch.isfinite(value).item():  # one host sync per step: cheaper than training on NaNs
+            raise FloatingPointError(self._non_finite_message(value))
+        return loss
+
+    def _non_finite_message(self, value: torch.Tensor) -> str:
+        from .plugin import open_clip_train_position
+        position = open_clip_train_position()
+        where = f'epoch {position[0]}, step {position[1]}' if position else f'call {self.calls} of this loss'
+        return (
+            f'The Llip loss is {value.item()} at {where}; stopping rather than training on NaNs. '
+            'Try a lower learning rate (--lr), or --precision amp_bf16 instead of amp: bfloat16 has the range '
+            'of float32, float16 overflows.')

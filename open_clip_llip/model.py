@@ -2,6 +2,7 @@
 
 Notation: N images, M texts, K mixture tokens, H mixer heads, D = ``embed_dim``, d = D / H.
 """
+import logging
 from dataclasses import dataclass, fields
 from typing import Dict, Optional, Tuple, Union
 
@@ -12,6 +13,7 @@ from torch import nn
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower
 from open_clip.transformer import LayerNorm, LayerNormFp32, text_global_pool
 
+from .loss import LlipLoss
 from .mixer import LlipMixer, TextQueryHead, split_heads
 from .scoring import conditioned_cosine
 from .vision import build_mixture_token_vit
@@ -114,9 +116,17 @@ class LlipModel(nn.Module):
         self.visual.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
 
     def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True):
-        """Lock the text tower as OpenCLIP does; the query head is locked with ``text_projection``."""
-        self.text.lock(unlocked_layers, freeze_layer_norm)
+        """Lock the text tower as OpenCLIP does; the query head is locked with ``text_projection``.
+
+        ``freeze_layer_norm=False`` (``open_clip_train``'s default) leaves the tower's LayerNorms
+        trainable, which is what the flag means; OpenCLIP 3.3's own towers refuse it.
+        """
+        self.text.lock(unlocked_layers, freeze_layer_norm=True)
         self.query_head.requires_grad_(unlocked_layers > 0)
+        if not freeze_layer_norm:
+            for module in self.text.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.requires_grad_(True)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
@@ -126,6 +136,19 @@ class LlipModel(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self):
         return {f'visual.{n}' for n in self.visual.no_weight_decay()} | {f'text.{n}' for n in self.text.no_weight_decay()}
+
+    @classmethod
+    def create_loss(cls, args) -> LlipLoss:
+        """The training loss for ``open_clip_train``'s ``args``: always ``LlipLoss``, whatever ``--siglip`` says."""
+        if args.distill:
+            raise ValueError('Distillation (--distill-model) is not supported for Llip models.')
+        if args.horovod:
+            raise ValueError('Horovod is not supported for Llip models (nor by OpenCLIP\'s SigLipLoss); use torchrun or srun.')
+        loss = LlipLoss(rank=args.rank, world_size=args.world_size, dist_impl=args.loss_dist_impl)
+        logging.info(
+            f'{args.model} is a Llip model: training with LlipLoss (sigmoid loss on conditioned scores, '
+            f'distributed as {loss.dist_impl!r}){"; --siglip is implied" if args.siglip else ""}.')
+        return loss
 
     def load_checkpoint(self, checkpoint_path: str, strict: bool = True, weights_only: bool = True, device='cpu'):
         """Load our checkpoints, the authors' released ones, or an OpenCLIP CLIP ViT's (see ``checkpoint``)."""

@@ -41,11 +41,17 @@ def test_patched_open_clip_discovers_llip_through_its_entry_point(patched_open_c
         import open_clip
         from open_clip.model import CLIP
         assert open_clip.factory.CLIP is CLIP  # no shim: the registry does the work
+        from types import SimpleNamespace
         model = open_clip.create_model('Llip-Tiny')
+        args = SimpleNamespace(model='Llip-Tiny', distill=False, siglip=False, horovod=False, rank=0, world_size=1,
+                               loss_dist_impl=None)
+        assert open_clip.create_loss.__module__ == 'open_clip.factory'  # the patched one, not a shim
         print(open_clip.__file__)
         print(type(model).__name__, sorted(m for m in open_clip.list_models() if m.startswith('Llip')))
+        print(type(open_clip.create_loss(args)).__name__)
     """)
     assert result.returncode == 0, result.stderr
-    location, built = result.stdout.splitlines()[:2]
+    location, built, loss = result.stdout.splitlines()[:3]
     assert location == str(patched_open_clip / 'src' / 'open_clip' / '__init__.py')
     assert built.startswith("LlipModel ['Llip-Tiny', 'Llip-ViT-B-16'")
+    assert loss == 'LlipLoss'

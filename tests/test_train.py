@@ -1,0 +1,213 @@
+"""Llip trains with OpenCLIP's own loop (open_clip_train.main), unchanged."""
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+import open_clip
+from open_clip_train.main import main as open_clip_train_main
+
+COLOURS = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (40, 70, 220), 'yellow': (230, 210, 40),
+           'purple': (140, 50, 180), 'orange': (240, 140, 30), 'white': (235, 235, 235), 'black': (20, 20, 20)}
+CORNERS = {'top left': (0, 0), 'top right': (16, 0), 'bottom left': (0, 16), 'bottom right': (16, 16)}
+LOSS = re.compile(r'Contrastive_loss: ([0-9.naninf]+)')
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """open_clip_train's main adds handlers to the root logger on every call."""
+    handlers, level = list(logging.root.handlers), logging.root.level
+    yield
+    for handler in set(logging.root.handlers) - set(handlers):
+        logging.root.removeHandler(handler)
+        handler.close()
+    logging.root.setLevel(level)
+
+
+def train(tmp_path, *args, name='run', model='Llip-Tiny', samples=32, epochs=1):
+    """Run open_clip_train on synthetic data (unless ``args`` give data); return the run's log folder."""
+    data = [] if '--train-data' in args else ['--dataset-type', 'synthetic', '--train-num-samples', str(samples)]
+    open_clip_train_main([
+        '--model', model, *data, '--batch-size', '8', '--epochs', str(epochs), '--lr', '1e-3', '--warmup', '2',
+        '--workers', '0', '--precision', 'fp32', '--seed', '0', '--logs', str(tmp_path / 'logs'), '--name', name,
+        *args])
+    return tmp_path / 'logs' / name
+
+
+def logged_losses(run_dir):
+    return [float(x) for x in LOSS.findall((run_dir / 'out.log').read_text())]
+
+
+def final_state(run_dir, epoch=1):
+    return torch.load(run_dir / 'checkpoints' / f'epoch_{epoch}.pt', weights_only=True)
+
+
+def initial_state():
+    torch.manual_seed(0)  # main's random_seed(0) before the model is built
+    return open_clip.create_model('Llip-Tiny').state_dict()
+
+
+@pytest.mark.parametrize('flags', [
+    [],
+    ['--accum-freq', '2'],
+    ['--grad-checkpointing'],
+    ['--precision', 'amp_bf16'],
+    ['--report-to', 'tensorboard'],
+    ['--siglip', '--loss-dist-impl', 'gather'],
+], ids=lambda flags: ' '.join(flags) or 'plain')
+def test_stock_loop_trains_llip(tmp_path, flags):
+    run = train(tmp_path, *flags)
+    log = (run / 'out.log').read_text()
+    assert 'training with LlipLoss' in log
+    losses = logged_losses(run)
+    assert losses and all(np.isfinite(losses))
+    state = final_state(run)['state_dict']
+    initial = initial_state()
+    assert any(not torch.equal(state[k], initial[k]) for k in initial), 'no parameter changed'
+    if '--report-to' in flags:
+        assert list((run / 'tensorboard').glob('events.out.tfevents.*'))
+
+
+def test_lock_image_keeps_image_tower(tmp_path):
+    state = final_state(train(tmp_path, '--lock-image'))['state_dict']
+    initial = initial_state()
+    assert all(torch.equal(state[k], initial[k]) for k in initial if k.startswith('visual.'))
+    assert not torch.equal(state['mixer.out_proj'], initial['mixer.out_proj'])
+
+
+def test_lock_text_keeps_text_tower_but_its_layer_norms(tmp_path):
+    state = final_state(train(tmp_path, '--lock-text'))['state_dict']
+    initial = initial_state()
+    frozen = [k for k in initial if k.startswith(('text.', 'query_head.')) and '.ln_' not in k]
+    assert frozen and all(torch.equal(state[k], initial[k]) for k in frozen)
+    assert not torch.equal(state['text.ln_final.weight'], initial['text.ln_final.weight'])
+
+
+def test_torchcompile(tmp_path):
+    run = train(tmp_path, '--torchcompile', samples=16)
+    assert all(np.isfinite(logged_losses(run)))
+    assert 'visual.k_proj' in final_state(run)['state_dict']  # saved without torch.compile's prefix
+
+
+def test_resume_continues_from_saved_step_optimizer_and_scaler(tmp_path):
+    """Two epochs straight equal one epoch, saved, then resumed: weights, optimizer and scaler state."""
+    # amp: a GradScaler whose state is saved; a constant schedule (after warm-up) does not depend on --epochs.
+    args = ('--precision', 'amp', '--save-frequency', '1', '--lr-scheduler', 'const')
+    straight = train(tmp_path, *args, name='straight', epochs=2)
+    first = train(tmp_path, *args, name='first', epochs=1)
+    resumed = train(tmp_path, *args, '--resume', str(first / 'checkpoints' / 'epoch_1.pt'), name='resumed', epochs=2)
+    assert "resuming checkpoint" in (resumed / 'out.log').read_text()
+    expected, got = final_state(straight, 2), final_state(resumed, 2)
+    assert got['epoch'] == 2 and 'scaler' in got
+    for key, value in expected['state_dict'].items():
+        torch.testing.assert_close(got['state_dict'][key], value, rtol=1e-6, atol=1e-7, msg=key)
+    for index, state in expected['optimizer']['state'].items():
+        for name, value in state.items():
+            torch.testing.assert_close(got['optimizer']['state'][index][name], value, rtol=1e-6, atol=1e-7)
+    assert got['scaler'] == expected['scaler']
+
+
+def write_learnable_shards(folder, count=2048, seed=0):
+    """Images with one coloured square in one corner; the caption names both."""
+    rng = np.random.default_rng(seed)
+    names, corners = list(COLOURS), list(CORNERS)
+    with wds.TarWriter(str(folder / 'train-0.tar')) as sink:
+        for index in range(count):
+            colour, corner = names[rng.integers(len(names))], corners[rng.integers(len(corners))]
+            x, y = CORNERS[corner]
+            image = np.full((32, 32, 3), 128.)
+            image[y:y + 16, x:x + 16] = COLOURS[colour]
+            image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format='PNG')
+            sink.write({'__key__': f'{index:06d}', 'png': buffer.getvalue(), 'txt': f'a {colour} square at the {corner}'})
+    return folder / 'train-0.tar'
+
+
+def test_loss_falls_on_learnable_data(tmp_path):
+    """Batch 32: a model that learns nothing but the bias reaches 4.45 (σ(b) = 1/32); we must go well below."""
+    shards = write_learnable_shards(tmp_path)
+    run = train(tmp_path, '--train-data', str(shards), '--dataset-type', 'webdataset', '--train-num-samples', '2048',
+                '--batch-size', '32', '--lr', '2e-3', '--warmup', '10', '--log-every-n-steps', '8', epochs=3)
+    losses = logged_losses(run)
+    bias_only = -np.log(1 / 32) - 31 * np.log(31 / 32)
+    assert losses[0] > 9
+    assert np.mean(losses[-4:]) < 0.8 * bias_only, losses
+
+
+def test_corrupt_and_empty_shards_are_skipped_as_openclip_does(tmp_path):
+    good = write_learnable_shards(tmp_path, count=64)
+    (tmp_path / 'train-1.tar').write_bytes(b'')
+    (tmp_path / 'train-2.tar').write_bytes(os.urandom(4096))
+    run = train(tmp_path, '--train-data', f'{tmp_path}/train-{{0..2}}.tar', '--dataset-type', 'webdataset',
+                '--train-num-samples', '64')
+    assert all(np.isfinite(logged_losses(run)))
+    assert 'Handling webdataset error' in (run / 'out.log').read_text()
+    assert good.exists()
+
+
+def test_non_finite_loss_stops_with_step_and_hint(tmp_path):
+    with pytest.raises(FloatingPointError, match=r'is nan at epoch 0, step \d+; stopping rather than training on '
+                                                 r'NaNs\. Try a lower learning rate \(--lr\), or --precision amp_bf16'):
+        train(tmp_path, '--lr', '1e30', samples=128)
+
+
+def test_near_miss_model_name_lists_llip_configs(tmp_path):
+    with pytest.raises(RuntimeError, match=r"Unknown model 'Llip-ViT-B16'\. Did you mean 'Llip-ViT-B-16'\? "
+                                           r"Llip configs: Llip-Tiny, Llip-ViT-B-16, Llip-ViT-B-32"):
+        train(tmp_path, model='Llip-ViT-B16')
+
+
+def run_python(code, **env):
+    environ = dict(os.environ, **env)
+    return subprocess.run([sys.executable, '-c', code], env=environ, capture_output=True, text=True, check=True)
+
+
+def test_open_clip_models_train_exactly_as_before(tmp_path):
+    """A CLIP and a SigLIP run give bit-identical weights with and without the plugin."""
+    config = open_clip.get_model_config('Llip-Tiny')
+    for key in ('model_class', 'llip_cfg', 'init_logit_bias'):
+        config.pop(key)
+    (tmp_path / 'Tiny-CLIP.json').write_text(json.dumps(config))
+    results = {}
+    for autoload in ('0', '1'):
+        code = f"""if True:
+            import open_clip, torch
+            open_clip.add_model_config({str(tmp_path / 'Tiny-CLIP.json')!r})
+            from open_clip_train.main import main
+            for extra in ([], ['--siglip']):
+                name = 'autoload{autoload}' + ''.join(extra)
+                main(['--model', 'Tiny-CLIP', '--dataset-type', 'synthetic', '--train-num-samples', '32',
+                      '--batch-size', '8', '--lr', '1e-3', '--warmup', '2', '--workers', '0', '--precision', 'fp32',
+                      '--logs', {str(tmp_path / 'logs')!r}, '--name', name, *extra])
+        """
+        run_python(code, OPEN_CLIP_LLIP_AUTOLOAD=autoload)
+        for extra in ('', '--siglip'):
+            results[autoload, extra] = final_state(tmp_path / 'logs' / f'autoload{autoload}{extra}')['state_dict']
+    for extra in ('', '--siglip'):
+        without, with_plugin = results['0', extra], results['1', extra]
+        assert without.keys() == with_plugin.keys()
+        assert all(torch.equal(without[k], with_plugin[k]) for k in without)
+        assert not torch.equal(results['1', ''][k := 'logit_scale'], results['1', '--siglip'][k])
+
+
+def test_open_clip_train_command_takes_exactly_openclips_arguments(tmp_path):
+    ours = subprocess.run(['open_clip_train', '--help'], capture_output=True, text=True, check=True).stdout
+    stock = run_python('from open_clip_train.main import main; main(["--help"])', OPEN_CLIP_LLIP_AUTOLOAD='0')
+    # The same text once argparse's line wrapping (which depends on the program's name) is undone.
+    assert ours.replace('usage: open_clip_train', 'usage: -c').split() == stock.stdout.split()
+    # With the autoload hook off, the command still registers Llip itself.
+    subprocess.run(['open_clip_train', '--model', 'Llip-Tiny', '--dataset-type', 'synthetic',
+                    '--train-num-samples', '8', '--batch-size', '4', '--workers', '0', '--precision', 'fp32',
+                    '--logs', str(tmp_path), '--name', 'cli'],
+                   env=dict(os.environ, OPEN_CLIP_LLIP_AUTOLOAD='0'), check=True, capture_output=True)
+    assert 'training with LlipLoss' in (tmp_path / 'cli' / 'out.log').read_text()

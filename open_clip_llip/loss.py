@@ -4,9 +4,9 @@
     L      = −(1/b) Σ_{i,j} log σ(y[i,j] · s[i,j]),   y = +1 if i == j else −1
 
 b local images, B texts in all. Images (keys, values, Gram) stay on their rank; each text's
-query and target, packed into one ``[M, 2, H, d]`` tensor, travel exactly as text features do
-in OpenCLIP's ``SigLipLoss``, whose four distributed implementations (``bidir``, ``shift``,
-``reduce``, ``gather``) this class inherits unchanged.
+features, its query and target packed into one ``[M, 2, H, d]`` tensor, travel exactly as text
+features do in OpenCLIP's ``SigLipLoss``, whose four distributed implementations (``bidir``,
+``shift``, ``reduce``, ``gather``) this class inherits unchanged.
 
 Memory: the scores are computed in blocks of texts, each under activation checkpointing, so
 between the forward and the backward pass only the inputs and one scalar per block are kept,
@@ -48,7 +48,8 @@ class LlipLoss(SigLipLoss):
         self.calls = 0
 
     def _loss(self, image_features, text_features, logit_scale, logit_bias=None, negative_only=False):
-        keys, values, gram = image_features
+        features, gram = image_features
+        keys, values = features.unbind(dim=1)
         queries, targets = text_features.unbind(dim=1)
         num_images, heads, tokens, _ = keys.shape
         block_size = self.block_size or text_block_size(num_images, heads, tokens)
@@ -60,11 +61,13 @@ class LlipLoss(SigLipLoss):
                 start, negative_only, use_reentrant=False)
         return total / num_images
 
-    def forward(self, image_keys, image_values, image_gram, text_queries, text_targets, logit_scale, logit_bias,
-                output_dict: bool = False):
-        """Keys, values [b, H, K, d], Gram [b, H·K, H·K], queries (/τ) and targets [b, H, d] -> loss."""
-        texts = torch.stack([text_queries, text_targets], dim=1)  # [b, 2, H, d]: one tensor to exchange
-        loss = super().forward((image_keys, image_values, image_gram), texts, logit_scale, logit_bias, output_dict)
+    def forward(self, image_features, text_features, logit_scale, logit_bias, image_gram, output_dict: bool = False):
+        """``LlipModel.forward``'s outputs -> the loss of b local images against all texts.
+
+        Image features [b, 2, H, K, d] (keys, values) and their Gram matrices [b, H·K, H·K] stay on
+        this rank; text features [b, 2, H, d] (q / τ, p) travel as SigLipLoss's text features do.
+        """
+        loss = super().forward((image_features, image_gram), text_features, logit_scale, logit_bias, output_dict)
         self.calls += 1
         value = loss['contrastive_loss'] if output_dict else loss
         if not torch.isfinite(value).item():  # one host sync per step: cheaper than training on NaNs

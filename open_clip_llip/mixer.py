@@ -76,6 +76,11 @@ class LlipMixer(nn.Module):
         mixed = torch.einsum('nhkd,hde->nhke', values.to(out_proj.dtype), out_proj).flatten(1, 2)  # [N, HK, D]
         return mixed @ mixed.transpose(1, 2)
 
+    def text_side(self, text_features: torch.Tensor, queries: torch.Tensor, temperature: Optional[float] = None):
+        """Text embeddings [M, D] and raw queries [M, H, d] -> [M, 2, H, d]: (q / τ, p), what scores need of a text."""
+        return torch.stack([self.scale_queries(queries, temperature).to(self.out_proj.dtype),
+                            self.text_targets(text_features)], dim=1)
+
     def text_targets(self, text_features: torch.Tensor) -> torch.Tensor:
         """Text features [M, D] -> p = W_O t̂ split into heads: [M, H, d] (t̂ = t / |t|)."""
         unit = F.normalize(text_features.to(self.out_proj.dtype), dim=-1)

@@ -18,6 +18,9 @@ from .mixer import LlipMixer, TextQueryHead, split_heads
 from .scoring import conditioned_cosine
 from .vision import build_mixture_token_vit
 
+# Elements of the Gram matrices scored at once by ``LlipModel.similarity`` (16 MiB in fp32).
+_GRAM_BLOCK_ELEMENTS = 1 << 22
+
 
 @dataclass
 class LlipCfg:
@@ -176,30 +179,44 @@ class LlipModel(nn.Module):
         queries = self.query_head(pooled)
         return (F.normalize(features, dim=-1) if normalize else features), queries
 
+    def similarity(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """cos(z[i|j], t[j]) for every pair of ``forward``'s features -> [N, M], on the features' device.
+
+        Image features ``[N, 2, H, K, d]`` (keys, values), text features ``[M, 2, H, d]`` (q / τ, p),
+        e.g. as OpenCLIP's evaluation accumulates them (on the CPU); computed on the model's
+        device in blocks of images (whose Gram matrices are recomputed here) and of texts.
+        """
+        device = self.mixer.out_proj.device
+        heads, tokens = image_features.shape[2:4]
+        block = max(1, _GRAM_BLOCK_ELEMENTS // (heads * tokens) ** 2)
+        queries, targets = text_features.to(device).unbind(dim=1)
+        rows = []
+        for start in range(0, image_features.shape[0], block):
+            keys, values = image_features[start:start + block].to(device).unbind(dim=1)
+            gram = self.mixer.image_gram(values)
+            rows.append(conditioned_cosine(keys, values, gram, queries, targets).to(image_features.device))
+        return torch.cat(rows)
+
     def get_logits(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Images [N, ...], texts [M, L] -> (image_logits [N, M], text_logits [M, N]) of the conditioned scores."""
         out = self(image, text)
-        cosine = conditioned_cosine(
-            out['image_keys'], out['image_values'], out['image_gram'], out['text_queries'], out['text_targets'])
-        image_logits = out['logit_scale'] * cosine + out['logit_bias']
+        image_logits = out['logit_scale'] * self.similarity(out['image_features'], out['text_features']) + out['logit_bias']
         return image_logits, image_logits.T
 
     def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Everything the loss needs, batch first so OpenCLIP's ``--accum-freq`` can concatenate it.
+        """What the loss needs, batch first so that OpenCLIP's ``--accum-freq`` can concatenate it.
 
         Returns, for the inputs given:
-            ``image_keys``, ``image_values``: [N, H, K, d]
-            ``image_gram``: [N, H·K, H·K]  (``LlipMixer.image_gram``)
-            ``text_queries``: [M, H, d]  (q / τ)
-            ``text_targets``: [M, H, d]  (W_O t̂, ``LlipMixer.text_targets``)
+            ``image_features``: [N, 2, H, K, d], the keys and the values of each image's mixture tokens
+            ``image_gram``: [N, H·K, H·K], their Gram matrices (``LlipMixer.image_gram``)
+            ``text_features``: [M, 2, H, d], each text's query / τ and target p = W_O t̂ (``LlipMixer.text_side``)
             ``logit_scale`` (exponentiated), ``logit_bias``
         """
         out = {}
         if image is not None:
             keys, values = self.encode_image(image)
-            out.update(image_keys=keys, image_values=values, image_gram=self.mixer.image_gram(values))
+            out.update(image_features=torch.stack([keys, values], dim=1), image_gram=self.mixer.image_gram(values))
         if text is not None:
-            features, queries = self.encode_text(text)
-            out.update(text_queries=self.mixer.scale_queries(queries), text_targets=self.mixer.text_targets(features))
+            out.update(text_features=self.mixer.text_side(*self.encode_text(text)))
         out.update(logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias)
         return out

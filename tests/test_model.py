@@ -40,11 +40,15 @@ def test_forward_returns_batch_first_tensors(model):
     heads, tokens = model.mixer.heads, model.visual.num_prefix_tokens
     d = model.mixer.out_proj.shape[0] // heads
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        'image_keys': (N, heads, tokens, d), 'image_values': (N, heads, tokens, d),
-        'image_gram': (N, heads * tokens, heads * tokens),
-        'text_queries': (M, heads, d), 'text_targets': (M, heads, d), 'logit_scale': (), 'logit_bias': ()}
-    assert model(image=images).keys() == {'image_keys', 'image_values', 'image_gram', 'logit_scale', 'logit_bias'}
-    assert model(text=texts).keys() == {'text_queries', 'text_targets', 'logit_scale', 'logit_bias'}
+        'image_features': (N, 2, heads, tokens, d), 'image_gram': (N, heads * tokens, heads * tokens),
+        'text_features': (M, 2, heads, d), 'logit_scale': (), 'logit_bias': ()}
+    keys, values = model.encode_image(images)
+    features, queries = model.encode_text(texts)
+    assert torch.equal(out['image_features'], torch.stack([keys, values], dim=1))
+    torch.testing.assert_close(out['text_features'][:, 0], queries / model.mixer.temperature)
+    torch.testing.assert_close(out['text_features'][:, 1], model.mixer.text_targets(features))
+    assert model(image=images).keys() == {'image_features', 'image_gram', 'logit_scale', 'logit_bias'}
+    assert model(text=texts).keys() == {'text_features', 'logit_scale', 'logit_bias'}
 
 
 def test_micro_batch_outputs_concatenate_to_the_full_batch(model):
@@ -85,11 +89,24 @@ def test_scores_and_loss_never_build_a_pairwise_embedding_tensor(model):
     out = {k: v.detach().requires_grad_() for k, v in model(images, texts).items()}
     largest_input = max(v.numel() for v in out.values())
     assert largest_input < 8 * 64 * model.mixer.out_proj.shape[0]
+    keys, values = out['image_features'].unbind(1)
+    queries, targets = out['text_features'].unbind(1)
     with LargestTensor() as largest:
-        conditioned_cosine(out['image_keys'], out['image_values'], out['image_gram'],
-                           out['text_queries'], out['text_targets'], block_size=2)
+        conditioned_cosine(keys, values, out['image_gram'], queries, targets, block_size=2)
         LlipLoss(block_size=2)(**out).backward()
     assert 0 < largest.numel <= largest_input
+
+
+def test_similarity_of_cpu_features_blocks_images_and_texts(model, monkeypatch):
+    """As OpenCLIP's evaluation calls it: accumulated features, scored in blocks of images and texts."""
+    import open_clip_llip.model as llip_model
+    images, texts = batch(model, 7, 5)
+    with torch.no_grad():
+        out = model(images, texts)
+        expected = reference_logits(model, images, texts)
+        monkeypatch.setattr(llip_model, '_GRAM_BLOCK_ELEMENTS', 2 * 32 * 32)  # two images per block
+        cosine = model.similarity(out['image_features'], out['text_features'])
+    torch.testing.assert_close(model.logit_scale.exp() * cosine + model.logit_bias, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_lock_image_tower_groups(model):

@@ -54,7 +54,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     task.add_argument('--templates', action='append', default=[], metavar='FILE',
                       help='Templates with {} for the class name, one per line; one file for all tasks or one per task.')
     task.add_argument('--retrieval', action='append', default=[], metavar='PATH',
-                      help='Retrieval set: a tab-separated CSV (filepath, title) or webdataset shards (.tar, brace pattern).')
+                      help='Retrieval set: a tab-separated CSV (filepath, title) or webdataset shards '
+                           '(.tar, or a brace pattern).')
     parser.add_argument('--temperatures', type=float, nargs='+', metavar='TAU',
                         help="Mixer temperatures τ to evaluate (default: the model's).")
     parser.add_argument('--batch-size', type=int, default=64)
@@ -156,7 +157,8 @@ def evaluate(args) -> dict:
         logging.info(f'Zero-shot {root}: {len(dataset)} images, {len(classnames)} classes, {len(task_templates)} templates.')
         dataset.transform = transform
         with autocast():
-            classifier = build_zero_shot_classifier(model, tokenizer, classnames, task_templates, device=device, use_tqdm=True)
+            classifier = build_zero_shot_classifier(
+                model, tokenizer, classnames, task_templates, device=device, use_tqdm=True)
         results = run_zero_shot(model, classifier, DataLoader(dataset, **loader_options), temperatures,
                                 device=device, autocast=autocast, input_dtype=input_dtype, use_tqdm=True)
         records += [dict(task=root, type=ZERO_SHOT, temperature=tau, num_images=len(dataset),
@@ -168,7 +170,8 @@ def evaluate(args) -> dict:
         keys, values = encode_images(model, images, device, autocast, input_dtype, use_tqdm=True)
         texts = tokenizer(retrieval_set.captions).split(args.batch_size)
         features, queries = encode_texts(model, texts, device, autocast, use_tqdm=True)
-        results = evaluate_retrieval(model, keys, values, features, queries, retrieval_set.image_index, temperatures, autocast)
+        results = evaluate_retrieval(
+            model, keys, values, features, queries, retrieval_set.image_index, temperatures, autocast)
         records += [dict(task=path, type=RETRIEVAL, temperature=tau, num_images=len(retrieval_set.images),
                          num_texts=len(retrieval_set.captions), metrics=metrics) for tau, metrics in results.items()]
 

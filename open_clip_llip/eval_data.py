@@ -116,24 +116,28 @@ class RetrievalImages(Dataset):
 
 
 def _read_csv(path: Path) -> RetrievalSet:
-    with path.open(newline='', encoding='utf-8') as file:
-        reader = csv.DictReader(file, delimiter=CSV_SEPARATOR)
-        columns = reader.fieldnames or []
-        if CSV_IMAGE_KEY not in columns or CSV_CAPTION_KEY not in columns:
-            raise ValueError(
-                f'Retrieval CSV {path} has columns {columns}; it needs a tab-separated header with the columns '
-                f'{CSV_IMAGE_KEY!r} (image path) and {CSV_CAPTION_KEY!r} (caption), as OpenCLIP\'s CsvDataset.')
-        images, captions, image_index, numbers = [], [], [], {}
-        for line, row in enumerate(reader, 2):
-            filepath, caption = row[CSV_IMAGE_KEY], row[CSV_CAPTION_KEY]
-            if not filepath or caption is None:
-                raise ValueError(f'Retrieval CSV {path}, line {line}: no {CSV_IMAGE_KEY if not filepath else CSV_CAPTION_KEY}.')
-            image = str(path.parent / filepath)  # an absolute filepath stays as it is
-            if image not in numbers:
-                numbers[image] = len(images)
-                images.append(image)
-            image_index.append(numbers[image])
-            captions.append(caption)
+    images, captions, image_index, numbers = [], [], [], {}
+    try:
+        with path.open(newline='', encoding='utf-8') as file:
+            reader = csv.DictReader(file, delimiter=CSV_SEPARATOR)
+            columns = reader.fieldnames or []
+            if CSV_IMAGE_KEY not in columns or CSV_CAPTION_KEY not in columns:
+                raise ValueError(
+                    f'Retrieval CSV {path} has columns {columns}; it needs a tab-separated header with the columns '
+                    f'{CSV_IMAGE_KEY!r} (image path) and {CSV_CAPTION_KEY!r} (caption), as OpenCLIP\'s CsvDataset.')
+            for row in reader:
+                filepath, caption = row[CSV_IMAGE_KEY], row[CSV_CAPTION_KEY]
+                if not filepath or caption is None:
+                    missing = CSV_CAPTION_KEY if filepath else CSV_IMAGE_KEY
+                    raise ValueError(f'Retrieval CSV {path}, line {reader.line_num}: no {missing}.')
+                image = str(path.parent / filepath)  # an absolute filepath stays as it is
+                if image not in numbers:
+                    numbers[image] = len(images)
+                    images.append(image)
+                image_index.append(numbers[image])
+                captions.append(caption)
+    except UnicodeDecodeError as error:
+        raise ValueError(f'Retrieval CSV {path} is not UTF-8 text ({error}).') from None
     if not captions:
         raise ValueError(f'Retrieval CSV {path} has no rows.')
     missing = [image for image in images if not os.path.isfile(image)]
@@ -153,33 +157,40 @@ def _shard_paths(pattern: str) -> List[str]:
     return shards
 
 
+def _index_shard(shard: str) -> dict:
+    """Sample key -> {extension: ``TarInfo``} of an uncompressed tar, in order; captions decoded under 'txt'."""
+    from webdataset.tariterators import base_plus_ext  # webdataset's split of a member name into key and extension
+    samples = {}
+    try:
+        with tarfile.open(shard, 'r:') as tar:
+            for member in tar:
+                key, extension = base_plus_ext(member.name)
+                if member.isfile() and key is not None:
+                    extension = extension.lower()
+                    content = member
+                    if extension == SHARD_CAPTION_EXTENSION:
+                        content = tar.extractfile(member).read().decode('utf-8')
+                    samples.setdefault(key, {})[extension] = content
+    except (tarfile.TarError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f'Could not read shard {shard} as an uncompressed tar of images and UTF-8 captions: {error}') from None
+    return samples
+
+
 def _read_shards(pattern: str) -> RetrievalSet:
-    """Index every sample of the shards (images stay on disk; captions are read)."""
-    from webdataset.tariterators import base_plus_ext  # webdataset's sample key and extension of a member name
+    """Index every sample of the shards: images stay on disk, captions are read."""
     images, captions, image_index = [], [], []
     for shard in _shard_paths(pattern):
-        samples = {}
-        try:
-            with tarfile.open(shard, 'r:') as tar:
-                for member in tar:
-                    key, extension = base_plus_ext(member.name)
-                    if member.isfile() and key is not None:
-                        sample = samples.setdefault(key, {})
-                        sample[extension.lower()] = member
-                        if extension.lower() == SHARD_CAPTION_EXTENSION:
-                            sample['captions'] = [
-                                line.strip() for line in tar.extractfile(member).read().decode('utf-8').splitlines()
-                                if line.strip()]
-        except (tarfile.TarError, UnicodeDecodeError) as error:
-            raise ValueError(f'Could not read shard {shard} as an uncompressed tar of UTF-8 captions and images: {error}') from None
-        for key, sample in samples.items():
+        for key, sample in _index_shard(shard).items():
             image = next((sample[ext] for ext in SHARD_IMAGE_EXTENSIONS if ext in sample), None)
-            if image is None or not sample.get('captions'):
-                lacks = f'image ({", ".join(SHARD_IMAGE_EXTENSIONS)})' if image is None else f'caption ({SHARD_CAPTION_EXTENSION})'
-                raise ValueError(f'Sample {key!r} of shard {shard} has no {lacks}; every sample needs both.')
-            image_index.extend([len(images)] * len(sample['captions']))
+            sample_captions = [line.strip() for line in sample.get(SHARD_CAPTION_EXTENSION, '').splitlines() if line.strip()]
+            if image is None:
+                raise ValueError(f'Sample {key!r} of shard {shard} has no image ({", ".join(SHARD_IMAGE_EXTENSIONS)}).')
+            if not sample_captions:
+                raise ValueError(f'Sample {key!r} of shard {shard} has no caption ({SHARD_CAPTION_EXTENSION}).')
+            image_index += [len(images)] * len(sample_captions)
             images.append(ShardMember(shard, image.offset_data, image.size))
-            captions.extend(sample['captions'])
+            captions += sample_captions
     if not images:
         raise ValueError(f'The shards {pattern} hold no samples.')
     return RetrievalSet(images, captions, torch.tensor(image_index))

@@ -223,6 +223,9 @@ def with_file(tmp_path, name, text):
     (lambda d, t: ['--retrieval', str(t / 'missing.csv')], r'Retrieval set .*missing.csv not found'),
     (lambda d, t: ['--retrieval', with_file(t, 'comma.csv', 'filepath,title\na.png,a cat\n')],
      r"has columns \['filepath,title'\]; it needs a tab-separated header with the columns 'filepath'"),
+    (lambda d, t: ['--retrieval', with_file(t, 'no-title.csv', 'filepath\ttitle\na.png\ta cat\nb.png\n')],
+     r'no-title.csv, line 3: no title'),
+    (lambda d, t: ['--retrieval', with_file(t, 'empty.csv', 'filepath\ttitle\n')], r'empty.csv has no rows'),
     (lambda d, t: ['--retrieval', with_file(t, 'missing-images.csv', 'filepath\ttitle\nnope.png\ta cat\n')],
      r'names 1 image file\(s\) that do not exist'),
     (lambda d, t: ['--retrieval', str(d / 'shards' / '{000..002}.tar')], r'1 of the 3 shard\(s\) .* not found'),
@@ -233,11 +236,26 @@ def test_bad_input(data, checkpoint, tmp_path, make_args, message):
         run(make_args(data, tmp_path), checkpoint)
 
 
-def test_shard_sample_without_caption(checkpoint, tmp_path):
+@pytest.mark.parametrize('members, message', [
+    ({'a.png': b'', 'b.png': b'', 'b.txt': b'a cat'}, r"Sample 'a' of shard .* has no caption \(txt\)"),
+    ({'a.png': b'', 'a.txt': b'\n \n'}, r"Sample 'a' of shard .* has no caption \(txt\)"),
+    ({'a.txt': b'a cat', 'a.json': b'{}'}, r"Sample 'a' of shard .* has no image \(png, jpg, jpeg, webp\)"),
+    ({}, r'hold no samples'),
+])
+def test_bad_shard_samples(checkpoint, tmp_path, members, message):
     with tarfile.open(tmp_path / 'shard.tar', 'w') as tar:
-        info = tarfile.TarInfo('only-image.png')
-        tar.addfile(info, io.BytesIO(b''))
-    with pytest.raises(SystemExit, match=r"Sample 'only-image' of shard .* has no caption \(txt\)"):
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    with pytest.raises(SystemExit, match=message):
+        run(['--retrieval', str(tmp_path / 'shard.tar')], checkpoint)
+
+
+def test_compressed_shard(checkpoint, tmp_path):
+    with tarfile.open(tmp_path / 'shard.tar', 'w:gz'):
+        pass
+    with pytest.raises(SystemExit, match=r'Could not read shard .* as an uncompressed tar'):
         run(['--retrieval', str(tmp_path / 'shard.tar')], checkpoint)
 
 

@@ -179,6 +179,11 @@ def _index_shard(shard: str) -> dict:
 
 def _read_shards(pattern: str) -> RetrievalSet:
     """Index every sample of the shards: images stay on disk, captions are read."""
+    try:
+        import braceexpand  # noqa: F401
+        import webdataset  # noqa: F401
+    except ImportError as error:
+        raise ValueError(f"Reading webdataset shards needs {error.name}: pip install 'open_clip_llip[training]'.") from None
     images, captions, image_index = [], [], []
     for shard in _shard_paths(pattern):
         for key, sample in _index_shard(shard).items():

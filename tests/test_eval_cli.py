@@ -252,6 +252,12 @@ def test_bad_shard_samples(checkpoint, tmp_path, members, message):
         run(['--retrieval', str(tmp_path / 'shard.tar')], checkpoint)
 
 
+def test_shards_without_webdataset_installed(data, checkpoint, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'webdataset', None)  # import webdataset now raises ImportError
+    with pytest.raises(SystemExit, match=r"Reading webdataset shards needs webdataset: pip install 'open_clip_llip\[training\]'"):
+        run(['--retrieval', str(data / 'shards' / '000.tar')], checkpoint)
+
+
 def test_compressed_shard(checkpoint, tmp_path):
     with tarfile.open(tmp_path / 'shard.tar', 'w:gz'):
         pass

@@ -8,8 +8,10 @@ from .checkpoint import convert_authors_config, convert_state_dict, load_checkpo
 from .loss import LlipLoss
 from .mixer import LlipMixer, TextQueryHead
 from .model import LlipCfg, LlipModel
+from .retrieval import encode_images, encode_texts, evaluate_retrieval, retrieval_cosine, retrieval_metrics
 from .scoring import conditioned_cosine
 from .vision import MixtureTokenViT
+from .zero_shot import ZeroShotClassifier, build_zero_shot_classifier, run_zero_shot, topk_correct, zero_shot_cosine
 from .plugin import llip_model_names, register
 
 register()

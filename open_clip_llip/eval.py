@@ -1,0 +1,195 @@
+"""``python -m open_clip_llip.eval`` (``open_clip_llip_eval``): zero-shot classification and retrieval of a Llip model.
+
+Example::
+
+    open_clip_llip_eval --model Llip-ViT-B-16 --pretrained llip_b16_k32.pt \\
+        --zeroshot-images imagenet/val --classnames imagenet.txt --templates openai.txt \\
+        --retrieval coco/test.csv --temperatures 1 5 --json results.json
+
+Every τ in ``--temperatures`` is evaluated in the same pass over the images. The table and the
+JSON use OpenCLIP's metric names (``top1``, ``top5``, ``image_to_text_R@1``, …) as fractions.
+Data formats: see ``open_clip_llip.eval_data``.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from torch.utils.data import DataLoader
+
+import open_clip
+from open_clip_train.precision import get_autocast
+
+from .eval_data import RetrievalImages, read_classnames, read_retrieval_set, read_templates, zero_shot_dataset
+from .plugin import llip_model_names
+from .retrieval import encode_images, encode_texts, evaluate_retrieval
+from .zero_shot import build_zero_shot_classifier, evaluation_temperatures, run_zero_shot
+
+PRECISIONS = ('amp', 'amp_bf16', 'amp_bfloat16', 'bf16', 'fp16', 'pure_bf16', 'pure_fp16', 'fp32')  # open_clip_train's
+ZERO_SHOT, RETRIEVAL = 'zeroshot_classification', 'retrieval'
+# Table columns (JSON keys stay OpenCLIP's names).
+TABLE_COLUMNS = {
+    ZERO_SHOT: {'top1': 'top1', 'top5': 'top5'},
+    RETRIEVAL: {f'{direction}_R@{k}': f'{short} R@{k}'
+                for direction, short in (('image_to_text', 'I→T'), ('text_to_image', 'T→I')) for k in (1, 5, 10)},
+}
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog='open_clip_llip_eval', description='Zero-shot classification and retrieval of a Llip model.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--model', required=True, help='Llip model config name, e.g. Llip-ViT-B-16.')
+    parser.add_argument('--pretrained', help='Checkpoint file (any that open_clip.create_model loads for --model).')
+    task = parser.add_argument_group('tasks (each option may be repeated)')
+    task.add_argument('--zeroshot-images', action='append', default=[], metavar='DIR',
+                      help='ImageFolder of a zero-shot classification task (one folder per class).')
+    task.add_argument('--classnames', action='append', default=[], metavar='FILE',
+                      help='Class names, one per line, for the class folders in sorted order; one per --zeroshot-images.')
+    task.add_argument('--templates', action='append', default=[], metavar='FILE',
+                      help='Templates with {} for the class name, one per line; one file for all tasks or one per task.')
+    task.add_argument('--retrieval', action='append', default=[], metavar='PATH',
+                      help='Retrieval set: a tab-separated CSV (filepath, title) or webdataset shards '
+                           '(.tar, or a brace pattern).')
+    parser.add_argument('--temperatures', type=float, nargs='+', metavar='TAU',
+                        help="Mixer temperatures τ to evaluate (default: the model's).")
+    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--workers', type=int, default=4, help='Data loader workers.')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--precision', choices=PRECISIONS, default='fp32')
+    parser.add_argument('--json', type=Path, metavar='PATH', help='Write the results here as JSON.')
+    parser.add_argument('--overwrite', action='store_true', help='Replace an existing --json file.')
+    args = parser.parse_args(argv)
+
+    if not args.zeroshot_images and not args.retrieval:
+        parser.error('nothing to evaluate: give --zeroshot-images DIR --classnames FILE --templates FILE, '
+                     'and/or --retrieval PATH')
+    if len(args.classnames) != len(args.zeroshot_images):
+        parser.error(f'give one --classnames per --zeroshot-images (got {len(args.classnames)} and '
+                     f'{len(args.zeroshot_images)})')
+    if args.zeroshot_images and len(args.templates) not in (1, len(args.zeroshot_images)):
+        parser.error(f'give one --templates for all zero-shot tasks or one per --zeroshot-images (got '
+                     f'{len(args.templates)} for {len(args.zeroshot_images)})')
+    if args.templates and not args.zeroshot_images:
+        parser.error('--templates needs --zeroshot-images')
+    if args.batch_size < 1 or args.workers < 0:
+        parser.error('--batch-size must be at least 1 and --workers at least 0')
+    if args.temperatures is not None and not all(tau > 0 for tau in args.temperatures):
+        parser.error(f'--temperatures must be positive, got {args.temperatures}')
+    return args
+
+
+def create_llip_model(args):
+    """Model, evaluation transform and tokenizer; clear errors for a non-Llip name or a missing file."""
+    try:
+        config = open_clip.get_model_config(args.model)
+    except RuntimeError as error:  # with Llip registered, a Llip-like unknown name says which configs exist
+        raise ValueError(str(error)) from None
+    if config is None:
+        raise ValueError(f"Unknown model '{args.model}'. Llip configs: {', '.join(llip_model_names())}.")
+    if args.model not in llip_model_names():
+        raise ValueError(f"'{args.model}' is not a Llip model; this command evaluates Llip models "
+                         f"({', '.join(llip_model_names())}).")
+    if args.pretrained is not None and not os.path.isfile(args.pretrained):
+        raise FileNotFoundError(f'Checkpoint {args.pretrained} not found.')
+    model, _, transform = open_clip.create_model_and_transforms(
+        args.model, pretrained=args.pretrained, precision=args.precision, device=args.device)
+    return model.eval(), transform, open_clip.get_tokenizer(args.model)
+
+
+def write_json(path: Path, data: dict, overwrite: bool):
+    """Write to a temporary file beside ``path``, then rename it: ``path`` is left whole or untouched."""
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(descriptor, 'w', encoding='utf-8') as file:
+            file.write(text)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f'{path} appeared during the evaluation; pass --overwrite to replace it.')
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def format_table(records: List[Dict]) -> str:
+    """One block of rows per kind of task: task, τ and the metrics of ``TABLE_COLUMNS``."""
+    blocks = []
+    for kind, columns in TABLE_COLUMNS.items():
+        rows = [[r['task'], f"{r['temperature']:g}"] + [f"{r['metrics'][k]:.4f}" for k in columns]
+                for r in records if r['type'] == kind]
+        if rows:
+            header = [kind, 'τ'] + list(columns.values())
+            widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+            blocks.append('\n'.join('  '.join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                                              for i, (cell, w) in enumerate(zip(row, widths)))
+                                    for row in [header] + rows))
+    return '\n\n'.join(blocks)
+
+
+def evaluate(args) -> dict:
+    if args.json is not None and args.json.is_dir():
+        raise IsADirectoryError(f'--json {args.json} is a folder; give a file path.')
+    if args.json is not None and args.json.exists() and not args.overwrite:
+        raise FileExistsError(f'{args.json} exists; pass --overwrite to replace it, or another --json path.')
+    # Read every task before loading the model, so that bad input fails fast.
+    templates = [read_templates(path) for path in args.templates]
+    zero_shot_tasks = [
+        (root, classnames, templates[i if len(templates) > 1 else 0], zero_shot_dataset(root, classnames))
+        for i, (root, classnames) in enumerate(zip(args.zeroshot_images, map(read_classnames, args.classnames)))]
+    retrieval_tasks = [(path, read_retrieval_set(path)) for path in args.retrieval]
+
+    model, transform, tokenizer = create_llip_model(args)
+    temperatures = evaluation_temperatures(model, args.temperatures)
+    device = torch.device(args.device)
+    autocast = get_autocast(args.precision, device_type=device.type)
+    input_dtype = open_clip.get_input_dtype(args.precision)
+    loader_options = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == 'cuda')
+    records = []
+
+    for root, classnames, task_templates, dataset in zero_shot_tasks:
+        logging.info(f'Zero-shot {root}: {len(dataset)} images, {len(classnames)} classes, {len(task_templates)} templates.')
+        dataset.transform = transform
+        with autocast():
+            classifier = build_zero_shot_classifier(
+                model, tokenizer, classnames, task_templates, device=device, use_tqdm=True)
+        results = run_zero_shot(model, classifier, DataLoader(dataset, **loader_options), temperatures,
+                                device=device, autocast=autocast, input_dtype=input_dtype, use_tqdm=True)
+        records += [dict(task=root, type=ZERO_SHOT, temperature=tau, num_images=len(dataset),
+                         num_classes=len(classnames), metrics=metrics) for tau, metrics in results.items()]
+
+    for path, retrieval_set in retrieval_tasks:
+        logging.info(f'Retrieval {path}: {len(retrieval_set.images)} images, {len(retrieval_set.captions)} captions.')
+        images = DataLoader(RetrievalImages(retrieval_set.images, transform), **loader_options)
+        keys, values = encode_images(model, images, device, autocast, input_dtype, use_tqdm=True)
+        texts = tokenizer(retrieval_set.captions).split(args.batch_size)
+        features, queries = encode_texts(model, texts, device, autocast, use_tqdm=True)
+        results = evaluate_retrieval(
+            model, keys, values, features, queries, retrieval_set.image_index, temperatures, autocast)
+        records += [dict(task=path, type=RETRIEVAL, temperature=tau, num_images=len(retrieval_set.images),
+                         num_texts=len(retrieval_set.captions), metrics=metrics) for tau, metrics in results.items()]
+
+    return dict(model=args.model, pretrained=args.pretrained, precision=args.precision, results=records)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s | %(levelname)s | %(message)s')
+    try:
+        results = evaluate(args)
+        print(format_table(results['results']))
+        if args.json is not None:
+            write_json(args.json, results, args.overwrite)
+            logging.info(f'Results written to {args.json}.')
+    except (ValueError, OSError) as error:  # bad input: say what is wrong, without a traceback
+        sys.exit(f'open_clip_llip_eval: error: {error}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,167 @@
+"""Image-text retrieval with Llip's conditioned scores (METHOD §6).
+
+Every (image, text) pair gets its own mixture, so both directions rank ``cos(z[i|j], t[j])``.
+Images and texts are each encoded once; the [N, M] score matrix is then computed in blocks of
+images (and, inside ``conditioned_cosine``, of texts), so memory holds the scores and one
+block's ``[n, m, H, K]`` intermediates, never N·M·D numbers.
+
+Notation: N images, M texts (captions), K mixture tokens, H mixer heads, D embedding width,
+d = D / H. A text's image is ``image_index[j]``; an image may have several captions. The
+functions take an unwrapped ``LlipModel``, a ``device`` and an ``autocast`` context factory
+such as ``open_clip_train.precision.get_autocast(precision)``.
+"""
+from contextlib import nullcontext
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+from tqdm import tqdm
+
+from .scoring import conditioned_cosine
+from .zero_shot import evaluation_temperatures, model_device
+
+RECALL_AT = (1, 5, 10)
+# Elements of one block's Gram matrices [n, H·K, H·K] when a block size is not given (16 MiB in fp32).
+_GRAM_ELEMENTS = 1 << 22
+
+
+def encode_images(
+        model,
+        batches: Iterable[torch.Tensor],
+        device: Union[str, torch.device, None] = None,
+        autocast: Callable = nullcontext,
+        input_dtype: Optional[torch.dtype] = None,
+        use_tqdm: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batches of images [n, 3, h, w] -> keys, values: each [N, H, K, d], on ``device`` (default: the model's)."""
+    device = model_device(model) if device is None else device
+    keys, values = [], []
+    with torch.inference_mode():
+        for images in tqdm(batches, desc='Images', unit='batch', disable=not use_tqdm):
+            with autocast():
+                batch_keys, batch_values = model.encode_image(images.to(device=device, dtype=input_dtype))
+            keys.append(batch_keys)
+            values.append(batch_values)
+    if not keys:
+        raise ValueError('No images to encode.')
+    return torch.cat(keys), torch.cat(values)
+
+
+def encode_texts(
+        model,
+        batches: Iterable[torch.Tensor],
+        device: Union[str, torch.device, None] = None,
+        autocast: Callable = nullcontext,
+        use_tqdm: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batches of token ids [m, L] -> unit text embeddings [M, D] and raw queries [M, H, d], on ``device``."""
+    device = model_device(model) if device is None else device
+    features, queries = [], []
+    with torch.inference_mode():
+        for texts in tqdm(batches, desc='Texts', unit='batch', disable=not use_tqdm):
+            with autocast():
+                batch_features, batch_queries = model.encode_text(texts.to(device), normalize=True)
+            features.append(batch_features)
+            queries.append(batch_queries)
+    if not features:
+        raise ValueError('No texts to encode.')
+    return torch.cat(features), torch.cat(queries)
+
+
+def image_block_size(heads: int, tokens: int, budget: int = _GRAM_ELEMENTS) -> int:
+    """Images per block so that the block's Gram matrices [n, H·K, H·K] hold about ``budget`` elements."""
+    return max(1, budget // (heads * tokens) ** 2)
+
+
+def retrieval_cosine(
+        model,
+        image_keys: torch.Tensor,
+        image_values: torch.Tensor,
+        text_features: torch.Tensor,
+        text_queries: torch.Tensor,
+        temperature: Optional[float] = None,
+        block_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Conditioned cosines ``cos(z[i|j], t[j])`` of every image and text -> [N, M].
+
+    Args:
+        image_keys, image_values: [N, H, K, d] (``encode_images``)
+        text_features: [M, D]; text_queries: [M, H, d], raw (``encode_texts``)
+        temperature: τ of the mixer's attention (default: the model's)
+        block_size: images per block (default: ``image_block_size``)
+    """
+    _, heads, tokens, _ = image_keys.shape
+    block_size = block_size or image_block_size(heads, tokens)
+    queries = model.mixer.scale_queries(text_queries, temperature)
+    targets = model.mixer.text_targets(text_features)
+    blocks = []
+    for start in range(0, image_keys.shape[0], block_size):
+        keys, values = image_keys[start:start + block_size], image_values[start:start + block_size]
+        blocks.append(conditioned_cosine(keys, values, model.mixer.image_gram(values), queries, targets))
+    return torch.cat(blocks)
+
+
+def _rank_metrics(name: str, ahead: torch.Tensor) -> Dict[str, float]:
+    """OpenCLIP's ``get_clip_metrics`` names from the number of wrong items ranked ahead of the right one."""
+    ahead = ahead.double().cpu()
+    ordered = ahead.sort().values
+    middle = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
+    metrics = {f'{name}_mean_rank': ahead.mean().item() + 1, f'{name}_median_rank': middle.floor().item() + 1}
+    metrics.update({f'{name}_R@{k}': (ahead < k).double().mean().item() for k in RECALL_AT})
+    return metrics
+
+
+def retrieval_metrics(scores: torch.Tensor, image_index: torch.Tensor) -> Dict[str, float]:
+    """Recall@{1,5,10} and mean/median rank, image→text and text→image, with OpenCLIP's names.
+
+    Args:
+        scores: [N, M], higher is better
+        image_index: [M], the image each text describes; every image needs at least one text
+
+    Image→text: an image's rank is that of its best-scoring caption among the other images'
+    captions. Text→image: a text's rank is that of its image among all images. Ties count
+    against: a wrong item scoring as high as the right one ranks ahead of it.
+    """
+    num_images, num_texts = scores.shape
+    image_index = image_index.to(scores.device)
+    if image_index.shape != (num_texts,):
+        raise ValueError(f'image_index must give one image per text: shape [{num_texts}], got {list(image_index.shape)}.')
+    if num_texts and not (0 <= image_index.min() and image_index.max() < num_images):
+        raise ValueError(f'image_index must hold image numbers in [0, {num_images}).')
+    captions_per_image = torch.bincount(image_index, minlength=num_images)
+    if (captions_per_image == 0).any():
+        missing = (captions_per_image == 0).nonzero()[:5, 0].tolist()
+        raise ValueError(f'Every image needs at least one text; images {missing} have none.')
+    scores = scores.float()
+    is_caption = image_index[None, :] == torch.arange(num_images, device=scores.device)[:, None]  # [N, M]
+
+    best_caption = scores.masked_fill(~is_caption, float('-inf')).amax(dim=1, keepdim=True)  # [N, 1]
+    image_ahead = ((~(scores < best_caption)) & ~is_caption).sum(dim=1)
+    true_image = scores.gather(0, image_index[None, :])  # [1, M]
+    text_ahead = ((~(scores < true_image)) & ~is_caption).sum(dim=0)
+    return {**_rank_metrics('image_to_text', image_ahead), **_rank_metrics('text_to_image', text_ahead)}
+
+
+def evaluate_retrieval(
+        model,
+        image_keys: torch.Tensor,
+        image_values: torch.Tensor,
+        text_features: torch.Tensor,
+        text_queries: torch.Tensor,
+        image_index: Optional[torch.Tensor] = None,
+        temperatures: Optional[Sequence[float]] = None,
+        autocast: Callable = nullcontext,
+) -> Dict[float, Dict[str, float]]:
+    """``retrieval_metrics`` of the conditioned scores for each τ -> ``{τ: metrics}``.
+
+    ``image_index`` [M] defaults to text j describing image j (OpenCLIP's ``--val-data`` pairs);
+    ``temperatures`` to the model's τ. Inputs as for ``retrieval_cosine``.
+    """
+    if image_index is None:
+        image_index = torch.arange(text_features.shape[0])
+    results = {}
+    with torch.inference_mode():
+        for tau in evaluation_temperatures(model, temperatures):
+            with autocast():
+                scores = retrieval_cosine(model, image_keys, image_values, text_features, text_queries, tau)
+            results[tau] = retrieval_metrics(scores, image_index)
+    return results

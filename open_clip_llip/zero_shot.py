@@ -1,0 +1,136 @@
+"""Zero-shot classification with Llip's conditioned scores (METHOD §6).
+
+A class is described by a text embedding and a mixer query: the normalised mean of its
+normalised template embeddings, and the mean of its raw template queries. Each image is
+encoded once and mixed once per class (and per τ); the class with the highest
+``cos(z[i|c], t[c])`` wins.
+
+Notation: N images, C classes, T temperatures, K mixture tokens, H mixer heads, D embedding
+width, d = D / H. The functions take an unwrapped ``LlipModel`` (as OpenCLIP's evaluation
+unwraps DDP before evaluating), a ``device`` and an ``autocast`` context factory such as
+``open_clip_train.precision.get_autocast(precision)``.
+"""
+from contextlib import nullcontext
+from typing import Callable, Dict, Iterable, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from open_clip.zero_shot_classifier import batched
+from tqdm import tqdm
+
+from .scoring import conditioned_cosine
+
+
+class ZeroShotClassifier(NamedTuple):
+    """Class text embeddings ``features`` [C, D] (unit length) and raw class queries ``queries`` [C, H, d]."""
+    features: torch.Tensor
+    queries: torch.Tensor
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def evaluation_temperatures(model, temperatures: Optional[Sequence[float]] = None) -> Tuple[float, ...]:
+    """The τ values to evaluate: ``temperatures``, or the model's own τ; ValueError unless all are positive."""
+    if temperatures is None:
+        return (float(model.mixer.temperature),)
+    temperatures = tuple(float(t) for t in temperatures)
+    if not temperatures or not all(t > 0 for t in temperatures):
+        raise ValueError(f'Temperatures (τ) must be positive numbers, got {list(temperatures)}.')
+    return temperatures
+
+
+def build_zero_shot_classifier(
+        model,
+        tokenizer,
+        classnames: Sequence[str],
+        templates: Sequence[Union[Callable[[str], str], str]],
+        num_classes_per_batch: Optional[int] = 10,
+        device: Union[str, torch.device, None] = None,
+        use_tqdm: bool = False,
+) -> ZeroShotClassifier:
+    """Encode every class name in every template -> ``ZeroShotClassifier`` ([C, D] and [C, H, d]).
+
+    Arguments as for ``open_clip.build_zero_shot_classifier``: templates are ``str.format``
+    strings with one ``{}`` or callables; ``num_classes_per_batch`` classes (all templates) are
+    encoded per forward, all at once if None. ``device`` defaults to the model's.
+    """
+    if not classnames or not templates:
+        raise ValueError(f'A zero-shot classifier needs class names and templates; got {len(classnames)} class '
+                         f'name(s) and {len(templates)} template(s).')
+    device = model_device(model) if device is None else device
+    batches = list(batched(classnames, num_classes_per_batch or len(classnames)))
+    features, queries = [], []
+    with torch.inference_mode():
+        for names in tqdm(batches, desc='Classifier', unit='batch', disable=not use_tqdm):
+            texts = [template.format(name) if isinstance(template, str) else template(name)
+                     for name in names for template in templates]
+            text_features, text_queries = model.encode_text(tokenizer(texts).to(device), normalize=True)
+            features.append(F.normalize(text_features.unflatten(0, (len(names), len(templates))).mean(1), dim=-1))
+            queries.append(text_queries.unflatten(0, (len(names), len(templates))).mean(1))
+    return ZeroShotClassifier(torch.cat(features), torch.cat(queries))
+
+
+def zero_shot_cosine(
+        model,
+        classifier: ZeroShotClassifier,
+        images: torch.Tensor,
+        temperatures: Optional[Sequence[float]] = None,
+) -> torch.Tensor:
+    """Images [N, 3, h, w] -> conditioned cosines ``cos(z[i|c], t[c])``: [T, N, C], one slice per τ.
+
+    The images are encoded once; τ changes only the attention. ``temperatures`` defaults to the
+    model's τ (then T = 1).
+    """
+    temperatures = evaluation_temperatures(model, temperatures)
+    keys, values = model.encode_image(images)
+    gram = model.mixer.image_gram(values)
+    targets = model.mixer.text_targets(classifier.features)
+    return torch.stack([
+        conditioned_cosine(keys, values, gram, model.mixer.scale_queries(classifier.queries, tau), targets)
+        for tau in temperatures])
+
+
+def topk_correct(scores: torch.Tensor, targets: torch.Tensor, topk: Sequence[int] = (1, 5)) -> torch.Tensor:
+    """Scores [N, C], true classes [N] -> how many of the N are among their top k, for each k: [len(topk)].
+
+    Ties count against: an image is correct at k when fewer than k other classes score at
+    least as high as its true class (a NaN score counts as higher).
+    """
+    true_scores = scores.gather(1, targets.view(-1, 1))
+    ahead = (~(scores < true_scores)).sum(dim=1) - 1  # other classes scoring >= the true class
+    return torch.stack([(ahead < k).sum() for k in topk])
+
+
+def run_zero_shot(
+        model,
+        classifier: ZeroShotClassifier,
+        dataloader: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+        temperatures: Optional[Sequence[float]] = None,
+        device: Union[str, torch.device, None] = None,
+        autocast: Callable = nullcontext,
+        input_dtype: Optional[torch.dtype] = None,
+        use_tqdm: bool = False,
+) -> Dict[float, Dict[str, float]]:
+    """Top-1 and top-5 accuracy of ``classifier`` over batches of (images, targets), for each τ.
+
+    One pass over the images for all ``temperatures`` (default: the model's τ). Returns
+    ``{τ: {'top1': fraction, 'top5': fraction}}``, OpenCLIP's metric names.
+    """
+    temperatures = evaluation_temperatures(model, temperatures)
+    device = model_device(model) if device is None else torch.device(device)
+    correct = torch.zeros(len(temperatures), 2, dtype=torch.long, device=device)
+    count = 0
+    with torch.inference_mode():
+        for images, targets in tqdm(dataloader, desc='Zero-shot', unit='batch', disable=not use_tqdm):
+            images = images.to(device=device, dtype=input_dtype)
+            targets = targets.to(device)
+            with autocast():
+                scores = zero_shot_cosine(model, classifier, images, temperatures)
+            correct += torch.stack([topk_correct(s.float(), targets, (1, 5)) for s in scores])
+            count += images.shape[0]
+    if count == 0:
+        raise ValueError('The zero-shot dataloader yielded no images.')
+    accuracy = (correct.double() / count).tolist()
+    return {tau: {'top1': top1, 'top5': top5} for tau, (top1, top5) in zip(temperatures, accuracy)}

@@ -1,0 +1,158 @@
+"""Retrieval: conditioned scores in blocks against plain Llip, and recall/rank metrics against a plain count."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import open_clip
+from open_clip_llip import encode_images, encode_texts, evaluate_retrieval, retrieval_cosine, retrieval_metrics
+
+
+@pytest.fixture(scope='module')
+def model():
+    torch.manual_seed(0)
+    return open_clip.create_model('Llip-Tiny').eval()
+
+
+def random_texts(model, m, generator):
+    texts = torch.randint(1, 1000, (m, model.context_length), generator=generator)
+    texts[:, 6] = model.vocab_size - 1  # EOT: the highest id
+    texts[:, 7:] = 0
+    return texts
+
+
+@pytest.fixture(scope='module')
+def embedded(model):
+    generator = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(7, 3, 32, 32, generator=generator), random_texts(model, 11, generator)
+    keys, values = encode_images(model, images.split(3))
+    features, queries = encode_texts(model, texts.split(4))
+    return images, texts, keys, values, features, queries
+
+
+def plain_cosine(model, images, texts, tau):
+    """Materialise z[i|j] (METHOD §3) and take its cosine with t[j]."""
+    with torch.no_grad():
+        keys, values = model.encode_image(images)
+        features, queries = model.encode_text(texts)
+        z = model.mixer(keys, values, queries, temperature=tau)  # [N, M, D]
+        return F.cosine_similarity(z, features[None], dim=-1)
+
+
+def test_encoders_concatenate_batches(model, embedded):
+    images, texts, keys, values, features, queries = embedded
+    with torch.no_grad():
+        torch.testing.assert_close((keys, values), model.encode_image(images), rtol=1e-5, atol=1e-6)
+        full_features, full_queries = model.encode_text(texts, normalize=True)
+    torch.testing.assert_close((features, queries), (full_features, full_queries), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('block_size', [None, 1, 3])
+@pytest.mark.parametrize('tau', [None, 1.])
+def test_blocked_scores_match_materialised_z(model, embedded, block_size, tau):
+    images, texts, keys, values, features, queries = embedded
+    with torch.no_grad():
+        scores = retrieval_cosine(model, keys, values, features, queries, temperature=tau, block_size=block_size)
+    expected = plain_cosine(model, images, texts, model.mixer.temperature if tau is None else tau)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+
+
+def plain_metrics(scores, image_index):
+    """Rank by sorting (ties broken against the right answer) and count, one query at a time."""
+    scores, image_index = scores.tolist(), image_index.tolist()
+    num_images, num_texts = len(scores), len(image_index)
+    metrics = {}
+
+    def add(name, ranks):
+        ranks = np.array(ranks)
+        metrics[f'{name}_mean_rank'] = ranks.mean() + 1
+        metrics[f'{name}_median_rank'] = np.floor(np.median(ranks)) + 1
+        for k in (1, 5, 10):
+            metrics[f'{name}_R@{k}'] = np.mean(ranks < k)
+
+    image_ranks = []
+    for i in range(num_images):
+        # sort by score, and among equal scores put wrong captions first
+        order = sorted(range(num_texts), key=lambda j: (-scores[i][j], image_index[j] == i))
+        image_ranks.append(min(r for r, j in enumerate(order) if image_index[j] == i))
+    add('image_to_text', image_ranks)
+    text_ranks = []
+    for j in range(num_texts):
+        order = sorted(range(num_images), key=lambda i: (-scores[i][j], i == image_index[j]))
+        text_ranks.append(order.index(image_index[j]))
+    add('text_to_image', text_ranks)
+    return metrics
+
+
+def test_metrics_with_several_captions_per_image():
+    scores = torch.tensor([
+        # captions of: 0    0    1    2    2    2
+        [0.9, 0.1, 0.8, 0.2, 0.3, 0.0],  # image 0: its best caption is first
+        [0.5, 0.6, 0.4, 0.1, 0.1, 0.1],  # image 1: its only caption is third
+        [0.1, 0.2, 0.3, 0.0, 0.0, 0.7],  # image 2: its third caption is first
+    ])
+    image_index = torch.tensor([0, 0, 1, 2, 2, 2])
+    metrics = retrieval_metrics(scores, image_index)
+    assert metrics['image_to_text_R@1'] == pytest.approx(2 / 3)
+    assert metrics['image_to_text_mean_rank'] == pytest.approx((1 + 3 + 1) / 3)
+    # text→image: ranks of the right image per column: 1, 3, 2, 3, 3, 1
+    assert metrics['text_to_image_R@1'] == pytest.approx(2 / 6)
+    assert metrics['text_to_image_median_rank'] == 2  # OpenCLIP's: floor(median of 0-based ranks) + 1
+    assert metrics == pytest.approx(plain_metrics(scores, image_index))
+
+
+def test_ties_count_against():
+    scores = torch.zeros(4, 8)  # every pair tied
+    image_index = torch.arange(8) % 4
+    metrics = retrieval_metrics(scores, image_index)
+    assert metrics['image_to_text_R@1'] == 0 and metrics['image_to_text_R@5'] == 0 and metrics['image_to_text_R@10'] == 1
+    assert metrics['text_to_image_R@1'] == 0 and metrics['text_to_image_R@5'] == 1
+    assert metrics['image_to_text_mean_rank'] == 7 and metrics['text_to_image_mean_rank'] == 4
+    assert metrics == pytest.approx(plain_metrics(scores, image_index))
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_metrics_match_plain_count_on_random_scores(seed):
+    generator = torch.Generator().manual_seed(seed)
+    num_images, num_texts = 30, 70
+    image_index = torch.cat([torch.arange(num_images), torch.randint(0, num_images, (num_texts - num_images,), generator=generator)])
+    image_index = image_index[torch.randperm(num_texts, generator=generator)]
+    scores = torch.randint(0, 12, (num_images, num_texts), generator=generator).float()  # many ties
+    metrics = retrieval_metrics(scores, image_index)
+    assert set(metrics) == {f'{d}_{m}' for d in ('image_to_text', 'text_to_image')
+                            for m in ('R@1', 'R@5', 'R@10', 'mean_rank', 'median_rank')}
+    assert metrics == pytest.approx(plain_metrics(scores, image_index))
+
+
+def test_metrics_agree_with_openclip_without_ties():
+    from open_clip_train.train import get_clip_metrics
+    generator = torch.Generator().manual_seed(0)
+    image_features = F.normalize(torch.randn(40, 8, generator=generator), dim=-1)
+    text_features = F.normalize(image_features + 0.5 * torch.randn(40, 8, generator=generator), dim=-1)
+    ours = retrieval_metrics(image_features @ text_features.T, torch.arange(40))
+    theirs = {k: float(v) for k, v in get_clip_metrics(image_features, text_features, torch.tensor(1.)).items()}
+    assert ours == pytest.approx(theirs)
+
+
+def test_evaluate_retrieval_for_several_temperatures(model, embedded):
+    images, texts, keys, values, features, queries = embedded
+    image_index = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 0, 3, 5])
+    with torch.no_grad():
+        results = evaluate_retrieval(model, keys, values, features, queries, image_index, temperatures=[1, 10])
+    assert list(results) == [1., 10.]
+    for tau, metrics in results.items():
+        assert metrics == pytest.approx(plain_metrics(plain_cosine(model, images, texts, tau), image_index))
+    default = evaluate_retrieval(model, keys[:5], values[:5], features[:5], queries[:5])
+    assert list(default) == [model.mixer.temperature]
+    assert default[model.mixer.temperature] == pytest.approx(
+        plain_metrics(plain_cosine(model, images[:5], texts[:5], model.mixer.temperature), torch.arange(5)))
+
+
+@pytest.mark.parametrize('image_index, message', [
+    (torch.tensor([0, 0, 2]), r'images \[1\] have none'),
+    (torch.tensor([0, 1]), r'one image per text: shape \[3\]'),
+    (torch.tensor([0, 1, 3]), r'image numbers in \[0, 3\)'),
+])
+def test_bad_image_index(image_index, message):
+    with pytest.raises(ValueError, match=message):
+        retrieval_metrics(torch.zeros(3, 3), image_index)

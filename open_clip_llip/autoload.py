@@ -5,16 +5,19 @@ Python runs the wheel's ``open_clip_llip.pth`` at every start; it executes this 
 and ``sys`` and only puts a finder on ``sys.meta_path``. The first ``import open_clip`` then
 runs as usual, and right after it ``import open_clip_llip`` registers Llip. Set
 ``OPEN_CLIP_LLIP_AUTOLOAD=0`` to switch this off; ``import open_clip_llip`` still activates Llip.
+
+The package itself uses ``call_after_import`` to adapt ``open_clip_train`` modules when they load.
 """
 import os
 import sys
 
 
-class ActivateAfterLoading:
-    """Loader wrapper: runs open_clip's own loader, then imports open_clip_llip."""
+class RunAfterLoading:
+    """Loader wrapper: runs a module's own loader, then ``callback(module)``."""
 
-    def __init__(self, loader):
+    def __init__(self, loader, callback):
         self.loader = loader
+        self.callback = callback
 
     def __getattr__(self, name):
         return getattr(self.loader, name)
@@ -24,28 +27,45 @@ class ActivateAfterLoading:
 
     def exec_module(self, module):
         self.loader.exec_module(module)
-        try:
-            import open_clip_llip  # noqa: F401  (registers Llip with open_clip)
-        except Exception as error:
-            import warnings
-            warnings.warn(
-                f'open_clip_llip could not register Llip with open_clip ({error!r}); '
-                'set OPEN_CLIP_LLIP_AUTOLOAD=0 to stop trying.')
+        self.callback(module)
 
 
-class OpenClipImportHook:
-    """Meta-path finder that waits for the first ``import open_clip``, then steps aside."""
+class ImportHook:
+    """Meta-path finder that waits for the import of one module, then steps aside."""
+
+    def __init__(self, name, callback):
+        self.name = name
+        self.callback = callback
 
     def find_spec(self, name, path=None, target=None):
-        if name != 'open_clip':
+        if name != self.name:
             return None
         sys.meta_path.remove(self)
         from importlib.util import find_spec
         spec = find_spec(name)
         if spec is not None and spec.loader is not None:
-            spec.loader = ActivateAfterLoading(spec.loader)
+            spec.loader = RunAfterLoading(spec.loader, self.callback)
         return spec
 
 
-if os.environ.get('OPEN_CLIP_LLIP_AUTOLOAD', '1') != '0' and 'open_clip' not in sys.modules:
-    sys.meta_path.insert(0, OpenClipImportHook())
+def call_after_import(name, callback):
+    """Run ``callback(module)`` once module ``name`` is imported: at once if it already is."""
+    if name in sys.modules:
+        callback(sys.modules[name])
+    else:
+        sys.meta_path.insert(0, ImportHook(name, callback))
+
+
+def activate_llip(open_clip_module):
+    try:
+        import open_clip_llip  # noqa: F401  (registers Llip with open_clip)
+    except Exception as error:
+        import warnings
+        warnings.warn(
+            f'open_clip_llip could not register Llip with open_clip ({error!r}); '
+            'set OPEN_CLIP_LLIP_AUTOLOAD=0 to stop trying.')
+
+
+# Run from the .pth file (not when the package imports this module for call_after_import).
+if __name__ == 'open_clip_llip_autoload' and os.environ.get('OPEN_CLIP_LLIP_AUTOLOAD', '1') != '0':
+    call_after_import('open_clip', activate_llip)

@@ -17,6 +17,7 @@ from .loss import LlipLoss
 from .mixer import LlipMixer, TextQueryHead, split_heads
 from .scoring import conditioned_cosine
 from .vision import build_mixture_token_vit
+from .zero_shot import build_zero_shot_classifier
 
 # Elements of the Gram matrices scored at once by ``LlipModel.similarity`` (16 MiB in fp32).
 _GRAM_BLOCK_ELEMENTS = 1 << 22
@@ -196,6 +197,19 @@ class LlipModel(nn.Module):
             gram = self.mixer.image_gram(values)
             rows.append(conditioned_cosine(keys, values, gram, queries, targets).to(image_features.device))
         return torch.cat(rows)
+
+    def build_zero_shot_classifier(self, tokenizer, classnames, templates, num_classes_per_batch=10, device=None,
+                                   use_tqdm=False, temperature: Optional[float] = None) -> torch.Tensor:
+        """Class names x templates -> class text features [C, 2, H, d], as ``similarity`` takes them.
+
+        Each class's embedding is the normalised mean of its normalised template embeddings and its
+        query the mean of the raw template queries (METHOD §6; ``zero_shot.build_zero_shot_classifier``),
+        divided by τ (default: the model's). OpenCLIP's zero-shot evaluation calls this.
+        """
+        classifier = build_zero_shot_classifier(
+            self, tokenizer, classnames, templates, num_classes_per_batch=num_classes_per_batch, device=device,
+            use_tqdm=use_tqdm)
+        return self.mixer.text_side(classifier.features, classifier.queries, temperature)
 
     def get_logits(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Images [N, ...], texts [M, L] -> (image_logits [N, M], text_logits [M, N]) of the conditioned scores."""

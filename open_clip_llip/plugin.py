@@ -38,8 +38,11 @@ def register():
     if not MODEL_CONFIG_DIR.is_dir():
         raise FileNotFoundError(f'open_clip_llip is installed without its model configs ({MODEL_CONFIG_DIR}); reinstall it.')
     open_clip.add_model_config(MODEL_CONFIG_DIR)
-    register_model_class = getattr(open_clip, 'register_model_class', None) or _support_model_classes()
-    register_model_class(MODEL_CLASS_NAME, LlipModel)
+    if hasattr(open_clip, 'register_model_class'):  # an OpenCLIP with patches/ applied
+        open_clip.register_model_class(MODEL_CLASS_NAME, LlipModel)
+    else:
+        _support_model_classes()(MODEL_CLASS_NAME, LlipModel)
+        _support_similarity_in_evaluation()
     _suggest_llip_configs_for_unknown_names()
     _registered = True
 
@@ -86,6 +89,127 @@ def _support_model_classes() -> Callable[[str, type], None]:
     factory.load_checkpoint = open_clip.load_checkpoint = load_checkpoint
     factory.create_loss = open_clip.create_loss = create_loss
     return model_classes.__setitem__
+
+
+def _support_similarity_in_evaluation():
+    """Give a stock OpenCLIP 3.3 the evaluation hooks of patches 0003 and 0004.
+
+    A model that defines ``similarity(image_features, text_features)`` and
+    ``build_zero_shot_classifier(...)`` is evaluated with them: ``open_clip.build_zero_shot_classifier``
+    delegates to the model's; ``open_clip_train.zero_shot`` and ``open_clip_train.train`` are
+    adapted when they are imported (``_adapt_zero_shot``, ``_adapt_evaluate``).
+    """
+    import open_clip
+    from open_clip import zero_shot_classifier
+    from .autoload import call_after_import
+
+    stock_build = zero_shot_classifier.build_zero_shot_classifier
+
+    def build_zero_shot_classifier(model, tokenizer, classnames, templates, num_classes_per_batch=10,
+                                   device='cpu', use_tqdm=False):
+        if hasattr(model, 'build_zero_shot_classifier'):
+            return model.build_zero_shot_classifier(
+                tokenizer, classnames, templates, num_classes_per_batch=num_classes_per_batch, device=device,
+                use_tqdm=use_tqdm)
+        return stock_build(model, tokenizer, classnames, templates, num_classes_per_batch, device, use_tqdm)
+
+    zero_shot_classifier.build_zero_shot_classifier = open_clip.build_zero_shot_classifier = build_zero_shot_classifier
+    call_after_import('open_clip_train.zero_shot', _adapt_zero_shot)
+    call_after_import('open_clip_train.train', _adapt_evaluate)
+
+
+def _adapt_zero_shot(zero_shot):
+    """``open_clip_train.zero_shot``: the model's classifier and similarity, and an ``accuracy`` numpy ≥ 2.4 accepts."""
+    import open_clip
+    import torch
+    stock_run = zero_shot.run
+
+    def accuracy(output, target, topk=(1,)):
+        pred = output.topk(max(topk), 1, True, True)[1].t()
+        correct = pred.eq(target.view(1, -1).expand_as(pred))
+        return [correct[:k].reshape(-1).float().sum().item() for k in topk]
+
+    def run(model, classifier, dataloader, args):
+        if hasattr(model, 'similarity'):
+            # The stock run scores `model(image=x)['image_features'] @ classifier`: hand it the model's
+            # similarities to the classes as image features, and an identity classifier.
+            model, classifier = _ClassScores(model, classifier), torch.eye(len(classifier), device=args.device)
+        return stock_run(model, classifier, dataloader, args)
+
+    zero_shot.build_zero_shot_classifier = open_clip.build_zero_shot_classifier
+    zero_shot.accuracy = accuracy
+    zero_shot.run = run
+
+
+class _ClassScores:
+    """A model seen through its similarity to fixed class features: ``(image=x) -> {'image_features': [N, C]}``."""
+
+    def __init__(self, model, class_features):
+        self.model = model
+        self.class_features = class_features
+
+    def __call__(self, image):
+        return {'image_features': self.model.similarity(self.model(image=image)['image_features'], self.class_features)}
+
+
+def _adapt_evaluate(train):
+    """``open_clip_train.train.evaluate``: validation pairs of a model with ``similarity`` ranked by it.
+
+    The stock evaluate multiplies image and text features; for such a model this computes the
+    validation metrics itself (``_validation_metrics``, OpenCLIP's names) and lets the stock
+    evaluate do the rest — zero-shot, logging, tensorboard, results.jsonl, wandb — reporting
+    them beside the zero-shot metrics.
+    """
+    from open_clip_train.distributed import is_master
+    stock_evaluate = train.evaluate
+
+    def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
+        unwrapped = model.module if args.distributed and not args.horovod else model
+        due = 'val' in data and args.val_frequency and (epoch % args.val_frequency == 0 or epoch == args.epochs)
+        if not (due and hasattr(unwrapped, 'similarity') and is_master(args)):
+            return stock_evaluate(model, data, epoch, args, tb_writer, tokenizer)
+        val_metrics = _validation_metrics(unwrapped, data['val'].dataloader, epoch, args)
+        stock_zero_shot_eval = train.zero_shot_eval
+        train.zero_shot_eval = lambda *a, **kw: {**stock_zero_shot_eval(*a, **kw), **val_metrics}
+        try:
+            return stock_evaluate(model, {k: v for k, v in data.items() if k != 'val'}, epoch, args, tb_writer, tokenizer)
+        finally:
+            train.zero_shot_eval = stock_zero_shot_eval
+
+    train.evaluate = evaluate
+
+
+def _validation_metrics(model, dataloader, epoch, args):
+    """OpenCLIP's validation metrics of (image, text) pairs, scored with the model's similarity.
+
+    Per batch the InfoNCE ``clip_val_loss`` of the conditioned logits; over the whole set the
+    retrieval metrics of each pair's text and image (``retrieval.retrieval_metrics``: OpenCLIP's
+    names), from features accumulated on the CPU as OpenCLIP's evaluate accumulates them.
+    """
+    import torch
+    import torch.nn.functional as F
+    from open_clip import get_input_dtype
+    from open_clip_train.precision import get_autocast
+    from .retrieval import retrieval_metrics
+
+    device = torch.device(args.device)
+    autocast = get_autocast(args.precision, device_type=device.type)
+    input_dtype = get_input_dtype(args.precision)
+    model.eval()
+    image_features, text_features, total_loss = [], [], 0.
+    with torch.inference_mode():
+        for images, texts in dataloader:
+            with autocast():
+                out = model(images.to(device=device, dtype=input_dtype), texts.to(device))
+                logits = (out['logit_scale'] * model.similarity(out['image_features'], out['text_features'])).float()
+            labels = torch.arange(len(logits), device=device)
+            total_loss += (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)).item() / 2 * len(labels)
+            image_features.append(out['image_features'].cpu())
+            text_features.append(out['text_features'].cpu())
+        scores = model.similarity(torch.cat(image_features), torch.cat(text_features))
+    count = len(scores)
+    return {**retrieval_metrics(scores, torch.arange(count)), 'clip_val_loss': total_loss / count,
+            'epoch': epoch, 'num_samples': count}
 
 
 def _suggest_llip_configs_for_unknown_names():

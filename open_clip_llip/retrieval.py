@@ -16,12 +16,9 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 import torch
 from tqdm import tqdm
 
-from .scoring import conditioned_cosine
 from .zero_shot import evaluation_temperatures, model_device
 
 RECALL_AT = (1, 5, 10)
-# Elements of one block's Gram matrices [n, H·K, H·K] when a block size is not given (16 MiB in fp32).
-_GRAM_ELEMENTS = 1 << 22
 
 
 def encode_images(
@@ -67,11 +64,6 @@ def encode_texts(
     return torch.cat(features), torch.cat(queries)
 
 
-def image_block_size(heads: int, tokens: int, budget: int = _GRAM_ELEMENTS) -> int:
-    """Images per block so that the block's Gram matrices [n, H·K, H·K] hold about ``budget`` elements."""
-    return max(1, budget // (heads * tokens) ** 2)
-
-
 def retrieval_cosine(
         model,
         image_keys: torch.Tensor,
@@ -79,25 +71,16 @@ def retrieval_cosine(
         text_features: torch.Tensor,
         text_queries: torch.Tensor,
         temperature: Optional[float] = None,
-        block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Conditioned cosines ``cos(z[i|j], t[j])`` of every image and text -> [N, M].
+    """Conditioned cosines ``cos(z[i|j], t[j])`` of every image and text -> [N, M] (``LlipModel.similarity``).
 
     Args:
         image_keys, image_values: [N, H, K, d] (``encode_images``)
         text_features: [M, D]; text_queries: [M, H, d], raw (``encode_texts``)
         temperature: τ of the mixer's attention (default: the model's)
-        block_size: images per block (default: ``image_block_size``)
     """
-    _, heads, tokens, _ = image_keys.shape
-    block_size = block_size or image_block_size(heads, tokens)
-    queries = model.mixer.scale_queries(text_queries, temperature)
-    targets = model.mixer.text_targets(text_features)
-    blocks = []
-    for start in range(0, image_keys.shape[0], block_size):
-        keys, values = image_keys[start:start + block_size], image_values[start:start + block_size]
-        blocks.append(conditioned_cosine(keys, values, model.mixer.image_gram(values), queries, targets))
-    return torch.cat(blocks)
+    return model.similarity(torch.stack([image_keys, image_values], dim=1),
+                            model.mixer.text_side(text_features, text_queries, temperature))
 
 
 def _rank_metrics(name: str, ahead: torch.Tensor) -> Dict[str, float]:

@@ -57,3 +57,23 @@ def register_config(tmp_path):
     for name, path in added:
         factory._MODEL_CONFIG_PATHS.remove(path)
         factory._MODEL_CONFIGS.pop(name, None)
+
+
+def write_retrieval_csv(folder, count=12, seed=1):
+    """A tiny OpenCLIP CSV retrieval set (tab-separated filepath, title): random images, distinct captions."""
+    import csv
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    (folder / 'images').mkdir(parents=True, exist_ok=True)
+    names = ['goldfish', 'tench', 'shark', 'hen', 'ostrich', 'owl']
+    rows = []
+    for index in range(count):
+        path = folder / 'images' / f'{index}.png'
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+        rows.append({'filepath': str(path), 'title': f'a {names[index % 6]} next to {index + 1} {names[index * 5 % 6]}s'})
+    with open(folder / 'val.csv', 'w', newline='') as file:
+        writer = csv.DictWriter(file, fieldnames=['filepath', 'title'], delimiter='\t')
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder / 'val.csv', rows

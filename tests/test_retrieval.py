@@ -47,12 +47,15 @@ def test_encoders_concatenate_batches(model, embedded):
     torch.testing.assert_close((features, queries), (full_features, full_queries), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('block_size', [None, 1, 3])
+@pytest.mark.parametrize('gram_block', [None, 32 * 32, 3 * 32 * 32])  # images per block: default, 1, 3
 @pytest.mark.parametrize('tau', [None, 1.])
-def test_blocked_scores_match_materialised_z(model, embedded, block_size, tau):
+def test_blocked_scores_match_materialised_z(model, embedded, gram_block, tau, monkeypatch):
+    import open_clip_llip.model as llip_model
     images, texts, keys, values, features, queries = embedded
+    if gram_block:
+        monkeypatch.setattr(llip_model, '_GRAM_BLOCK_ELEMENTS', gram_block)
     with torch.no_grad():
-        scores = retrieval_cosine(model, keys, values, features, queries, temperature=tau, block_size=block_size)
+        scores = retrieval_cosine(model, keys, values, features, queries, temperature=tau)
     expected = plain_cosine(model, images, texts, model.mixer.temperature if tau is None else tau)
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 import open_clip
 from open_clip_train.main import main as open_clip_train_main
+from conftest import write_retrieval_csv
 
 COLOURS = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (40, 70, 220), 'yellow': (230, 210, 40),
            'purple': (140, 50, 180), 'orange': (240, 140, 30), 'white': (235, 235, 235), 'black': (20, 20, 20)}
@@ -172,12 +173,13 @@ def run_python(code, **env):
     return subprocess.run([sys.executable, '-c', code], env=environ, capture_output=True, text=True, check=True)
 
 
-def test_open_clip_models_train_exactly_as_before(tmp_path):
-    """A CLIP and a SigLIP run give bit-identical weights with and without the plugin."""
+def test_open_clip_models_train_and_evaluate_exactly_as_before(tmp_path):
+    """CLIP and SigLIP runs give bit-identical weights and validation metrics with and without the plugin."""
     config = open_clip.get_model_config('Llip-Tiny')
     for key in ('model_class', 'llip_cfg', 'init_logit_bias'):
         config.pop(key)
     (tmp_path / 'Tiny-CLIP.json').write_text(json.dumps(config))
+    val_csv, _ = write_retrieval_csv(tmp_path / 'val')  # also the training data: a CSV loader is seeded, wds is not
     results = {}
     for autoload in ('0', '1'):
         code = f"""if True:
@@ -186,18 +188,22 @@ def test_open_clip_models_train_exactly_as_before(tmp_path):
             from open_clip_train.main import main
             for extra in ([], ['--siglip']):
                 name = 'autoload{autoload}' + ''.join(extra)
-                main(['--model', 'Tiny-CLIP', '--dataset-type', 'synthetic', '--train-num-samples', '32',
-                      '--batch-size', '8', '--lr', '1e-3', '--warmup', '2', '--workers', '0', '--precision', 'fp32',
-                      '--logs', {str(tmp_path / 'logs')!r}, '--name', name, *extra])
+                main(['--model', 'Tiny-CLIP', '--train-data', {str(val_csv)!r}, '--val-data', {str(val_csv)!r},
+                      '--batch-size', '4', '--lr', '1e-3', '--warmup', '2',
+                      '--workers', '0', '--precision', 'fp32', '--logs', {str(tmp_path / 'logs')!r},
+                      '--name', name, *extra])
         """
         run_python(code, OPEN_CLIP_LLIP_AUTOLOAD=autoload)
         for extra in ('', '--siglip'):
-            results[autoload, extra] = final_state(tmp_path / 'logs' / f'autoload{autoload}{extra}')['state_dict']
+            run_dir = tmp_path / 'logs' / f'autoload{autoload}{extra}'
+            results[autoload, extra] = (final_state(run_dir)['state_dict'],
+                                        (run_dir / 'checkpoints' / 'results.jsonl').read_text())
     for extra in ('', '--siglip'):
-        without, with_plugin = results['0', extra], results['1', extra]
+        (without, without_metrics), (with_plugin, with_metrics) = results['0', extra], results['1', extra]
         assert without.keys() == with_plugin.keys()
         assert all(torch.equal(without[k], with_plugin[k]) for k in without)
-        assert not torch.equal(results['1', ''][k := 'logit_scale'], results['1', '--siglip'][k])
+        assert with_metrics == without_metrics and 'image_to_text_R@1' in with_metrics
+    assert not torch.equal(results['1', ''][0]['logit_scale'], results['1', '--siglip'][0]['logit_scale'])
 
 
 def test_open_clip_train_command_takes_exactly_openclips_arguments(tmp_path):

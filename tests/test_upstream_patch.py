@@ -14,12 +14,14 @@ PATCHES = sorted((Path(__file__).resolve().parents[1] / 'patches').glob('*.patch
 
 @pytest.fixture(scope='module')
 def patched_open_clip(tmp_path_factory):
-    """A copy of the installed OpenCLIP in an upstream-shaped tree (src/open_clip), patched."""
+    """A copy of the installed OpenCLIP in an upstream-shaped tree (src/open_clip, src/open_clip_train), patched."""
+    import open_clip_train
     if open_clip.__version__ != '3.3.0':
         pytest.skip(f'the patches are made against OpenCLIP 3.3.0, installed is {open_clip.__version__}')
     root = tmp_path_factory.mktemp('open_clip')
-    shutil.copytree(Path(open_clip.__file__).parent, root / 'src' / 'open_clip',
-                    ignore=shutil.ignore_patterns('__pycache__'))
+    for package in (open_clip, open_clip_train):
+        shutil.copytree(Path(package.__file__).parent, root / 'src' / package.__name__,
+                        ignore=shutil.ignore_patterns('__pycache__'))
     for patch in PATCHES:
         subprocess.run(['git', 'apply', '--whitespace=nowarn', str(patch)], cwd=root, check=True)
     return root
@@ -40,7 +42,10 @@ def test_patched_open_clip_discovers_llip_through_its_entry_point(patched_open_c
     result = run(patched_open_clip, '-c', """if True:
         import open_clip
         from open_clip.model import CLIP
-        assert open_clip.factory.CLIP is CLIP  # no shim: the registry does the work
+        assert open_clip.factory.CLIP is CLIP  # no stand-ins: the patches do the work
+        import open_clip_train.train, open_clip_train.zero_shot
+        assert open_clip_train.train.evaluate.__module__ == 'open_clip_train.train'
+        assert open_clip_train.zero_shot.run.__module__ == 'open_clip_train.zero_shot'
         from types import SimpleNamespace
         model = open_clip.create_model('Llip-Tiny')
         args = SimpleNamespace(model='Llip-Tiny', distill=False, siglip=False, horovod=False, rank=0, world_size=1,
@@ -55,3 +60,13 @@ def test_patched_open_clip_discovers_llip_through_its_entry_point(patched_open_c
     assert location == str(patched_open_clip / 'src' / 'open_clip' / '__init__.py')
     assert built.startswith("LlipModel ['Llip-Tiny', 'Llip-ViT-B-16'")
     assert loss == 'LlipLoss'
+
+
+def test_patched_open_clip_evaluates_llip_with_its_similarity(patched_open_clip, tmp_path):
+    from conftest import write_retrieval_csv
+    val_csv, _ = write_retrieval_csv(tmp_path)
+    result = run(patched_open_clip, '-m', 'open_clip_train.main', '--model', 'Llip-Tiny', '--val-data', str(val_csv),
+                 '--dataset-type', 'csv', '--batch-size', '4', '--workers', '0', '--precision', 'fp32',
+                 '--logs', str(tmp_path / 'logs'), '--name', 'eval')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'image_to_text_R@1' in (tmp_path / 'logs' / 'eval' / 'checkpoints' / 'results.jsonl').read_text()

@@ -1,4 +1,4 @@
-"""``python -m open_clip_llip.eval`` (``open_clip_llip_eval``): zero-shot classification and retrieval of a Llip model.
+"""``python -m open_clip_llip.eval`` (``open_clip_llip_eval``): zero-shot classification and retrieval.
 
 Example::
 
@@ -6,7 +6,8 @@ Example::
         --zeroshot-images imagenet/val --classnames imagenet.txt --templates openai.txt \\
         --retrieval coco/test.csv --temperatures 1 5 --json results.json
 
-Every τ in ``--temperatures`` is evaluated in the same pass over the images. The table and the
+A Llip model is scored with conditioned cosines, every τ in ``--temperatures`` in the same pass
+over the images; any other OpenCLIP model (a baseline) by dot products of its unit embeddings. The table and the
 JSON use OpenCLIP's metric names (``top1``, ``top5``, ``image_to_text_R@1``, …) as fractions.
 Data formats: see ``open_clip_llip.eval_data``.
 """
@@ -21,14 +22,16 @@ from typing import Dict, List
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import open_clip
 from open_clip_train.precision import get_autocast
 
 from .eval_data import RetrievalImages, read_classnames, read_retrieval_set, read_templates, zero_shot_dataset
 from .plugin import llip_model_names
-from .retrieval import encode_images, encode_texts, evaluate_retrieval
-from .zero_shot import build_zero_shot_classifier, evaluation_temperatures, run_zero_shot
+from .model import LlipModel
+from .retrieval import encode_images, encode_texts, evaluate_retrieval, retrieval_metrics
+from .zero_shot import build_zero_shot_classifier, evaluation_temperatures, run_zero_shot, topk_correct
 
 PRECISIONS = ('amp', 'amp_bf16', 'amp_bfloat16', 'bf16', 'fp16', 'pure_bf16', 'pure_fp16', 'fp32')  # open_clip_train's
 ZERO_SHOT, RETRIEVAL = 'zeroshot_classification', 'retrieval'
@@ -42,9 +45,11 @@ TABLE_COLUMNS = {
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog='open_clip_llip_eval', description='Zero-shot classification and retrieval of a Llip model.',
+        prog='open_clip_llip_eval', description='Zero-shot classification and retrieval of a Llip (or OpenCLIP) model.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--model', required=True, help='Llip model config name, e.g. Llip-ViT-B-16.')
+    parser.add_argument('--model', required=True,
+                        help='Model config name: a Llip config such as Llip-ViT-B-16, or any OpenCLIP model '
+                             '(scored by dot products, e.g. a baseline).')
     parser.add_argument('--pretrained', help='Checkpoint file (any that open_clip.create_model loads for --model).')
     task = parser.add_argument_group('tasks (each option may be repeated)')
     task.add_argument('--zeroshot-images', action='append', default=[], metavar='DIR',
@@ -84,22 +89,43 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     return args
 
 
-def create_llip_model(args):
-    """Model, evaluation transform and tokenizer; clear errors for a non-Llip name or a missing file."""
+def create_model(args):
+    """Model, evaluation transform and tokenizer; clear errors for an unknown name or a missing file."""
     try:
         config = open_clip.get_model_config(args.model)
     except RuntimeError as error:  # with Llip registered, a Llip-like unknown name says which configs exist
         raise ValueError(str(error)) from None
     if config is None:
         raise ValueError(f"Unknown model '{args.model}'. Llip configs: {', '.join(llip_model_names())}.")
-    if args.model not in llip_model_names():
-        raise ValueError(f"'{args.model}' is not a Llip model; this command evaluates Llip models "
-                         f"({', '.join(llip_model_names())}).")
+    if args.temperatures and args.model not in llip_model_names():
+        raise ValueError(f"--temperatures applies to Llip models only; '{args.model}' is scored by dot products.")
     if args.pretrained is not None and not os.path.isfile(args.pretrained):
         raise FileNotFoundError(f'Checkpoint {args.pretrained} not found.')
     model, _, transform = open_clip.create_model_and_transforms(
         args.model, pretrained=args.pretrained, precision=args.precision, device=args.device)
     return model.eval(), transform, open_clip.get_tokenizer(args.model)
+
+
+def dot_product_zero_shot(model, classifier, dataloader, device, autocast, input_dtype) -> Dict[str, float]:
+    """Top-1/top-5 of an OpenCLIP model: unit image embeddings against OpenCLIP's ``[D, C]`` classifier."""
+    correct, count = torch.zeros(2, dtype=torch.long, device=device), 0
+    with torch.inference_mode():
+        for images, targets in tqdm(dataloader, desc='Zero-shot', unit='batch'):
+            with autocast():
+                scores = model.encode_image(images.to(device=device, dtype=input_dtype), normalize=True) @ classifier
+            correct += topk_correct(scores.float(), targets.to(device), (1, 5))
+            count += len(images)
+    top1, top5 = (correct.double() / count).tolist()
+    return {'top1': top1, 'top5': top5}
+
+
+def dot_product_retrieval(model, images, texts, image_index, device, autocast, input_dtype) -> Dict[str, float]:
+    """Retrieval metrics of an OpenCLIP model: dot products of unit image and text embeddings."""
+    with torch.inference_mode(), autocast():
+        image_features = torch.cat([model.encode_image(x.to(device=device, dtype=input_dtype), normalize=True)
+                                    for x in tqdm(images, desc='Images', unit='batch')])
+        text_features = torch.cat([model.encode_text(t.to(device), normalize=True) for t in texts])
+    return retrieval_metrics((image_features @ text_features.T).float(), image_index)
 
 
 def write_json(path: Path, data: dict, overwrite: bool):
@@ -122,7 +148,7 @@ def format_table(records: List[Dict]) -> str:
     """One block of rows per kind of task: task, τ and the metrics of ``TABLE_COLUMNS``."""
     blocks = []
     for kind, columns in TABLE_COLUMNS.items():
-        rows = [[r['task'], f"{r['temperature']:g}"] + [f"{r['metrics'][k]:.4f}" for k in columns]
+        rows = [[r['task'], '-' if r['temperature'] is None else f"{r['temperature']:g}"] + [f"{r['metrics'][k]:.4f}" for k in columns]
                 for r in records if r['type'] == kind]
         if rows:
             header = [kind, 'τ'] + list(columns.values())
@@ -145,8 +171,10 @@ def evaluate(args) -> dict:
         for i, (root, classnames) in enumerate(zip(args.zeroshot_images, map(read_classnames, args.classnames)))]
     retrieval_tasks = [(path, read_retrieval_set(path)) for path in args.retrieval]
 
-    model, transform, tokenizer = create_llip_model(args)
-    temperatures = evaluation_temperatures(model, args.temperatures)
+    model, transform, tokenizer = create_model(args)
+    # Llip models are scored with conditioned cosines, for each τ; any other OpenCLIP model by dot products.
+    is_llip = isinstance(model, LlipModel)
+    temperatures = evaluation_temperatures(model, args.temperatures) if is_llip else (None,)
     device = torch.device(args.device)
     autocast = get_autocast(args.precision, device_type=device.type)
     input_dtype = open_clip.get_input_dtype(args.precision)
@@ -156,22 +184,30 @@ def evaluate(args) -> dict:
     for root, classnames, task_templates, dataset in zero_shot_tasks:
         logging.info(f'Zero-shot {root}: {len(dataset)} images, {len(classnames)} classes, {len(task_templates)} templates.')
         dataset.transform = transform
+        build = build_zero_shot_classifier if is_llip else open_clip.build_zero_shot_classifier
         with autocast():
-            classifier = build_zero_shot_classifier(
-                model, tokenizer, classnames, task_templates, device=device, use_tqdm=True)
-        results = run_zero_shot(model, classifier, DataLoader(dataset, **loader_options), temperatures,
-                                device=device, autocast=autocast, input_dtype=input_dtype, use_tqdm=True)
+            classifier = build(model, tokenizer, classnames, task_templates, device=device, use_tqdm=True)
+        loader = DataLoader(dataset, **loader_options)
+        if is_llip:
+            results = run_zero_shot(model, classifier, loader, temperatures, device=device, autocast=autocast,
+                                    input_dtype=input_dtype, use_tqdm=True)
+        else:
+            results = {None: dot_product_zero_shot(model, classifier, loader, device, autocast, input_dtype)}
         records += [dict(task=root, type=ZERO_SHOT, temperature=tau, num_images=len(dataset),
                          num_classes=len(classnames), metrics=metrics) for tau, metrics in results.items()]
 
     for path, retrieval_set in retrieval_tasks:
         logging.info(f'Retrieval {path}: {len(retrieval_set.images)} images, {len(retrieval_set.captions)} captions.')
         images = DataLoader(RetrievalImages(retrieval_set.images, transform), **loader_options)
-        keys, values = encode_images(model, images, device, autocast, input_dtype, use_tqdm=True)
         texts = tokenizer(retrieval_set.captions).split(args.batch_size)
-        features, queries = encode_texts(model, texts, device, autocast, use_tqdm=True)
-        results = evaluate_retrieval(
-            model, keys, values, features, queries, retrieval_set.image_index, temperatures, autocast)
+        if is_llip:
+            keys, values = encode_images(model, images, device, autocast, input_dtype, use_tqdm=True)
+            features, queries = encode_texts(model, texts, device, autocast, use_tqdm=True)
+            results = evaluate_retrieval(
+                model, keys, values, features, queries, retrieval_set.image_index, temperatures, autocast)
+        else:
+            results = {None: dot_product_retrieval(
+                model, images, texts, retrieval_set.image_index, device, autocast, input_dtype)}
         records += [dict(task=path, type=RETRIEVAL, temperature=tau, num_images=len(retrieval_set.images),
                          num_texts=len(retrieval_set.captions), metrics=metrics) for tau, metrics in results.items()]
 

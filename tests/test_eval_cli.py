@@ -265,14 +265,48 @@ def test_compressed_shard(checkpoint, tmp_path):
         run(['--retrieval', str(tmp_path / 'shard.tar')], checkpoint)
 
 
-@pytest.mark.parametrize('model, message', [
-    ('ViT-B-32', r"'ViT-B-32' is not a Llip model"),
-    ('NoSuchModel', r"Unknown model 'NoSuchModel'. Llip configs: Llip-Tiny"),
-    ('Llip-Tinyy', r"Did you mean 'Llip-Tiny'"),
+@pytest.mark.parametrize('model, extra, message', [
+    ('ViT-B-32', ['--temperatures', '1'], r"--temperatures applies to Llip models only; 'ViT-B-32' is scored"),
+    ('NoSuchModel', [], r"Unknown model 'NoSuchModel'. Llip configs: Llip-Tiny"),
+    ('Llip-Tinyy', [], r"Did you mean 'Llip-Tiny'"),
 ])
-def test_not_a_llip_model(data, model, message):
+def test_unknown_models_and_temperatures_of_other_models(data, model, extra, message):
     with pytest.raises(SystemExit, match=message):
-        main(['--model', model, '--retrieval', str(data / 'retrieval' / 'set.csv')])
+        main(['--model', model, '--retrieval', str(data / 'retrieval' / 'set.csv'), *extra])
+
+
+def test_openclip_models_are_scored_by_dot_products(data, tmp_path, register_config):
+    """A baseline with the same towers: OpenCLIP's classifier and unit embeddings, the same metrics."""
+    config = open_clip.get_model_config('Llip-Tiny')
+    for key in ('model_class', 'llip_cfg', 'init_logit_bias'):
+        config.pop(key)
+    register_config('Tiny-Baseline', config)
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms('Tiny-Baseline')
+    checkpoint = tmp_path / 'baseline.pt'
+    torch.save(model.state_dict(), checkpoint)
+    output = tmp_path / 'out.json'
+    main(['--model', 'Tiny-Baseline', '--pretrained', str(checkpoint), '--workers', '0', *zero_shot_args(data),
+          '--retrieval', str(data / 'retrieval' / 'set.csv'), '--json', str(output)])
+    records = {r['type']: r for r in json.loads(output.read_text())['results']}
+    assert all(r['temperature'] is None for r in records.values())
+
+    tokenizer = open_clip.get_tokenizer('Tiny-Baseline')
+    with torch.no_grad():
+        def embed_images(paths):
+            return model.encode_image(torch.stack([preprocess(Image.open(p)) for p in paths]), normalize=True)
+        classes = torch.stack([F.normalize(model.encode_text(tokenizer([t.format(name) for t in TEMPLATES]),
+                                                             normalize=True).mean(0), dim=0)
+                               for name in ['cat', 'dog', 'red car']])
+        images = [(path, c) for c, folder in enumerate(sorted(CLASS_FOLDERS))
+                  for path in sorted((data / 'zeroshot' / folder).iterdir())]
+        predicted = (embed_images([p for p, _ in images]) @ classes.T).argmax(1)
+        top1 = (predicted == torch.tensor([c for _, c in images])).double().mean().item()
+        captions = ['a dog', 'a brown dog', 'something red', 'a cat', 'a car', 'a red car', 'a fast car']
+        scores = embed_images([data / 'retrieval' / 'images' / f'{i}.png' for i in range(3)]) @ \
+            model.encode_text(tokenizer(captions), normalize=True).T
+    assert records['zeroshot_classification']['metrics']['top1'] == pytest.approx(top1)
+    assert records['retrieval']['metrics'] == pytest.approx(plain_metrics(scores, torch.tensor([0, 0, 2, 1, 2, 2, 2])))
 
 
 def test_json_path_is_a_folder(data, checkpoint, tmp_path):

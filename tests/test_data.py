@@ -405,3 +405,10 @@ def test_bad_arguments(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
         write_dataset(tmp_path / 'data', **{**TINY, **changes})
     assert not (tmp_path / 'data').exists()
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / 'data').write_text('not a folder')
+    with pytest.raises(NotADirectoryError, match='exists and is not a directory'):
+        write_dataset(tmp_path / 'data', **TINY)
+    assert (tmp_path / 'data').read_text() == 'not a folder'

@@ -9,8 +9,10 @@ Every template, with any class name in it, is a caption the training grammar can
 - ``left-colour``: the colour of the left object of two (columns 0 and 2, different colours).
   Half the colours in the image are the wrong answer, so the image must bind colour to place;
   a query that picks the left object should favour Llip.
-- ``big-shape``: the shape of the one large object among 2-3 (the others small, of other shapes).
-  Most shapes in the image are wrong answers; favours Llip for the same reason.
+- ``big-colour``, ``big-shape``: the colour (or shape) of the one large object among 2-3, the
+  others small and of other colours (shapes). Most colours (shapes) in the image are wrong
+  answers; these favour Llip for the same reason. A tiny model learns colour long before
+  shape, so after a short run ``big-colour`` and ``left-colour`` are the ones to read.
 - ``relation``: where a circle is relative to a square (same row or same column). Needs both
   objects' positions; favours Llip only if its query learns to pick the two objects.
 - ``unseen-pairs``: the colour and shape of a single object, classes being the four held-out
@@ -49,6 +51,16 @@ def _left_colour(rng, label):
     left, right = (sample_object(rng, int(rng.integers(GRID)), column, colour=c)
                    for column, c in ((0, colour), (GRID - 1, other)))
     return _scene(rng, left, right)
+
+
+def _big_colour(rng, label):
+    colour = list(COLOURS)[label]
+    num_small = 1 + int(rng.integers(2))
+    cells = sample_cells(rng, 1 + num_small)
+    others = [c for c in COLOURS if c != colour]
+    objects = [sample_object(rng, *cells[0], colour=colour, size='large')]
+    objects += [sample_object(rng, *cell, colour=others[rng.integers(len(others))], size='small') for cell in cells[1:]]
+    return _scene(rng, *objects)
 
 
 def _big_shape(rng, label):
@@ -90,6 +102,7 @@ ZERO_SHOT_TASKS = (
     ZeroShotTask('shape', SHAPES, ('a {}', 'one {}'), _single_shape),
     ZeroShotTask('left-colour', tuple(COLOURS), ('a {} shape on the left', 'a {} shape to the left of a shape'),
                  _left_colour),
+    ZeroShotTask('big-colour', tuple(COLOURS), ('a large {} shape', 'a {} shape bigger than a shape'), _big_colour),
     ZeroShotTask('big-shape', SHAPES, ('a large {}', 'a {} bigger than a shape'), _big_shape),
     ZeroShotTask('relation', RELATION_CLASSES, ('a circle {} a square',), _relation),
     ZeroShotTask('unseen-pairs', tuple(f'{c} {s}' for c, s in UNSEEN_CLASSES), ('a {}', 'one {}'), _unseen_pair),

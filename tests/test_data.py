@@ -4,7 +4,6 @@ Captions are checked by an oracle written here, independently of ``open_clip_lli
 parses a caption's text and evaluates it on the objects of a scene.
 """
 import argparse
-import io
 import json
 import logging
 import math
@@ -13,7 +12,6 @@ import subprocess
 import sys
 import tarfile
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,7 +27,7 @@ from open_clip_train.main import main as open_clip_train_main
 from open_clip_llip.data import write_dataset
 from open_clip_llip.data.__main__ import main as data_main
 from open_clip_llip.data.captions import sample_captions
-from open_clip_llip.data.render import render
+from open_clip_llip.data.render import png_bytes, render
 from open_clip_llip.data import retrieval
 from open_clip_llip.data.retrieval import sample_retrieval_set
 from open_clip_llip.data.scenes import ALL_PAIRS, COLOURS, Scene, rng_for, sample_scene
@@ -219,7 +217,7 @@ def test_training_shards_hold_every_image_once_per_true_caption(dataset):
         objects = meta['scene']['objects']
         assert true_of(text, objects), (text, objects)
         assert parse(text)[0] == meta['caption_kind']
-        assert Image.open(io.BytesIO(png)).size == (32, 32)
+        assert png == png_bytes(render(Scene.from_dict(meta['scene']), 32))  # the metadata is the image's scene
         by_image[meta['image']].append((png, text))
     assert sorted(by_image) == list(range(24))
     for copies in by_image.values():

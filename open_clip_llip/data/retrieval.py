@@ -1,6 +1,6 @@
 """The image-text retrieval set: scenes whose captions are each true of their own image only.
 
-Scenes hold 2-4 objects drawn from all colour-shape pairs; every third one holds an object of a
+Scenes hold 3-4 objects drawn from all colour-shape pairs; every third one holds an object of a
 held-out pair (``scenes.HELD_OUT_PAIRS``). Captions come from the training grammar, but a
 candidate is kept only if it is false of every other scene of a pool somewhat larger than the
 set, so recall@1 is well defined in both directions: each caption has one right image, and an

@@ -11,7 +11,11 @@ features do in OpenCLIP's ``SigLipLoss``, whose four distributed implementations
 Memory: the scores are computed in blocks of texts, each under activation checkpointing, so
 between the forward and the backward pass only the inputs and one scalar per block are kept,
 and at any time at most one block's ``[b, m, H, K]`` intermediates — never ``[b, B, D]``.
+On CUDA with Triton installed, the fused kernels of ``open_clip_llip.fused_loss`` compute the
+same loss keeping two scalars per pair; ``OPEN_CLIP_LLIP_LOSS_IMPL=triton|torch`` forces either.
 """
+import importlib.util
+import os
 from typing import Optional
 
 import torch
@@ -33,6 +37,20 @@ def _block_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, f
     return -F.logsigmoid(labels * logits).sum()
 
 
+def use_fused_loss(tensor: torch.Tensor) -> bool:
+    """Whether to compute the loss with the Triton kernels: ``OPEN_CLIP_LLIP_LOSS_IMPL`` if set, else on CUDA
+    when Triton is installed."""
+    impl = os.environ.get('OPEN_CLIP_LLIP_LOSS_IMPL', '')
+    if impl not in ('', 'triton', 'torch'):
+        raise ValueError(f'OPEN_CLIP_LLIP_LOSS_IMPL is {impl!r}; set it to "triton" or "torch", or unset it.')
+    has_triton = importlib.util.find_spec('triton') is not None
+    if impl == 'triton' and not has_triton:
+        raise ImportError('OPEN_CLIP_LLIP_LOSS_IMPL=triton needs Triton (pip install triton), which is not installed.')
+    if impl:
+        return impl == 'triton'
+    return tensor.is_cuda and has_triton
+
+
 class LlipLoss(SigLipLoss):
     """Sigmoid loss on Llip's conditioned scores; takes ``LlipModel.forward``'s outputs as keywords.
 
@@ -52,6 +70,11 @@ class LlipLoss(SigLipLoss):
         keys, values = features.unbind(dim=1)
         queries, targets = text_features.unbind(dim=1)
         num_images, heads, tokens, _ = keys.shape
+        if use_fused_loss(keys):
+            from .fused_loss import fused_sigmoid_loss  # imports Triton only when used
+            loss = fused_sigmoid_loss(keys, values, gram, queries, targets, logit_scale, logit_bias,
+                                      negative_only=negative_only)
+            return loss / num_images
         block_size = self.block_size or text_block_size(num_images, heads, tokens)
         total = 0.
         for start in range(0, queries.shape[0], block_size):

@@ -14,36 +14,41 @@ FlashAttention and Inf-CL do. Nothing of size ``[b, B, H·K]`` or ``[b, B, D]`` 
 
 Design (for Ampere/Hopper; every block size is a power of two, padded and masked):
 
-* A program takes one image i and a tile of BJ texts and works on ``[heads, BJ, K]`` tiles:
-  3-D (batched over heads) ``tl.dot``\\ s give the logits ``<q, key>`` and ``<value, p>`` for
-  all heads at once, contracting d in chunks of DC (≤ 32) so that operands stay small for
-  d up to 160. Operands are loaded in the input dtype (bf16 in training), products are
-  accumulated in fp32, the softmax is fp32.
-* ``aᵀ G a``: the product ``A G`` (``[BJ, H·K] × [H·K, H·K]``, the largest term) is accumulated
-  one *row* head at a time: ``a_h`` (recomputed: K·d multiply-adds per pair and head, one extra
-  logits pass in all) times ``G[h-rows, columns of the program's heads]``, as a 3-D dot whose
-  batch is the output head. This keeps one ``[heads, BJ, K]`` accumulator in registers and
-  never needs all of ``G`` (512 × 512 for G/14) in shared memory; ``G`` is streamed in
-  ``[K, K]`` blocks from L2, where consecutive programs (texts vary fastest) share it.
-* Forward, grid (text tiles, images): per pair ``cos`` and ``1/|z|`` to global memory, one
-  partial loss sum per program (no atomics; summed by PyTorch).
+* A program takes one image i and a tile of texts and works on ``[heads, texts, K]`` tiles:
+  3-D ``tl.dot`` calls (batched over heads) give the logits ``<q, key>`` and ``<value, p>`` of all
+  its heads at once, contracting d in chunks of DC (≤ 32) so that operands stay small for d up
+  to 160. Operands are loaded in the input dtype (bf16 in training), products accumulate in
+  fp32, the softmax is fp32, and probabilities are rounded to the input dtype only as MMA
+  operands (as FlashAttention does).
+* ``aᵀ G a``: ``A G`` (``[texts, H·K] × [H·K, H·K]`` per image, the largest term) accumulates one
+  *row* head h at a time: ``a_h`` (recomputed: one extra logits pass, K·D multiply-adds per pair)
+  times the ``[K, K]`` blocks ``G[h, heads of the program]``, a 3-D dot batched over the output
+  heads. One ``[heads, texts, K]`` accumulator is live and G (512 × 512 for G/14) is never
+  needed whole in shared memory; it streams from L2, where consecutive programs share it (the
+  forward grid runs texts fastest).
+* Forward, grid (text tiles, images): ``cos`` and ``1/|z|`` per pair to global memory, one
+  partial loss sum per program (summed by PyTorch: no atomics).
 * Backward, three kernels so that each gradient has one owner and nothing is atomic
-  (FlashAttention-2's split): ``_text_grad_kernel`` (one text tile and head group per program,
-  looping over images: dq, dp, and the partial sums for d logit_scale and d logit_bias),
-  ``_image_grad_kernel`` (one image and head group, looping over text tiles: dkey, dvalue) and
-  ``_gram_grad_kernel`` (one image and a pair of head groups: ``dG = Σ_j (β/2) a aᵀ``, upper
-  blocks only, mirrored on store). Per pair, with ``g_s = ∂loss/∂s``, ``g_c = g_s·scale``,
-  ``α = g_c/|z|`` and ``β = −g_c·cos/|z|²``: ``∂/∂a = α·<value, p> + β·(G a)``, softmax
-  backward per head, ``dq = Σ dl·key``, ``dkey = Σ dl·q``, ``dvalue = Σ α·a·p``,
-  ``dp = Σ α·a·value``.
-* Head groups: accumulators must fit in registers (``dq`` and ``dp`` are ``[heads, BJ, d]``,
-  ``dkey`` and ``dvalue`` ``[heads, K, d]``, ``dG`` ``[heads·K, heads·K]``), so the backward
-  kernels split the heads into groups (``_blocks``) and each group's program recomputes the
-  logits of all heads for ``A G``: that recomputation, not the ``(H·K)²`` term, is what grows
-  with smaller groups (B/16: one group for dq/dp, two for dkey/dvalue, 2×2 for dG).
+  (FlashAttention-2's split): ``_text_grad_kernel`` (a text tile × head group × block of
+  channels per program, looping over images: dq, dp, and partial sums for d logit_scale and
+  d logit_bias), ``_image_grad_kernel`` (an image × head group × block of channels, looping over
+  text tiles: dkey, dvalue) and ``_gram_grad_kernel`` (an image × two head groups:
+  ``dG = Σ_j (β/2)·a aᵀ``, upper blocks only, mirrored on store). Per pair, with ``g_s = ∂L/∂s``,
+  ``g_c = g_s·scale``, ``α = g_c/|z|``, ``β = −g_c·cos/|z|²``: ``∂L/∂a = α·<value, p> + β·(G a)``,
+  then the softmax backward per head, ``dq = Σ dl·key``, ``dkey = Σ dl·q``,
+  ``dvalue = Σ α·a·p``, ``dp = Σ α·a·value``.
+* Accumulators must stay in registers, so ``_blocks`` sizes head groups and channel blocks from
+  a budget of live fp32 values per program (``_LIVE_ELEMENTS``). A program of a head group still
+  recomputes the logits of every head for ``A G``; that recomputation, not the ``(H·K)²`` term,
+  is what grows as groups shrink. B/16 (H 8, K 32, d 64): forward all heads × 32 texts;
+  dq/dp 4 heads × 16 texts; dkey/dvalue 4 heads; dG 4-head blocks. Compiled offline for sm_90 and
+  sm_80 (``triton.compile`` with a ``GPUTarget``), these use ≤ 255 registers with no spills but
+  88 bytes in ``_image_grad_kernel``; the G/14 shapes (K 64, d 160 padded to 256) spill in the
+  backward kernels (up to ~3 KB a thread): tuning them needs a GPU.
 
 On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
-this module is imported), which is how the tests check them against the PyTorch path.
+Triton is first imported), which is how the tests check them against PyTorch; there ``_dot``
+multiplies bf16 operands in fp32, which is exact, because the interpreter cannot multiply bf16.
 """
 import contextlib
 import math

@@ -396,9 +396,14 @@ def _launch_args(keys, values, gram, queries, targets):
             'The fused Triton loss runs on CUDA tensors; on the CPU only under Triton\'s interpreter '
             '(TRITON_INTERPRET=1 set before open_clip_llip.fused_loss is imported). '
             'Use OPEN_CLIP_LLIP_LOSS_IMPL=torch for the PyTorch path.')
-    dtype = keys.dtype
-    for tensor in (values, gram, queries, targets):
-        dtype = torch.promote_types(dtype, tensor.dtype)
+    # MMA operands in one dtype: autocast's where it is on (as for a matmul: under amp_bf16 the queries
+    # come in fp32, the rest in bf16), else the inputs' common dtype.
+    if torch.is_autocast_enabled(keys.device.type):
+        dtype = torch.get_autocast_dtype(keys.device.type)
+    else:
+        dtype = keys.dtype
+        for tensor in (values, gram, queries, targets):
+            dtype = torch.promote_types(dtype, tensor.dtype)
 
     def rows(x):  # inner dimensions contiguous, any stride between rows (the packed [N, 2, ...] features)
         x = x.to(dtype)

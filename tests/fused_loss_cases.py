@@ -75,6 +75,18 @@ def test_bf16_inputs_accumulate_in_fp32():
     check_against_reference(make_inputs(3, 6, 2, 5, 6, torch.bfloat16), 2, False, rtol=2e-2)
 
 
+def test_autocast_sets_the_operand_dtype():
+    """Under autocast (amp_bf16 gives fp32 queries beside bf16 keys) the MMA operands take its dtype."""
+    inputs = make_inputs(3, 5, 2, 5, 6, torch.float32)
+    fp32_loss = fused_loss.fused_sigmoid_loss(*inputs)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = fused_loss.fused_sigmoid_loss(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
+    assert loss.item() != fp32_loss.item()  # rounded operands
+    assert_close(loss, reference_loss(*inputs, 0, False), 2e-2, 'loss')
+    assert all(grad.dtype == torch.float32 for grad in grads)
+
+
 def test_split_heads_channels_and_text_tiles_match_reference(monkeypatch):
     """Small tiles force every split the kernels have: several text tiles (the last partial), head groups
     (the last partial), channel blocks, and the mirrored off-diagonal blocks of dG."""

@@ -27,6 +27,40 @@ def test_kernels_match_pytorch_under_the_triton_interpreter():
     assert ' passed' in summary and 'skipped' not in summary, summary
 
 
+# Shared memory a block may use (KiB): Hopper, Ampere (A100).
+SHARED_LIMIT = {90: 227, 80: 163}
+
+
+@pytest.mark.parametrize('heads, tokens, head_dim, dtype, arch, negative_only', [
+    (8, 32, 64, 'bf16', 90, False),  # B/16 on an H100
+    (8, 64, 160, 'bf16', 80, True),  # G/14 on an A100
+    (3, 5, 6, 'fp32', 90, False),  # the interpreter cases' odd shapes
+])
+def test_kernels_compile_for_the_gpu(heads, tokens, head_dim, dtype, arch, negative_only):
+    """What the interpreter does not check: every kernel compiles to a GPU binary (no GPU needed) that fits
+    the architecture's shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    blocks = fused_loss._blocks(heads, tokens, head_dim)
+    common = dict(H=heads, K=tokens, D_HEAD=head_dim, HAS_POSITIVES=not negative_only, KP=blocks.KP, DC=blocks.DC)
+    kernels = [
+        (fused_loss._forward_kernel, dict(HP=blocks.HP, BJ=blocks.forward_texts)),
+        (fused_loss._text_grad_kernel, dict(HG=blocks.text_heads, BJ=blocks.text_texts, DB=blocks.text_channels)),
+        (fused_loss._image_grad_kernel, dict(HG=blocks.image_heads, BJ=blocks.text_texts, DB=blocks.image_channels)),
+        (fused_loss._gram_grad_kernel, dict(HG=blocks.gram_heads, BJ=blocks.gram_texts)),
+    ]
+    integers = {'b', 'B', 'image_stride', 'text_stride', 'first_text'}
+    inputs = {'keys', 'values', 'gram', 'queries', 'targets'}
+    for kernel, constants in kernels:
+        constants = dict(common, **constants)
+        signature = {name: 'constexpr' if name in constants else 'i32' if name in integers
+                     else f'*{dtype}' if name in inputs else '*fp32' for name in kernel.arg_names}
+        compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                  target=GPUTarget('cuda', arch, 32), options=dict(num_warps=fused_loss._WARPS))
+        assert compiled.asm['cubin'], kernel.__name__
+        assert compiled.metadata.shared <= SHARED_LIMIT[arch] * 1024, kernel.__name__
+
+
 def test_implementation_follows_the_environment(monkeypatch):
     monkeypatch.delenv('OPEN_CLIP_LLIP_LOSS_IMPL', raising=False)
     assert not use_fused_loss(torch.zeros(1))  # the CPU defaults to PyTorch

@@ -309,7 +309,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s | %(levelname)s | %(message)s')
     args = parse_args(argv)
     shape = SHAPES[args.shape]
     logging.info(f'{args.shape}: K {shape["K"]}, D {shape["D"]}, H {shape["H"]}; {args.dtype} on {args.device}; '
@@ -329,4 +328,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s | %(levelname)s | %(message)s')
     main()

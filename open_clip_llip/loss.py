@@ -8,29 +8,92 @@ features, its query and target packed into one ``[M, 2, H, d]`` tensor, travel e
 features do in OpenCLIP's ``SigLipLoss``, whose four distributed implementations (``bidir``,
 ``shift``, ``reduce``, ``gather``) this class inherits unchanged.
 
-Memory: the scores are computed in blocks of texts, each under activation checkpointing, so
-between the forward and the backward pass only the inputs and one scalar per block are kept,
-and at any time at most one block's ``[b, m, H, K]`` intermediates — never ``[b, B, D]``.
+Memory: the scores are computed in blocks of images (all texts at once: on the CPU, products with
+many texts run near matmul speed), each recomputed in the backward pass (activation
+checkpointing), so between the forward and the backward pass only the inputs are kept, and at
+any time at most one block's ``[n, H·K, B]`` intermediates — never ``[b, B, D]``.
+On CUDA with Triton installed, the fused kernels of ``open_clip_llip.fused_loss`` compute the
+same loss keeping two scalars per pair; ``OPEN_CLIP_LLIP_LOSS_IMPL=triton|torch`` forces either.
 """
+import importlib.util
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
-from torch.utils.checkpoint import checkpoint
 
-from .scoring import pair_cosine, text_block_size
+from .scoring import pair_block_size, pair_cosine
 
 
 def _block_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, first_text: int, negative_only: bool):
-    """Σ −log σ(y·s) over b images × one block of texts, texts numbered from ``first_text``."""
-    logits = logit_scale * pair_cosine(keys, values, gram, queries, targets) + logit_bias  # [b, m]
-    labels = -torch.ones_like(logits)
-    if not negative_only:
-        positives = torch.arange(logits.shape[0], device=logits.device) - first_text
-        in_block = (positives >= 0) & (positives < logits.shape[1])
-        labels[in_block.nonzero()[:, 0], positives[in_block]] = 1.
-    return -F.logsigmoid(labels * logits).sum()
+    """Σ −log σ(y·s) over n images × m texts, text j paired with image ``j + first_text`` (which may be < 0)."""
+    logits = logit_scale * pair_cosine(keys, values, gram, queries, targets) + logit_bias  # [n, m]
+    images = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    texts = torch.arange(logits.shape[1], device=logits.device)[None, :] + first_text
+    positive = (images == texts) & (not negative_only)  # a comparison, not nonzero(): no host sync per block
+    return -F.logsigmoid(torch.where(positive, logits, -logits)).sum()
+
+
+def _packed_block_loss(image_features, gram, text_features, logit_scale, logit_bias, first_text, negative_only):
+    """``_block_loss`` on packed features: images [n, 2, H, K, d] (keys, values), texts [m, 2, H, d] (q / τ, p)."""
+    return _block_loss(*image_features.unbind(dim=1), gram, *text_features.unbind(dim=1), logit_scale, logit_bias,
+                       first_text, negative_only)
+
+
+class _ImageBlocksLoss(torch.autograd.Function):
+    """Σ of ``_block_loss`` over blocks of images against all texts, each block recomputed in the backward pass.
+
+    Activation checkpointing by hand: ``torch.utils.checkpoint`` over slices of the inputs would
+    have autograd allocate a full-size zero gradient for every block (``[b, H·K, H·K]`` for the
+    Gram matrices) and add them up; here each block's gradients go straight into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, image_features, gram, text_features, logit_scale, logit_bias, block_size, negative_only):
+        device_type = image_features.device.type
+        ctx.autocast = dict(device_type=device_type, enabled=torch.is_autocast_enabled(device_type),
+                            dtype=torch.get_autocast_dtype(device_type))
+        ctx.block_size, ctx.negative_only = block_size, negative_only
+        ctx.save_for_backward(image_features, gram, text_features, logit_scale, logit_bias)
+        total = 0.
+        for start in range(0, image_features.shape[0], block_size):
+            stop = start + block_size
+            total = total + _packed_block_loss(image_features[start:stop], gram[start:stop], text_features,
+                                               logit_scale, logit_bias, -start, negative_only)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        image_features, gram, text_features, logit_scale, logit_bias = ctx.saved_tensors
+        image_grads = torch.empty_like(image_features), torch.empty_like(gram)  # every block writes its rows
+        shared = [x.detach().requires_grad_() for x in (text_features, logit_scale, logit_bias)]
+        shared_grads = [torch.zeros_like(x) for x in shared]  # every block adds to these
+        for start in range(0, image_features.shape[0], ctx.block_size):
+            stop = start + ctx.block_size
+            block = [x[start:stop].detach().requires_grad_() for x in (image_features, gram)]
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                loss = _packed_block_loss(*block, *shared, -start, ctx.negative_only)
+            grads = torch.autograd.grad(loss, block + shared, grad)
+            for full, part in zip(image_grads, grads[:2]):
+                full[start:stop] = part
+            for total, part in zip(shared_grads, grads[2:]):
+                total += part
+        return (*image_grads, *shared_grads, None, None)
+
+
+def use_fused_loss(tensor: torch.Tensor) -> bool:
+    """Whether to compute the loss with the Triton kernels: ``OPEN_CLIP_LLIP_LOSS_IMPL`` if set, else on CUDA
+    when Triton is installed."""
+    impl = os.environ.get('OPEN_CLIP_LLIP_LOSS_IMPL', '')
+    if impl not in ('', 'triton', 'torch'):
+        raise ValueError(f'OPEN_CLIP_LLIP_LOSS_IMPL is {impl!r}; set it to "triton" or "torch", or unset it.')
+    has_triton = importlib.util.find_spec('triton') is not None
+    if impl == 'triton' and not has_triton:
+        raise ImportError('OPEN_CLIP_LLIP_LOSS_IMPL=triton needs Triton (pip install triton), which is not installed.')
+    if impl:
+        return impl == 'triton'
+    return tensor.is_cuda and has_triton
 
 
 class LlipLoss(SigLipLoss):
@@ -38,7 +101,7 @@ class LlipLoss(SigLipLoss):
 
     Args:
         rank, world_size, dist_impl: as for OpenCLIP's ``SigLipLoss``.
-        block_size: texts per block (default: about 4M elements per ``[b, m, H, K]`` intermediate).
+        block_size: images per block (default: about 4M elements per ``[n, H·K, B]`` intermediate).
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, dist_impl: Optional[str] = None,
@@ -52,14 +115,14 @@ class LlipLoss(SigLipLoss):
         keys, values = features.unbind(dim=1)
         queries, targets = text_features.unbind(dim=1)
         num_images, heads, tokens, _ = keys.shape
-        block_size = self.block_size or text_block_size(num_images, heads, tokens)
-        total = 0.
-        for start in range(0, queries.shape[0], block_size):
-            stop = start + block_size
-            total = total + checkpoint(
-                _block_loss, keys, values, gram, queries[start:stop], targets[start:stop], logit_scale, logit_bias,
-                start, negative_only, use_reentrant=False)
-        return total / num_images
+        if use_fused_loss(keys):
+            from .fused_loss import fused_sigmoid_loss  # imports Triton only when used
+            loss = fused_sigmoid_loss(keys, values, gram, queries, targets, logit_scale, logit_bias,
+                                      negative_only=negative_only)
+            return loss / num_images
+        block_size = self.block_size or pair_block_size(queries.shape[0], heads, tokens)
+        loss = _ImageBlocksLoss.apply(features, gram, text_features, logit_scale, logit_bias, block_size, negative_only)
+        return loss / num_images
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, image_gram, output_dict: bool = False):
         """``LlipModel.forward``'s outputs -> the loss of b local images against all texts.

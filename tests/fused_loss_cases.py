@@ -1,0 +1,137 @@
+"""Cases for the fused Triton loss, run by Triton's interpreter on the CPU against a plain PyTorch reference.
+
+Triton decides whether a jitted function (its own ``tl.zeros`` included) is interpreted when it is
+defined, and importing ``open_clip`` imports Triton; so ``TRITON_INTERPRET=1`` has to be set before the
+interpreter starts. ``test_fused_loss.py`` runs this file in a subprocess that way; it is not collected
+by itself (run it as ``TRITON_INTERPRET=1 python -m pytest tests/fused_loss_cases.py``).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from open_clip_llip import LlipLoss, fused_loss
+from open_clip_llip.loss import _block_loss
+
+if not fused_loss.INTERPRETED:
+    pytest.skip('needs TRITON_INTERPRET=1 from the start (see test_fused_loss.py)', allow_module_level=True)
+
+
+def reference_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, first_text, negative_only):
+    """Σ −log σ(y·s) written out in float64: a = softmax(<q, key>), cos = Σ a<value, p> / sqrt(aᵀ G a)."""
+    keys, values, gram, queries, targets = (x.double() for x in (keys, values, gram, queries, targets))
+    attention = torch.einsum('ihkd,jhd->ijhk', keys, queries).softmax(dim=-1)
+    numerator = torch.einsum('ijhk,ihkd,jhd->ij', attention, values, targets)
+    flat = attention.flatten(2)  # [b, B, H·K]
+    norm = torch.einsum('ijr,irc,ijc->ij', flat, gram, flat).sqrt()
+    logits = logit_scale.double() * numerator / norm + logit_bias.double()
+    rows, cols = torch.meshgrid(torch.arange(logits.shape[0]), torch.arange(logits.shape[1]), indexing='ij')
+    labels = torch.where((cols + first_text == rows) & (not negative_only), 1., -1.).double()
+    return -F.logsigmoid(labels * logits).sum()
+
+
+def make_inputs(b, B, H, K, d, dtype, seed=0):
+    """Random keys, values [b, H, K, d], a PSD Gram [b, H·K, H·K], queries, targets [B, H, d], scale, bias."""
+    generator = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(2, b, H, K, d, generator=generator)
+    mixed = torch.randn(b, H * K, 2 * d, generator=generator) / d ** 0.5
+    queries, targets = torch.randn(2, B, H, d, generator=generator)
+    tensors = [keys, values, mixed @ mixed.transpose(1, 2), queries, targets]
+    tensors = [x.to(dtype).requires_grad_() for x in tensors]
+    return tensors + [torch.tensor(3.5, requires_grad=True), torch.tensor([-2.], requires_grad=True)]
+
+
+def assert_close(ours, ref, rtol, name):
+    error = (ours.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert error <= rtol * scale, f'{name}: max error {error:.3g} against a reference of scale {scale:.3g}'
+
+
+NAMES = ('keys', 'values', 'gram', 'queries', 'targets', 'logit_scale', 'logit_bias')
+
+
+def check_against_reference(inputs, first_text, negative_only, rtol):
+    loss = fused_loss.fused_sigmoid_loss(*inputs, first_text=first_text, negative_only=negative_only)
+    grads = torch.autograd.grad(loss, inputs)
+    ref = reference_loss(*inputs, first_text, negative_only)
+    ref_grads = torch.autograd.grad(ref, inputs)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_close(loss, ref, rtol, 'loss')
+    for name, x, grad, ref_grad in zip(NAMES, inputs, grads, ref_grads):
+        assert grad.dtype == x.dtype and grad.shape == x.shape, name
+        assert_close(grad, ref_grad, rtol, name)
+
+
+@pytest.mark.parametrize('b, B, H, K, d, first_text, negative_only', [
+    (3, 5, 3, 5, 6, 1, False),  # b ≠ B, nothing a power of two, positives off the diagonal
+    (4, 4, 2, 3, 40, 0, False),  # d contracted in two chunks
+    (3, 4, 3, 5, 6, 0, True),  # negatives only
+])
+def test_fp32_loss_and_every_gradient_match_reference(b, B, H, K, d, first_text, negative_only):
+    check_against_reference(make_inputs(b, B, H, K, d, torch.float32), first_text, negative_only, rtol=2e-5)
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    """bf16 inputs against the float64 loss of the same (rounded) values: only operand rounding remains."""
+    check_against_reference(make_inputs(3, 6, 2, 5, 6, torch.bfloat16), 2, False, rtol=2e-2)
+
+
+def test_autocast_sets_the_operand_dtype():
+    """Under autocast (amp_bf16 gives fp32 queries beside bf16 keys) the MMA operands take its dtype."""
+    inputs = make_inputs(3, 5, 2, 5, 6, torch.float32)
+    fp32_loss = fused_loss.fused_sigmoid_loss(*inputs)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = fused_loss.fused_sigmoid_loss(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
+    assert loss.item() != fp32_loss.item()  # rounded operands
+    assert_close(loss, reference_loss(*inputs, 0, False), 2e-2, 'loss')
+    assert all(grad.dtype == torch.float32 for grad in grads)
+
+
+def test_split_heads_channels_and_text_tiles_match_reference(monkeypatch):
+    """Small tiles force every split the kernels have: several text tiles (the last partial), head groups
+    (the last partial), channel blocks, and the mirrored off-diagonal blocks of dG."""
+    blocks = fused_loss._Blocks(
+        KP=16, DP=64, DC=32, HP=4, forward_texts=16, text_heads=2, text_channels=32, text_texts=16,
+        image_heads=2, image_channels=16, gram_heads=2, gram_texts=16)
+    monkeypatch.setattr(fused_loss, '_blocks', lambda *shape: blocks)
+    check_against_reference(make_inputs(2, 20, 3, 5, 40, torch.float32), 1, False, rtol=2e-5)
+
+
+def test_strided_packed_features_and_tiny_norms():
+    """Keys and values unbound from the model's packed [b, 2, H, K, d] features; a zero image (|z| = 0)."""
+    keys, values, gram, queries, targets, scale, bias = make_inputs(3, 4, 2, 5, 6, torch.float32)
+    with torch.no_grad():
+        values[1] = 0.
+        gram[1] = 0.
+    features = torch.stack([keys, values], dim=1).detach().requires_grad_()
+    keys, values = features.unbind(dim=1)
+    assert not keys.is_contiguous()
+    loss = fused_loss.fused_sigmoid_loss(keys, values, gram, queries, targets, scale, bias)
+    grads = torch.autograd.grad(loss, [features, gram, queries, targets, scale, bias])
+    # The PyTorch path clamps |z| at 1e-12 as the kernel does; the float64 reference would divide by zero.
+    ref = _block_loss(keys, values, gram, queries, targets, scale, bias, 0, False)
+    ref_grads = torch.autograd.grad(ref, [features, gram, queries, targets, scale, bias])
+    assert torch.isfinite(loss)
+    assert_close(loss, ref.double(), 1e-5, 'loss')
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert_close(grad, ref_grad.double(), 1e-5, 'gradient')
+
+
+def test_llip_loss_uses_the_kernels_when_forced(monkeypatch):
+    """LlipLoss with OPEN_CLIP_LLIP_LOSS_IMPL=triton equals the PyTorch path, value and gradients."""
+    keys, values, gram, queries, targets, scale, bias = make_inputs(4, 4, 2, 3, 8, torch.float32)
+    features = torch.stack([keys, values], dim=1).detach().requires_grad_()
+    texts = torch.stack([queries, targets], dim=1).detach().requires_grad_()
+    inputs = dict(image_features=features, text_features=texts, logit_scale=scale, logit_bias=bias, image_gram=gram)
+    leaves = [features, texts, gram, scale, bias]
+    results = {}
+    for impl in ('torch', 'triton'):
+        monkeypatch.setenv('OPEN_CLIP_LLIP_LOSS_IMPL', impl)
+        loss = LlipLoss()(**inputs)
+        results[impl] = [loss] + list(torch.autograd.grad(loss, leaves))
+    called = []
+    monkeypatch.setattr(fused_loss, 'fused_sigmoid_loss', lambda *a, **k: called.append(1) or torch.tensor(0.))
+    LlipLoss()(**inputs)
+    assert called, 'OPEN_CLIP_LLIP_LOSS_IMPL=triton did not reach the fused kernels'
+    for ours, ref in zip(results['triton'], results['torch']):
+        assert_close(ours, ref.double(), 1e-5, 'LlipLoss')

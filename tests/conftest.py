@@ -77,3 +77,21 @@ def write_retrieval_csv(folder, count=12, seed=1):
         writer.writeheader()
         writer.writerows(rows)
     return folder / 'val.csv', rows
+
+
+@pytest.fixture
+def restore_logging():
+    """open_clip_train's main adds handlers to the root logger and sets every logger to its level: undo both."""
+    import logging
+    handlers = list(logging.root.handlers)
+    levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
+              if isinstance(logger, logging.Logger)}
+    root_level = logging.root.level
+    yield
+    for handler in set(logging.root.handlers) - set(handlers):
+        logging.root.removeHandler(handler)
+        handler.close()
+    logging.root.setLevel(root_level)
+    for name, logger in logging.root.manager.loggerDict.items():
+        if isinstance(logger, logging.Logger):
+            logger.setLevel(levels.get(name, logging.NOTSET))

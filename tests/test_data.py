@@ -5,7 +5,6 @@ parses a caption's text and evaluates it on the objects of a scene.
 """
 import argparse
 import json
-import logging
 import math
 import re
 import subprocess
@@ -321,15 +320,6 @@ def test_openclip_webdataset_pipeline_reads_the_shards(dataset):
     assert texts.shape == (16, 32) and texts.dtype == torch.long
 
 
-@pytest.fixture
-def restore_logging():
-    """open_clip_train's main adds handlers to the root logger on every call."""
-    handlers, level = list(logging.root.handlers), logging.root.level
-    yield
-    for handler in set(logging.root.handlers) - set(handlers):
-        logging.root.removeHandler(handler)
-        handler.close()
-    logging.root.setLevel(level)
 
 
 def test_open_clip_train_trains_llip_on_the_shards(dataset, tmp_path, restore_logging):

@@ -1,6 +1,5 @@
 """OpenCLIP's own evaluation (open_clip_train --imagenet-val / --val-data) gives Llip's conditioned numbers."""
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -17,15 +16,7 @@ from conftest import write_retrieval_csv
 CLASSNAMES = ['goldfish', 'tench', 'shark', 'hen', 'ostrich', 'owl']
 TEMPLATES = ['a photo of a {}.', 'a drawing of the {}.']
 
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    handlers, level = list(logging.root.handlers), logging.root.level
-    yield
-    for handler in set(logging.root.handlers) - set(handlers):
-        logging.root.removeHandler(handler)
-        handler.close()
-    logging.root.setLevel(level)
+pytestmark = pytest.mark.usefixtures('restore_logging')
 
 
 @pytest.fixture(scope='module')

@@ -1,11 +1,11 @@
 """Llip trains with OpenCLIP's own loop (open_clip_train.main), unchanged."""
 import io
 import json
-import logging
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,16 +22,7 @@ COLOURS = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (40, 70, 220), 
 CORNERS = {'top left': (0, 0), 'top right': (16, 0), 'bottom left': (0, 16), 'bottom right': (16, 16)}
 LOSS = re.compile(r'Contrastive_loss: ([0-9.naninf]+)')
 
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """open_clip_train's main adds handlers to the root logger on every call."""
-    handlers, level = list(logging.root.handlers), logging.root.level
-    yield
-    for handler in set(logging.root.handlers) - set(handlers):
-        logging.root.removeHandler(handler)
-        handler.close()
-    logging.root.setLevel(level)
+pytestmark = pytest.mark.usefixtures('restore_logging')
 
 
 def train(tmp_path, *args, name='run', model='Llip-Tiny', samples=32, epochs=1):
@@ -207,12 +198,14 @@ def test_open_clip_models_train_and_evaluate_exactly_as_before(tmp_path):
 
 
 def test_open_clip_train_command_takes_exactly_openclips_arguments(tmp_path):
-    ours = subprocess.run(['open_clip_train', '--help'], capture_output=True, text=True, check=True).stdout
+    # The console script pip installed beside this interpreter: the venv's bin need not be on PATH.
+    command = str(Path(sys.executable).parent / 'open_clip_train')
+    ours = subprocess.run([command, '--help'], capture_output=True, text=True, check=True).stdout
     stock = run_python('from open_clip_train.main import main; main(["--help"])', OPEN_CLIP_LLIP_AUTOLOAD='0')
     # The same text once argparse's line wrapping (which depends on the program's name) is undone.
     assert ours.replace('usage: open_clip_train', 'usage: -c').split() == stock.stdout.split()
     # With the autoload hook off, the command still registers Llip itself.
-    subprocess.run(['open_clip_train', '--model', 'Llip-Tiny', '--dataset-type', 'synthetic',
+    subprocess.run([command, '--model', 'Llip-Tiny', '--dataset-type', 'synthetic',
                     '--train-num-samples', '8', '--batch-size', '4', '--workers', '0', '--precision', 'fp32',
                     '--logs', str(tmp_path), '--name', 'cli'],
                    env=dict(os.environ, OPEN_CLIP_LLIP_AUTOLOAD='0'), check=True, capture_output=True)

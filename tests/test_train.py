@@ -69,6 +69,16 @@ def test_stock_loop_trains_llip(tmp_path, flags):
         assert list((run / 'tensorboard').glob('events.out.tfevents.*'))
 
 
+def test_local_dir_llip_config_trains_with_llip_loss(tmp_path):
+    """OpenCLIP's ``--model local-dir:FOLDER`` (a folder with open_clip_config.json) selects the loss from that config."""
+    config = dict(open_clip.get_model_config('Llip-Tiny'), embed_dim=32)
+    (tmp_path / 'my-llip').mkdir()
+    (tmp_path / 'my-llip' / 'open_clip_config.json').write_text(json.dumps({'model_cfg': config}))
+    run = train(tmp_path, model=f'local-dir:{tmp_path / "my-llip"}')
+    assert 'training with LlipLoss' in (run / 'out.log').read_text()
+    assert final_state(run)['state_dict']['text.text_projection'].shape == (64, 32)
+
+
 def test_lock_image_keeps_image_tower(tmp_path):
     state = final_state(train(tmp_path, '--lock-image'))['state_dict']
     initial = initial_state()

@@ -1,0 +1,312 @@
+"""The main job: Llip against a SigLIP baseline with the same towers, trained and evaluated on one machine.
+
+1. Writes the built-in scenes data (``open_clip_llip.data``: images of several coloured shapes,
+   several captions each, each naming part of the scene), unless ``--train-data`` gives a dataset.
+2. For each seed, trains ``--model`` (a Llip config) and its baseline with OpenCLIP's stock loop
+   (``python -m open_clip_train.main``): the baseline is the same config without the mixer — the
+   same towers, width and depth — trained with ``--siglip`` (OpenCLIP's SigLipLoss) on the same
+   data, steps, batch and learning-rate schedule.
+3. Evaluates every checkpoint with ``open_clip_llip.eval`` (zero-shot tasks, retrieval), prints a
+   side-by-side table (mean ± standard deviation over seeds) and writes ``results.json``,
+   ``results.md`` and plots: ``training_curves.png`` and ``attention.png`` (for a few held-out
+   images, how much of each mixture token each of several captions mixes).
+
+    python scripts/demo.py                      # built-in data, Llip-Tiny, 3 seeds, CPU
+    python scripts/demo.py --model Llip-ViT-B-16 --device cuda \\
+        --train-data '/data/shards/{00000..00999}.tar' --train-num-samples 10000000 \\
+        --zeroshot-images imagenet/val --classnames classnames.txt --templates templates.txt
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import open_clip
+import open_clip_llip
+from open_clip_llip.data import write_dataset
+from open_clip_llip.eval import evaluate as evaluate_checkpoint
+
+LOSS_LINE = re.compile(r'Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?Contrastive_loss: ([0-9.]+)')
+SPEED = re.compile(r'Batch \(t\): [0-9.]+, ([0-9.]+)/s,')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--output', type=Path, default=Path('demo-output'), help='where everything is written')
+    parser.add_argument('--overwrite', action='store_true', help='replace an earlier run of this script in --output')
+    parser.add_argument('--model', default='Llip-Tiny',
+                        help='a Llip config: a name OpenCLIP knows or a JSON file; the baseline drops its mixer')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (then torchrun-free, one GPU)")
+    data = parser.add_argument_group('data (default: the built-in scenes, written to OUTPUT/data)')
+    data.add_argument('--train-data', help='webdataset shards (brace pattern) instead of the built-in scenes')
+    data.add_argument('--train-num-samples', type=int, help='samples per epoch of --train-data')
+    data.add_argument('--zeroshot-images', action='append', default=[], help='as open_clip_llip_eval')
+    data.add_argument('--classnames', action='append', default=[], help='as open_clip_llip_eval')
+    data.add_argument('--templates', action='append', default=[], help='as open_clip_llip_eval')
+    data.add_argument('--retrieval', action='append', default=[], help='as open_clip_llip_eval')
+    data.add_argument('--train-images', type=int, default=4000, help='built-in scenes: training images')
+    data.add_argument('--eval-images', type=int, default=50, help='built-in scenes: images per zero-shot class')
+    train = parser.add_argument_group('training (the same for Llip and the baseline)')
+    train.add_argument('--epochs', type=int, default=3)
+    train.add_argument('--batch-size', type=int, default=64)
+    train.add_argument('--lr', type=float, default=2e-3)
+    train.add_argument('--warmup', type=int, default=100)
+    train.add_argument('--precision', default='fp32')
+    train.add_argument('--workers', type=int, default=1)
+    parser.add_argument('--quick', action='store_true', help='a smoke test: tiny data, one short epoch')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.train_images, args.eval_images, args.epochs, args.warmup = 32, 2, 1, 2
+    if args.train_data and not (args.train_num_samples and (args.zeroshot_images or args.retrieval)):
+        parser.error('--train-data needs --train-num-samples and evaluation data (--zeroshot-images … or --retrieval)')
+    return args
+
+
+def prepare_output(args):
+    marker = args.output / 'demo.json'
+    if args.output.exists() and any(args.output.iterdir()):
+        if not (args.overwrite and marker.exists()):
+            sys.exit(f'{args.output} is not empty; pass --overwrite to replace an earlier demo run there, '
+                     'or choose another --output.')
+        shutil.rmtree(args.output)
+    args.output.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
+
+
+def built_in_data(args, image_size):
+    """Write the scenes, drawn at the model's image size, and point the training and evaluation options at them."""
+    logging.info('== Writing the built-in scenes data')
+    folder = args.output / 'data'
+    sizes = dict(retrieval_images=12, samples_per_shard=64) if args.quick else {}
+    manifest = write_dataset(folder, seed=0, train_images=args.train_images, zeroshot_images=args.eval_images,
+                             image_size=image_size, **sizes)
+    args.train_data = str(folder / manifest['train']['data'])
+    args.train_num_samples = manifest['train']['num_samples']
+    for task in manifest['zeroshot'].values():
+        args.zeroshot_images.append(str(folder / task['folder']))
+        args.classnames.append(str(folder / task['classnames']))
+        args.templates.append(str(folder / task['templates']))
+    args.retrieval.append(str(folder / manifest['retrieval']['csv']))
+    return manifest
+
+
+def write_config(args, name, config):
+    """Register ``config`` as ``name`` here (for evaluation) and write it where open_clip_train finds it.
+
+    Returns the ``--model`` value for open_clip_train: ``local-dir:OUTPUT/<name>``.
+    """
+    folder = args.output / name
+    folder.mkdir()
+    (folder / 'open_clip_config.json').write_text(json.dumps({'model_cfg': config}, indent=2))
+    (args.output / f'{name}.json').write_text(json.dumps(config, indent=2))
+    open_clip.add_model_config(args.output / f'{name}.json')
+    return f'local-dir:{folder}'
+
+
+def llip_model(args):
+    """``--model``, a Llip config name or JSON file: (config name, how open_clip_train finds it, config)."""
+    path = Path(args.model)
+    if args.model.endswith('.json'):
+        if not path.is_file():
+            sys.exit(f'--model {args.model}: no such config file')
+        name, config = path.stem, json.loads(path.read_text())
+        config = config.get('model_cfg', config)  # a bare config or an open_clip_config.json
+        found_as = None
+    else:
+        name, config, found_as = args.model, open_clip.get_model_config(args.model) or {}, args.model
+    if config.get('model_class') != 'LlipModel':
+        sys.exit(f"--model {args.model} is not a Llip config (known: {', '.join(open_clip_llip.llip_model_names())}; "
+                 'or a JSON file with "model_class": "LlipModel")')
+    return name, found_as or write_config(args, name, config), config
+
+
+def baseline_model(args, name, config):
+    """The Llip config without its mixer: an OpenCLIP CLIP config with the same towers, trained with --siglip.
+
+    The name must not contain "siglip", which would make OpenCLIP pick a Hugging Face tokenizer.
+    """
+    config = {k: v for k, v in config.items() if k not in ('model_class', 'llip_cfg')}  # the logit bias stays
+    baseline = f'Twin-{name}'
+    return baseline, write_config(args, baseline, config)
+
+
+def train(args, name, model, seed, extra=()):
+    """One run of OpenCLIP's stock training loop; returns its final checkpoint. Its log lines stream through."""
+    command = [
+        sys.executable, '-m', 'open_clip_train.main', '--model', model, '--dataset-type', 'webdataset',
+        '--train-data', args.train_data, '--train-num-samples', str(args.train_num_samples),
+        '--epochs', str(args.epochs), '--batch-size', str(args.batch_size), '--lr', str(args.lr),
+        '--warmup', str(args.warmup), '--precision', args.precision, '--workers', str(args.workers),
+        '--seed', str(seed), '--device', args.device, '--logs', str(args.output / 'runs'), '--name', name,
+        '--log-every-n-steps', '10', '--save-frequency', '0', *extra]
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    if args.device == 'cpu':
+        env['CUDA_VISIBLE_DEVICES'] = ''
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in process.stdout:
+        if 'Train Epoch' in line or 'Error' in line or 'error' in line:
+            print(f'  {name} | {line.split(" | ")[-1].rstrip()}', flush=True)
+    if process.wait():
+        sys.exit(f'training {name} failed; its log: {args.output / "runs" / name / "out.log"}')
+    return args.output / 'runs' / name / 'checkpoints' / f'epoch_{args.epochs}.pt'
+
+
+def training_curve(run_dir):
+    """(samples seen, loss) pairs and the median samples/s of a run, read from OpenCLIP's log."""
+    text = (run_dir / 'out.log').read_text()
+    points = []
+    for epoch, seen, total, loss in LOSS_LINE.findall(text):
+        points.append((int(epoch) * int(total) + int(seen), float(loss)))
+    speeds = [float(s) for s in SPEED.findall(text)[1:]]  # the first batch includes start-up
+    return points, (float(np.median(speeds)) if speeds else float('nan'))
+
+
+def evaluate(args, model, checkpoint):
+    namespace = argparse.Namespace(
+        model=model, pretrained=str(checkpoint), zeroshot_images=args.zeroshot_images, classnames=args.classnames,
+        templates=args.templates, retrieval=args.retrieval, temperatures=None, batch_size=256, workers=0,
+        device=args.device, precision='fp32', json=None, overwrite=False)
+    return {f"{Path(r['task']).name if r['type'] == 'zeroshot_classification' else 'retrieval'}": r['metrics']
+            for r in evaluate_checkpoint(namespace)['results']}
+
+
+def summary_rows(results):
+    """Per task and metric, mean ± sample standard deviation over seeds (in %) for each model."""
+    models = list(results)
+    rows = []
+    for task, metrics in results[models[0]][0].items():
+        names = ['top1'] if 'top1' in metrics else [
+            'image_to_text_R@1', 'image_to_text_R@5', 'text_to_image_R@1', 'text_to_image_R@5']
+        for metric in names:
+            cells = []
+            for model in models:
+                values = np.array([seed_results[task][metric] for seed_results in results[model]]) * 100
+                cells.append((values.mean(), values.std(ddof=1) if len(values) > 1 else 0.))
+            rows.append((task, metric, cells))
+    return models, rows
+
+
+def format_table(models, rows, markdown=False):
+    header = ['task', 'metric'] + models
+    lines = [[task, metric] + [f'{m:.1f} ± {s:.1f}' for m, s in cells] for task, metric, cells in rows]
+    if markdown:
+        out = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+        return '\n'.join(out + ['| ' + ' | '.join(line) + ' |' for line in lines])
+    widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
+    return '\n'.join('  '.join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + lines)
+
+
+def plot_training_curves(curves, batch_size, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (model, runs), colour in zip(curves.items(), ('tab:blue', 'tab:orange')):
+        for index, points in enumerate(runs):
+            steps, losses = zip(*points)
+            ax.plot(steps, losses, color=colour, alpha=0.8, label=model if index == 0 else None)
+    # A model that learns only the bias: σ(b) = 1/B for the one positive among B texts.
+    bias_only = -math.log(1 / batch_size) - (batch_size - 1) * math.log((batch_size - 1) / batch_size)
+    ax.axhline(bias_only, color='grey', linestyle='--', label='bias only (no image-text learning)')
+    ax.set(xlabel='samples seen', ylabel='training loss (sigmoid, per image)', yscale='log',
+           title='Training loss, one line per seed')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_attention(model_name, checkpoint, retrieval_csv, path, num_images=3):
+    """For a few held-out images: the mixing weights of each of their captions over the K tokens."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    from open_clip_llip.eval_data import read_retrieval_set
+
+    model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=str(checkpoint))
+    tokenizer = open_clip.get_tokenizer(model_name)
+    retrieval_set = read_retrieval_set(retrieval_csv)
+    fig, axes = plt.subplots(num_images, 2, figsize=(10, 2.2 * num_images), gridspec_kw={'width_ratios': [1, 4]})
+    for row, image_number in enumerate(range(num_images)):
+        captions = [c for c, i in zip(retrieval_set.captions, retrieval_set.image_index.tolist()) if i == image_number]
+        image = Image.open(retrieval_set.images[image_number]).convert('RGB')
+        with torch.no_grad():
+            keys, _ = model.encode_image(transform(image)[None])
+            _, queries = model.encode_text(tokenizer(captions))
+            weights = model.mixer.attention(keys, queries)[0].mean(dim=1)  # [captions, K], averaged over heads
+        axes[row, 0].imshow(image, interpolation='nearest')
+        axes[row, 0].axis('off')
+        shown = axes[row, 1].imshow(weights.numpy(), aspect='auto', cmap='viridis', vmin=0)
+        axes[row, 1].set_yticks(range(len(captions)), [c if len(c) < 48 else c[:45] + '…' for c in captions], fontsize=8)
+        axes[row, 1].set_xticks(range(weights.shape[1]))
+        axes[row, 1].yaxis.tick_right()
+        fig.colorbar(shown, ax=axes[row, 1], location='left', fraction=0.04, pad=0.02)
+    axes[-1, 1].set_xlabel('mixture token k (weight averaged over heads)')
+    fig.suptitle(f'{model_name}: which mixture tokens each caption mixes (held-out images)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s | %(message)s', datefmt='%H:%M:%S')
+    start = time.time()
+    prepare_output(args)
+    llip_name, llip_found_as, llip_config = llip_model(args)
+    if args.train_data is None:
+        built_in_data(args, llip_config['vision_cfg']['image_size'])
+    baseline_name, baseline_found_as = baseline_model(args, llip_name, llip_config)
+    # label -> (config name, how open_clip_train finds it, extra training flags)
+    models = {llip_name: (llip_name, llip_found_as, ()),
+              f'SigLIP ({baseline_name})': (baseline_name, baseline_found_as, ('--siglip',))}
+
+    results = {label: [] for label in models}
+    curves = {label: [] for label in models}
+    speeds = {label: [] for label in models}
+    checkpoints = {}
+    runs = [(seed, label) for seed in args.seeds for label in models]
+    for number, (seed, label) in enumerate(runs, 1):
+        config_name, train_model, extra = models[label]
+        name = f'{config_name}-seed{seed}'
+        logging.info(f'== [{number}/{len(runs)}] Training {label}, seed {seed} ({time.time() - start:.0f} s so far)')
+        checkpoint = train(args, name, train_model, seed, extra)
+        points, speed = training_curve(args.output / 'runs' / name)
+        curves[label].append(points)
+        speeds[label].append(speed)
+        logging.info(f'== Evaluating {label}, seed {seed}')
+        results[label].append(evaluate(args, config_name, checkpoint))
+        checkpoints[label, seed] = checkpoint
+
+    labels, rows = summary_rows(results)
+    table = format_table(labels, rows)
+    print(f'\n{table}\n')
+    for label in labels:
+        ends = np.array([(points[0][1], points[-1][1]) for points in curves[label]])
+        print(f'{label}: training loss {ends[:, 0].mean():.2f} at the first step, {ends[:, 1].mean():.2f} at the last '
+              f'(mean over seeds); {np.mean(speeds[label]):.0f} samples/s')
+    (args.output / 'results.md').write_text(format_table(labels, rows, markdown=True) + '\n')
+    (args.output / 'results.json').write_text(json.dumps(dict(
+        seeds=args.seeds, results=results, samples_per_second=speeds,
+        loss_start_end={label: [(points[0][1], points[-1][1]) for points in runs] for label, runs in curves.items()},
+        wall_seconds=time.time() - start), indent=2))
+    plot_training_curves(curves, args.batch_size, args.output / 'training_curves.png')
+    if args.retrieval and args.retrieval[0].endswith('.csv'):
+        plot_attention(llip_name, checkpoints[llip_name, args.seeds[0]], args.retrieval[0], args.output / 'attention.png')
+    logging.info(f'Done in {time.time() - start:.0f} s: {args.output}/results.md, training_curves.png, attention.png')
+
+
+if __name__ == '__main__':
+    main()

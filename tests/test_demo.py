@@ -1,0 +1,70 @@
+"""The main job, shortened (--quick: tiny data, a few steps): every output it promises, from one command."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'demo.py'
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def test_quick_main_job_trains_evaluates_and_plots(tmp_path):
+    output = tmp_path / 'demo'
+    result = subprocess.run([sys.executable, str(SCRIPT), '--quick', '--seeds', '0', '1', '--output', str(output)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = result.stdout
+    assert 'Llip-Tiny' in table and 'SigLIP (Twin-Llip-Tiny)' in table and 'big-colour' in table
+    assert 'samples/s' in table
+
+    results = json.loads((output / 'results.json').read_text())
+    assert set(results['results']) == {'Llip-Tiny', 'SigLIP (Twin-Llip-Tiny)'}
+    for runs in results['results'].values():
+        assert len(runs) == 2  # one per seed
+        assert {'shape', 'left-colour', 'big-colour', 'big-shape', 'relation', 'unseen-pairs', 'retrieval'} <= set(runs[0])
+        assert 0 <= runs[0]['retrieval']['text_to_image_R@1'] <= 1
+    assert (output / 'results.md').read_text().startswith('| task | metric | Llip-Tiny |')
+    for plot in ('training_curves.png', 'attention.png'):
+        assert (output / plot).read_bytes()[:8] == PNG_SIGNATURE
+    # Both models trained through OpenCLIP's stock loop, the baseline with its SigLipLoss.
+    assert 'training with LlipLoss' in (output / 'runs' / 'Llip-Tiny-seed0' / 'out.log').read_text()
+    assert 'siglip: True' in (output / 'runs' / 'Twin-Llip-Tiny-seed0' / 'params.txt').read_text()
+
+
+def test_main_job_keeps_what_is_already_in_its_output(tmp_path):
+    (tmp_path / 'notes.txt').write_text('mine')
+    result = subprocess.run([sys.executable, str(SCRIPT), '--quick', '--output', str(tmp_path), '--overwrite'],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and 'is not empty' in result.stderr
+    assert (tmp_path / 'notes.txt').read_text() == 'mine'
+
+
+def test_main_job_takes_a_llip_config_file(tmp_path):
+    """--model may be a JSON config (the way to try another K, τ or size): trained as local-dir:, same twin."""
+    config = json.loads((SCRIPT.parents[1] / 'model_configs' / 'Llip-Tiny.json').read_text())
+    config['llip_cfg']['mixture_tokens'] = 3
+    (tmp_path / 'Llip-K3.json').write_text(json.dumps(config))
+    output = tmp_path / 'demo'
+    result = subprocess.run([sys.executable, str(SCRIPT), '--quick', '--seeds', '0',
+                             '--model', str(tmp_path / 'Llip-K3.json'), '--output', str(output)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert set(json.loads((output / 'results.json').read_text())['results']) == {'Llip-K3', 'SigLIP (Twin-Llip-K3)'}
+    state = torch.load(output / 'runs' / 'Llip-K3-seed0' / 'checkpoints' / 'epoch_1.pt', weights_only=True)['state_dict']
+    assert state['visual.k_proj'].shape[0] == 3
+    twin = json.loads((output / 'Twin-Llip-K3.json').read_text())
+    assert 'llip_cfg' not in twin and twin['vision_cfg'] == config['vision_cfg']
+
+
+@pytest.mark.parametrize('model, message', [
+    ('ViT-B-32', 'is not a Llip config'),
+    ('missing.json', 'no such config file'),
+])
+def test_main_job_refuses_a_model_that_is_not_llip(tmp_path, model, message):
+    model = str(tmp_path / model) if model.endswith('.json') else model
+    result = subprocess.run([sys.executable, str(SCRIPT), '--quick', '--model', model, '--output', str(tmp_path / 'demo')],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and message in result.stderr

@@ -68,3 +68,22 @@ def test_main_job_refuses_a_model_that_is_not_llip(tmp_path, model, message):
     result = subprocess.run([sys.executable, str(SCRIPT), '--quick', '--model', model, '--output', str(tmp_path / 'demo')],
                             capture_output=True, text=True)
     assert result.returncode != 0 and message in result.stderr
+
+
+def test_main_job_on_given_shards_and_evaluation_sets(tmp_path):
+    """The real workflow's shape: --train-data shards, --train-num-samples and evaluation sets of one's own."""
+    from open_clip_llip.data import write_dataset
+    data = tmp_path / 'data'
+    manifest = write_dataset(data, train_images=16, zeroshot_images=2, retrieval_images=8, samples_per_shard=32)
+    task = manifest['zeroshot']['big-colour']
+    output = tmp_path / 'demo'
+    result = subprocess.run([
+        sys.executable, str(SCRIPT), '--seeds', '0', '--epochs', '1', '--warmup', '1', '--output', str(output),
+        '--train-data', str(data / manifest['train']['data']), '--train-num-samples', str(manifest['train']['num_samples']),
+        '--zeroshot-images', str(data / task['folder']), '--classnames', str(data / task['classnames']),
+        '--templates', str(data / task['templates']), '--retrieval', str(data / manifest['retrieval']['csv'])],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not (output / 'data').exists()  # nothing built in was written
+    runs = json.loads((output / 'results.json').read_text())['results']['Llip-Tiny']
+    assert set(runs[0]) == {'big-colour', 'retrieval'}

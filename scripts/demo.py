@@ -98,7 +98,6 @@ def built_in_data(args, image_size):
         args.classnames.append(str(folder / task['classnames']))
         args.templates.append(str(folder / task['templates']))
     args.retrieval.append(str(folder / manifest['retrieval']['csv']))
-    return manifest
 
 
 def write_config(args, name, config):
@@ -116,19 +115,22 @@ def write_config(args, name, config):
 
 def llip_model(args):
     """``--model``, a Llip config name or JSON file: (config name, how open_clip_train finds it, config)."""
-    path = Path(args.model)
-    if args.model.endswith('.json'):
+    from_file = args.model.endswith('.json')
+    if from_file:
+        path = Path(args.model)
         if not path.is_file():
             sys.exit(f'--model {args.model}: no such config file')
         name, config = path.stem, json.loads(path.read_text())
         config = config.get('model_cfg', config)  # a bare config or an open_clip_config.json
-        found_as = None
     else:
-        name, config, found_as = args.model, open_clip.get_model_config(args.model) or {}, args.model
+        try:
+            name, config = args.model, open_clip.get_model_config(args.model) or {}
+        except RuntimeError as error:  # a near-miss of a Llip name: the error names the Llip configs
+            sys.exit(f'--model: {error}')
     if config.get('model_class') != 'LlipModel':
         sys.exit(f"--model {args.model} is not a Llip config (known: {', '.join(open_clip_llip.llip_model_names())}; "
                  'or a JSON file with "model_class": "LlipModel")')
-    return name, found_as or write_config(args, name, config), config
+    return name, write_config(args, name, config) if from_file else name, config
 
 
 def baseline_model(args, name, config):

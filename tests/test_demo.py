@@ -62,6 +62,7 @@ def test_main_job_takes_a_llip_config_file(tmp_path):
 @pytest.mark.parametrize('model, message', [
     ('ViT-B-32', 'is not a Llip config'),
     ('missing.json', 'no such config file'),
+    ('Llip-ViT-B16', "Did you mean 'Llip-ViT-B-16'?"),
 ])
 def test_main_job_refuses_a_model_that_is_not_llip(tmp_path, model, message):
     model = str(tmp_path / model) if model.endswith('.json') else model

@@ -320,8 +320,6 @@ def test_openclip_webdataset_pipeline_reads_the_shards(dataset):
     assert texts.shape == (16, 32) and texts.dtype == torch.long
 
 
-
-
 def test_open_clip_train_trains_llip_on_the_shards(dataset, tmp_path, restore_logging):
     """The stock loop, with the sample count from sizes.json (no --train-num-samples)."""
     folder, manifest = dataset

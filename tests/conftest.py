@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import open_clip
 import open_clip_llip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +58,15 @@ def register_config(tmp_path):
     for name, path in added:
         factory._MODEL_CONFIG_PATHS.remove(path)
         factory._MODEL_CONFIGS.pop(name, None)
+
+
+@pytest.fixture(scope='session')
+def checkpoint(tmp_path_factory):
+    """A randomly initialised Llip-Tiny saved as open_clip_train saves a state dict: a file to evaluate."""
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp('checkpoint') / 'llip-tiny.pt'
+    torch.save(open_clip.create_model('Llip-Tiny').state_dict(), path)
+    return path
 
 
 def write_retrieval_csv(folder, count=12, seed=1):

@@ -66,14 +66,6 @@ def data(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(7)
-    path = tmp_path_factory.mktemp('checkpoint') / 'llip-tiny.pt'
-    torch.save(open_clip.create_model('Llip-Tiny').state_dict(), path)
-    return path
-
-
 def zero_shot_args(data):
     return ['--zeroshot-images', str(data / 'zeroshot'), '--classnames', str(data / 'classnames.txt'),
             '--templates', str(data / 'templates.txt')]

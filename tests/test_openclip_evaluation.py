@@ -19,14 +19,6 @@ TEMPLATES = ['a photo of a {}.', 'a drawing of the {}.']
 pytestmark = pytest.mark.usefixtures('restore_logging')
 
 
-@pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp('ckpt') / 'llip.pt'
-    torch.save(open_clip.create_model('Llip-Tiny').state_dict(), path)
-    return path
-
-
 def random_image(rng):
     return Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
 

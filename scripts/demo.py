@@ -34,7 +34,7 @@ import torch
 import open_clip
 import open_clip_llip
 from open_clip_llip.data import write_dataset
-from open_clip_llip.eval import evaluate as evaluate_checkpoint
+from open_clip_llip.eval import evaluate as evaluate_checkpoint, parse_args as parse_evaluation_args
 
 LOSS_LINE = re.compile(r'Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?Contrastive_loss: ([0-9.]+)')
 SPEED = re.compile(r'Batch \(t\): [0-9.]+, ([0-9.]+)/s,')
@@ -70,6 +70,8 @@ def parse_args(argv=None):
         args.train_images, args.eval_images, args.epochs, args.warmup = 32, 2, 1, 2
     if args.train_data and not (args.train_num_samples and (args.zeroshot_images or args.retrieval)):
         parser.error('--train-data needs --train-num-samples and evaluation data (--zeroshot-images … or --retrieval)')
+    if args.train_data:
+        evaluation_args(args, args.model)  # checked by the evaluation's own parser before any training
     return args
 
 
@@ -174,13 +176,20 @@ def training_curve(run_dir):
     return points, (float(np.median(speeds)) if speeds else float('nan'))
 
 
+def evaluation_args(args, model, checkpoint=None):
+    """open_clip_llip.eval's options for one model, parsed (and so checked) by its own parser."""
+    argv = ['--model', model, '--batch-size', '256', '--workers', '0', '--device', args.device, '--precision', 'fp32']
+    if checkpoint is not None:
+        argv += ['--pretrained', str(checkpoint)]
+    for option in ('zeroshot_images', 'classnames', 'templates', 'retrieval'):
+        for value in getattr(args, option):
+            argv += [f"--{option.replace('_', '-')}", value]
+    return parse_evaluation_args(argv)
+
+
 def evaluate(args, model, checkpoint):
-    namespace = argparse.Namespace(
-        model=model, pretrained=str(checkpoint), zeroshot_images=args.zeroshot_images, classnames=args.classnames,
-        templates=args.templates, retrieval=args.retrieval, temperatures=None, batch_size=256, workers=0,
-        device=args.device, precision='fp32', json=None, overwrite=False)
     return {f"{Path(r['task']).name if r['type'] == 'zeroshot_classification' else 'retrieval'}": r['metrics']
-            for r in evaluate_checkpoint(namespace)['results']}
+            for r in evaluate_checkpoint(evaluation_args(args, model, checkpoint))['results']}
 
 
 def summary_rows(results):

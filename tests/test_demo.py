@@ -88,3 +88,12 @@ def test_main_job_on_given_shards_and_evaluation_sets(tmp_path):
     assert not (output / 'data').exists()  # nothing built in was written
     runs = json.loads((output / 'results.json').read_text())['results']['Llip-Tiny']
     assert set(runs[0]) == {'big-colour', 'retrieval'}
+
+
+def test_main_job_checks_evaluation_options_before_training(tmp_path):
+    result = subprocess.run([
+        sys.executable, str(SCRIPT), '--output', str(tmp_path / 'demo'), '--train-data', 'shards/{0..1}.tar',
+        '--train-num-samples', '8', '--zeroshot-images', 'a', '--zeroshot-images', 'b', '--classnames', 'a.txt',
+        '--templates', 't.txt'], capture_output=True, text=True)
+    assert result.returncode != 0 and 'give one --classnames per --zeroshot-images (got 1 and 2)' in result.stderr
+    assert not (tmp_path / 'demo').exists()

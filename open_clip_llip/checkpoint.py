@@ -14,13 +14,17 @@ Three layouts are recognised (after dropping ``module.`` and ``_orig_mod.`` pref
 Files are read with ``weights_only=True`` unless the caller says otherwise.
 """
 import logging
+import math
 import pickle
 import re
 from typing import Dict, List, Tuple
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file as load_safetensors
-from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed
+from open_clip.model import convert_to_custom_text_state_dict
+
+from .config import CONFIG_RECORD_KEY, read_config_record
 
 _WRAPPER_PREFIX = re.compile(r'^(module\.|_orig_mod\.)+')
 # The authors' names of the parts Llip adds, and ours.
@@ -62,21 +66,28 @@ def checkpoint_layout(state_dict: StateDict) -> str:
 
 
 def describe_architecture(state_dict: StateDict) -> str:
-    """A one-line summary of the Llip or CLIP architecture that a state dict's shapes imply."""
+    """A one-line summary of the Llip or CLIP architecture that a state dict (our key names) implies."""
     def count(prefix):
-        return len({k.split('.')[3] for k in state_dict if k.startswith(prefix)})
+        return len({k[len(prefix):].split('.')[0] for k in state_dict if k.startswith(prefix)})
 
     parts = []
-    if 'visual.class_embedding' in state_dict:
-        tokens = state_dict['visual.class_embedding']
-        parts.append(f'{tokens.shape[0] if tokens.ndim == 2 else 1} image token(s)')
+    tokens = state_dict.get('visual.class_embedding')
+    if tokens is not None:
+        parts.append(f'K = {tokens.shape[0]} mixture tokens' if tokens.ndim == 2 else 'a CLIP class token')
         parts.append(f'vision width {tokens.shape[-1]}')
+    conv = state_dict.get('visual.conv1.weight')
+    if conv is not None:
+        parts.append(f'patch {conv.shape[-1]}')
     parts.append(f'{count("visual.transformer.resblocks.")} vision layers')
-    if 'visual.k_proj' in state_dict:
-        parts.append(f'D = {state_dict["visual.k_proj"].shape[-1]}')
+    projection = state_dict.get('visual.k_proj', state_dict.get('visual.proj'))
+    if projection is not None:
+        parts.append(f'D = {projection.shape[-1]}')
     if 'text.text_projection' in state_dict:
         parts.append(f'text width {state_dict["text.text_projection"].shape[0]}')
     parts.append(f'{count("text.transformer.resblocks.")} text layers')
+    if CONFIG_RECORD_KEY in state_dict:
+        cfg = read_config_record(state_dict[CONFIG_RECORD_KEY])
+        parts.append(f"H = {cfg.get('heads')}, τ = {cfg.get('temperature')}, norm = {cfg.get('norm')}")
     return ', '.join(parts)
 
 
@@ -85,9 +96,35 @@ def _from_authors(state_dict: StateDict) -> StateDict:
     return convert_to_custom_text_state_dict(renamed)
 
 
-def _from_clip(state_dict: StateDict, model) -> Tuple[StateDict, List[str]]:
-    state_dict = convert_to_custom_text_state_dict(dict(state_dict))
-    resize_pos_embed(state_dict, model)  # CLIP's one class token: OpenCLIP's resize applies as is
+# Shapes that loading adapts rather than requires: position rows (image and context size) and, from a
+# CLIP, the class token (copied to the K mixture tokens) and visual.proj (dropped).
+_ADAPTED = {'visual.positional_embedding', 'text.positional_embedding'}
+_ADAPTED_FROM_CLIP = _ADAPTED | {'visual.class_embedding', 'visual.proj'}
+
+
+def _check_architecture(state_dict: StateDict, expected: StateDict, layout: str):
+    """ValueError naming both architectures when a tensor's shape differs beyond what loading adapts."""
+    adapted = _ADAPTED_FROM_CLIP if layout == 'clip' else _ADAPTED
+    mismatched = [
+        f'{key}: {list(value.shape)} in the checkpoint, {list(expected[key].shape)} in the model'
+        for key, value in state_dict.items() if key in expected and key not in adapted and value.shape != expected[key].shape]
+    for key in sorted(_ADAPTED):  # positions must at least have the model's width
+        if key in state_dict and key in expected and state_dict[key].shape[-1] != expected[key].shape[-1]:
+            mismatched.append(f'{key}: width {state_dict[key].shape[-1]} in the checkpoint, '
+                              f'{expected[key].shape[-1]} in the model')
+    tokens = state_dict.get('visual.class_embedding')
+    if layout == 'clip' and tokens is not None and tokens.shape[-1] != expected['visual.class_embedding'].shape[-1]:
+        mismatched.append(f'visual.class_embedding: width {tokens.shape[-1]} in the checkpoint, '
+                          f'{expected["visual.class_embedding"].shape[-1]} in the model')
+    if mismatched:
+        raise ValueError(
+            f'The checkpoint was made for another architecture ({describe_architecture(state_dict)}) than this '
+            f'model ({describe_architecture(expected)}): ' + '; '.join(mismatched[:5])
+            + ('; …' if len(mismatched) > 5 else '') + '. Create the model from the config that matches it.')
+
+
+def _from_clip(state_dict: StateDict, model) -> StateDict:
+    """A CLIP state dict (our key names) -> the model's: mixture tokens from the class token, fresh new parts."""
     num_tokens = model.visual.num_prefix_tokens
     class_token = state_dict.pop('visual.class_embedding')
     positions = state_dict['visual.positional_embedding']
@@ -95,26 +132,44 @@ def _from_clip(state_dict: StateDict, model) -> Tuple[StateDict, List[str]]:
     state_dict['visual.class_embedding'] = class_token.expand(num_tokens, -1).clone()
     state_dict['visual.positional_embedding'] = torch.cat([positions[:1].expand(num_tokens, -1), positions[1:]])
     initial = model.state_dict()
-    fresh = [key for key in initial if key not in state_dict]
+    fresh = [key for key in initial if key not in state_dict and key != CONFIG_RECORD_KEY]
     state_dict.update({key: initial[key] for key in fresh})
     logging.info(
         f'Llip from a CLIP checkpoint: towers copied; {num_tokens} mixture tokens and their positions copied from '
         f'the class token; visual.proj dropped; initialised fresh: {", ".join(fresh)}.')
-    return state_dict, fresh
+    return state_dict
+
+
+def _interpolate(rows: torch.Tensor, size, mode: str) -> torch.Tensor:
+    """Rows [n, width] laid out as ``rows.shape[0]`` (1-D) or a square grid (2-D), resampled to ``size``, in fp32."""
+    dtype, width = rows.dtype, rows.shape[-1]
+    if mode == 'linear':
+        grid = rows.float().T[None]  # [1, width, n]
+    else:
+        side = math.isqrt(rows.shape[0])
+        if side * side != rows.shape[0]:
+            raise ValueError(f'{rows.shape[0]} patch positions do not form a square grid; cannot resize them.')
+        grid = rows.float().reshape(1, side, side, width).permute(0, 3, 1, 2)
+    # fp32 whatever the checkpoint's dtype: CPU interpolation has no fp16 kernels, and it is more exact.
+    resized = F.interpolate(grid, size=size, mode=mode, antialias=mode != 'linear', align_corners=False)
+    return resized.flatten(2)[0].T.to(dtype)
 
 
 def _resize_positions(state_dict: StateDict, model):
-    """Resize the patch positions to the model's grid, keeping the K mixture-token positions."""
+    """Resize patch positions to the model's grid (keeping the K mixture-token rows) and text positions to its
+    context length (``force_image_size``, ``force_context_length``)."""
     positions = state_dict.get('visual.positional_embedding')
     num_tokens = model.visual.num_prefix_tokens
-    tokens = state_dict.get('visual.class_embedding')
-    if positions is None or tokens is None or tokens.shape[0] != num_tokens \
-            or positions.shape == model.visual.positional_embedding.shape:
-        return
-    # OpenCLIP's resize keeps exactly one leading token: hand it the last mixture token's row.
-    tail = {'visual.positional_embedding': positions[num_tokens - 1:]}
-    resize_pos_embed(tail, model)
-    state_dict['visual.positional_embedding'] = torch.cat([positions[:num_tokens - 1], tail['visual.positional_embedding']])
+    grid = tuple(model.visual.grid_size)
+    if positions is not None and positions.shape[0] != num_tokens + grid[0] * grid[1]:
+        logging.info(f'Resizing the patch positions to a {grid[0]}×{grid[1]} grid.')
+        patches = _interpolate(positions[num_tokens:], grid, 'bicubic')
+        state_dict['visual.positional_embedding'] = torch.cat([positions[:num_tokens], patches])
+    text_positions = state_dict.get('text.positional_embedding')
+    context_length = model.text.positional_embedding.shape[0]
+    if text_positions is not None and text_positions.shape[0] != context_length:
+        logging.info(f'Resizing the text positions from {text_positions.shape[0]} to {context_length} tokens.')
+        state_dict['text.positional_embedding'] = _interpolate(text_positions, context_length, 'linear')
 
 
 def convert_state_dict(state_dict: StateDict, model) -> StateDict:
@@ -124,20 +179,15 @@ def convert_state_dict(state_dict: StateDict, model) -> StateDict:
     if layout == 'authors':
         state_dict = _from_authors(state_dict)
     elif layout == 'clip':
-        state_dict, _ = _from_clip(state_dict, model)
-    _resize_positions(state_dict, model)
+        state_dict = convert_to_custom_text_state_dict(dict(state_dict))
     expected = model.state_dict()
+    _check_architecture(state_dict, expected, layout)  # before anything is resized or copied
+    if layout == 'clip':
+        state_dict = _from_clip(state_dict, model)
+    _resize_positions(state_dict, model)
     for name in ('logit_scale', 'logit_bias'):  # scalar vs [1], as OpenCLIP's loader allows
         if name in state_dict and name in expected and state_dict[name].numel() == 1:
             state_dict[name] = state_dict[name].reshape(expected[name].shape)
-    mismatched = [
-        f'{key}: {list(value.shape)} in the checkpoint, {list(expected[key].shape)} in the model'
-        for key, value in state_dict.items() if key in expected and value.shape != expected[key].shape]
-    if mismatched:
-        raise ValueError(
-            f'The checkpoint was made for another architecture ({describe_architecture(state_dict)}) than this '
-            f'model ({describe_architecture(expected)}): ' + '; '.join(mismatched[:5])
-            + ('; …' if len(mismatched) > 5 else '') + '. Create the model from the config that matches it.')
     return state_dict
 
 
@@ -182,7 +232,7 @@ def load_checkpoint(model, checkpoint_path: str, strict: bool = True, weights_on
         raise ValueError(f'{checkpoint_path}: {error}') from None
     if strict:
         expected = model.state_dict()
-        missing = sorted(set(expected) - set(state_dict))
+        missing = sorted(set(expected) - set(state_dict) - {CONFIG_RECORD_KEY})  # no record: the model's
         unexpected = sorted(set(state_dict) - set(expected))
         if missing or unexpected:
             raise ValueError(

@@ -96,6 +96,21 @@ def use_fused_loss(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and has_triton
 
 
+def _check_batch(image_features, image_gram, text_features):
+    """ValueError unless the local batch is b ≥ 1 images and their b texts, in ``LlipModel.forward``'s shapes."""
+    if image_features.ndim != 5 or text_features.ndim != 4 or image_gram.ndim != 3 \
+            or image_features.shape[1] != 2 or text_features.shape[1] != 2:
+        raise ValueError(
+            'LlipLoss takes LlipModel.forward\'s outputs: image_features [b, 2, H, K, d], image_gram [b, H·K, H·K] and '
+            f'text_features [b, 2, H, d]; got {list(image_features.shape)}, {list(image_gram.shape)} and '
+            f'{list(text_features.shape)}.')
+    images, texts, grams = image_features.shape[0], text_features.shape[0], image_gram.shape[0]
+    if not images or images != texts or grams != images:
+        raise ValueError(
+            f'LlipLoss needs a non-empty batch of image-text pairs: {images} image(s), {grams} Gram matrices and '
+            f'{texts} text(s) given. Text j is the caption of image j, so the counts must be equal and at least 1.')
+
+
 class LlipLoss(SigLipLoss):
     """Sigmoid loss on Llip's conditioned scores; takes ``LlipModel.forward``'s outputs as keywords.
 
@@ -130,6 +145,7 @@ class LlipLoss(SigLipLoss):
         Image features [b, 2, H, K, d] (keys, values) and their Gram matrices [b, H·K, H·K] stay on
         this rank; text features [b, 2, H, d] (q / τ, p) travel as SigLipLoss's text features do.
         """
+        _check_batch(image_features, image_gram, text_features)
         loss = super().forward((image_features, image_gram), text_features, logit_scale, logit_bias, output_dict)
         self.calls += 1
         value = loss['contrastive_loss'] if output_dict else loss

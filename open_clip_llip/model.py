@@ -3,7 +3,7 @@
 Notation: N images, M texts, K mixture tokens, H mixer heads, D = ``embed_dim``, d = D / H.
 """
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import asdict, is_dataclass
 from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -13,6 +13,7 @@ from torch import nn
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower
 from open_clip.transformer import LayerNorm, LayerNormFp32, text_global_pool
 
+from .config import CONFIG_RECORD_KEY, LlipCfg, check_llip_config, config_record, read_config_record
 from .loss import LlipLoss
 from .mixer import LlipMixer, TextQueryHead, split_heads
 from .scoring import conditioned_cosine
@@ -21,38 +22,6 @@ from .zero_shot import build_zero_shot_classifier
 
 # Elements of the Gram matrices scored at once by ``LlipModel.similarity`` (16 MiB in fp32).
 _GRAM_BLOCK_ELEMENTS = 1 << 22
-
-
-@dataclass
-class LlipCfg:
-    """What Llip adds to an OpenCLIP config, under the key ``llip_cfg``."""
-    mixture_tokens: int = 32  # K
-    heads: int = 8  # H, the mixer's heads
-    temperature: float = 5.0  # τ, divides the mixer's attention logits
-    norm: bool = False  # LayerNorm on keys, values and queries (the "-norm" configs)
-
-
-def config_from_dict(cls, cfg: Union[dict, object], where: str):
-    """Build dataclass ``cls`` from a dict, naming unknown keys and ``where`` they are."""
-    if not isinstance(cfg, dict):
-        return cfg
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f'{where} has unknown key(s) {unknown}; valid keys are {sorted(known)}.')
-    return cls(**cfg)
-
-
-def _check_llip_cfg(embed_dim: int, cfg: LlipCfg):
-    problems = []
-    if cfg.mixture_tokens < 1:
-        problems.append(f'llip_cfg.mixture_tokens (K) must be at least 1, got {cfg.mixture_tokens}')
-    if cfg.heads < 1 or embed_dim % cfg.heads:
-        problems.append(f'embed_dim (D = {embed_dim}) must be divisible by llip_cfg.heads (H = {cfg.heads})')
-    if not cfg.temperature > 0:
-        problems.append(f'llip_cfg.temperature (τ) must be positive, got {cfg.temperature}')
-    if problems:
-        raise ValueError('Impossible Llip config: ' + '; '.join(problems) + '.')
 
 
 def _check_text_cfg(cfg: CLIPTextCfg):
@@ -67,6 +36,37 @@ def _check_text_cfg(cfg: CLIPTextCfg):
         raise ValueError(
             f"{', '.join(bad)} not supported: Llip needs OpenCLIP's own text transformer, pooled to one token "
             'and projected (text_projection), because its query comes from that pooled token.')
+
+
+def _describe_llip_cfg(cfg: dict) -> str:
+    return (f"K = {cfg.get('mixture_tokens')}, H = {cfg.get('heads')}, τ = {cfg.get('temperature')}, "
+            f"norm = {cfg.get('norm')}")
+
+
+def _check_state_dict(model, state_dict, prefix, *args):
+    """``load_state_dict`` pre-hook: refuse weights recorded for another Llip config, or non-finite ones.
+
+    Runs on every path that loads weights (``create_model``, ``--resume``, EMA, a user's own
+    ``load_state_dict``). A state dict that records no config (the authors' checkpoints, converted
+    CLIP checkpoints, ours from before the record) takes the model's record.
+    """
+    key = prefix + CONFIG_RECORD_KEY
+    if key in state_dict:
+        recorded, expected = read_config_record(state_dict[key]), model.llip_cfg.to_dict()
+        if recorded != expected:
+            raise ValueError(
+                f'These weights were made for a Llip model with {_describe_llip_cfg(recorded)}, but this model has '
+                f'{_describe_llip_cfg(expected)}. Create the model from a config with llip_cfg {recorded} to load them.')
+    else:
+        state_dict[key] = config_record(model.llip_cfg)
+    non_finite = [name[len(prefix):] for name, value in state_dict.items()
+                  if name.startswith(prefix) and isinstance(value, torch.Tensor) and value.is_floating_point()
+                  and not torch.isfinite(value).all()]
+    if non_finite:
+        raise ValueError(
+            f'{len(non_finite)} tensor(s) of these weights hold NaN or infinite values: '
+            f'{", ".join(non_finite[:8])}{", …" if len(non_finite) > 8 else ""}. Load a checkpoint saved before '
+            'training diverged.')
 
 
 class LlipModel(nn.Module):
@@ -94,13 +94,15 @@ class LlipModel(nn.Module):
             output_dict: bool = True,
     ):
         super().__init__()
-        llip_cfg = config_from_dict(LlipCfg, llip_cfg, 'llip_cfg')
-        vision_cfg = config_from_dict(CLIPVisionCfg, vision_cfg, 'vision_cfg')
-        text_cfg = config_from_dict(CLIPTextCfg, text_cfg, 'text_cfg')
-        _check_llip_cfg(embed_dim, llip_cfg)
-        _check_text_cfg(text_cfg)
         if init_logit_bias is None:
             raise ValueError('Llip needs a logit bias (its loss is sigmoid); init_logit_bias must not be None.')
+        sections = [asdict(cfg) if is_dataclass(cfg) else cfg for cfg in (vision_cfg, text_cfg, llip_cfg)]
+        top = dict(embed_dim=embed_dim, quick_gelu=quick_gelu, init_logit_scale=init_logit_scale,
+                   init_logit_bias=init_logit_bias)
+        check_llip_config(top, *sections, CLIPVisionCfg, CLIPTextCfg)
+        vision_cfg, text_cfg, llip_cfg = (cls(**cfg) for cls, cfg in zip((CLIPVisionCfg, CLIPTextCfg, LlipCfg), sections))
+        _check_text_cfg(text_cfg)
+        self.llip_cfg = llip_cfg
         norm_layer = LayerNormFp32 if cast_dtype in (torch.float16, torch.bfloat16) else LayerNorm
 
         self.visual = build_mixture_token_vit(
@@ -115,6 +117,8 @@ class LlipModel(nn.Module):
         lshape = [1] if nonscalar_logit_scale else []
         self.logit_scale = nn.Parameter(torch.ones(lshape) * init_logit_scale)
         self.logit_bias = nn.Parameter(torch.ones(lshape) * init_logit_bias)
+        self.register_buffer(CONFIG_RECORD_KEY, config_record(llip_cfg))
+        self.register_load_state_dict_pre_hook(_check_state_dict)
 
     def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False):
         self.visual.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
@@ -166,11 +170,21 @@ class LlipModel(nn.Module):
         return split_heads(keys, heads).transpose(1, 2), split_heads(values, heads).transpose(1, 2)
 
     def check_text(self, text: torch.Tensor):
-        """Raise a ValueError unless ``text`` is a batch of token ids [M, context_length]."""
+        """Raise a ValueError unless ``text`` is a batch of token ids [M, context_length] in the vocabulary.
+
+        The vocabulary check reads the ids: done on CPU tensors and outside training, not for a
+        training batch on a GPU (a host sync every step), where the embedding asserts on the device.
+        """
         if text.ndim != 2 or text.shape[1] != self.context_length or text.is_floating_point() or text.is_complex():
             raise ValueError(
                 f'{type(self).__name__} expects integer token ids of shape [M, {self.context_length}]; got a '
                 f'{text.dtype} tensor of shape {list(text.shape)}. Tokenize with open_clip.get_tokenizer(model_name).')
+        if text.numel() and (text.device.type == 'cpu' or not self.training):
+            low, high = text.min().item(), text.max().item()
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(
+                    f'Token ids must lie in [0, {self.vocab_size}) (text_cfg.vocab_size); these range from {low} to '
+                    f'{high}. Tokenize with open_clip.get_tokenizer(model_name), whose vocabulary this model was built for.')
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Token ids [M, L] -> text embeddings t [M, D] (unit length if ``normalize``), raw queries q [M, H, d]."""
@@ -188,13 +202,17 @@ class LlipModel(nn.Module):
         device in blocks of images (whose Gram matrices are recomputed here) and of texts.
         """
         device = self.mixer.out_proj.device
+        # Features of several precisions (say bf16 images and fp32 texts, as autocast leaves them) meet in
+        # the widest of theirs and the mixer's.
+        dtype = torch.promote_types(torch.promote_types(image_features.dtype, text_features.dtype),
+                                    self.mixer.out_proj.dtype)
         heads, tokens = image_features.shape[2:4]
         block = max(1, _GRAM_BLOCK_ELEMENTS // (heads * tokens) ** 2)
-        queries, targets = text_features.to(device).unbind(dim=1)
+        queries, targets = text_features.to(device, dtype).unbind(dim=1)
         rows = []
         for start in range(0, image_features.shape[0], block):
-            keys, values = image_features[start:start + block].to(device).unbind(dim=1)
-            gram = self.mixer.image_gram(values)
+            keys, values = image_features[start:start + block].to(device, dtype).unbind(dim=1)
+            gram = self.mixer.image_gram(values).to(dtype)
             rows.append(conditioned_cosine(keys, values, gram, queries, targets).to(image_features.device))
         return torch.cat(rows)
 
@@ -213,6 +231,9 @@ class LlipModel(nn.Module):
 
     def get_logits(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Images [N, ...], texts [M, L] -> (image_logits [N, M], text_logits [M, N]) of the conditioned scores."""
+        if not (len(image) and len(text)):
+            raise ValueError(f'get_logits needs at least one image and one text; got {len(image)} image(s) and '
+                             f'{len(text)} text(s).')
         out = self(image, text)
         image_logits = out['logit_scale'] * self.similarity(out['image_features'], out['text_features']) + out['logit_bias']
         return image_logits, image_logits.T

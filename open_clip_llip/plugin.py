@@ -50,8 +50,9 @@ def register():
 def _support_model_classes() -> Callable[[str, type], None]:
     """Give a stock OpenCLIP 3.3 what the patch adds; returns its ``register_model_class``.
 
-    - ``create_model`` instantiates ``factory.CLIP`` for a config without ``custom_text``:
-      it becomes a function that builds the class a config names under ``model_class``;
+    - ``create_model`` instantiates ``factory.CLIP`` (or ``factory.CustomTextCLIP``, for
+      ``custom_text`` and HF text towers): each becomes a function that builds the class a
+      config names under ``model_class``;
     - ``factory.load_checkpoint`` (used by ``create_model``) lets a model that defines
       ``load_checkpoint`` load its own checkpoints;
     - ``create_loss`` (bound by ``open_clip_train.main`` when it is imported) returns the loss
@@ -61,18 +62,20 @@ def _support_model_classes() -> Callable[[str, type], None]:
     from open_clip import factory
 
     model_classes: Dict[str, type] = {}
-    clip_class = factory.CLIP
     stock_load_checkpoint = factory.load_checkpoint
     stock_create_loss = factory.create_loss
 
-    def build_model_from_config(model_class: str = None, **model_cfg):
-        if model_class is None:
-            return clip_class(**model_cfg)
-        if model_class not in model_classes:
-            raise RuntimeError(
-                f'The model config names model_class {model_class!r}, which no installed plugin registers '
-                f'(registered: {sorted(model_classes)}).')
-        return model_classes[model_class](**model_cfg)
+    def class_dispatch(stock_class):
+        """``stock_class`` for configs without ``model_class``, else the registered class it names."""
+        def build_model_from_config(model_class: str = None, **model_cfg):
+            if model_class is None:
+                return stock_class(**model_cfg)
+            if model_class not in model_classes:
+                raise RuntimeError(
+                    f'The model config names model_class {model_class!r}, which no installed plugin registers '
+                    f'(registered: {sorted(model_classes)}).')
+            return model_classes[model_class](**model_cfg)
+        return build_model_from_config
 
     def load_checkpoint(model, checkpoint_path, strict=True, weights_only=True, device='cpu'):
         if hasattr(model, 'load_checkpoint'):
@@ -85,7 +88,8 @@ def _support_model_classes() -> Callable[[str, type], None]:
             return model_class.create_loss(args)
         return stock_create_loss(args)
 
-    factory.CLIP = build_model_from_config
+    # create_model builds CustomTextCLIP instead of CLIP for a config with custom_text or an HF text tower.
+    factory.CLIP, factory.CustomTextCLIP = class_dispatch(factory.CLIP), class_dispatch(factory.CustomTextCLIP)
     factory.load_checkpoint = open_clip.load_checkpoint = load_checkpoint
     factory.create_loss = open_clip.create_loss = create_loss
     return model_classes.__setitem__
@@ -149,7 +153,8 @@ class _ClassScores:
         self.class_features = class_features
 
     def __call__(self, image):
-        return {'image_features': self.model.similarity(self.model(image=image)['image_features'], self.class_features)}
+        scores = self.model.similarity(self.model(image=image)['image_features'], self.class_features)
+        return {'image_features': scores.float()}  # against an fp32 identity "classifier", whatever the model's dtype
 
 
 def _adapt_evaluate(train):

@@ -85,7 +85,7 @@ class MixtureTokenViT(VisionTransformer):
                     param.requires_grad = True
 
     def check_images(self, x: torch.Tensor):
-        """Raise a ValueError unless ``x`` is a float batch ``[N, 3, H, W]`` of this tower's size."""
+        """Raise a ValueError unless ``x`` is a float batch ``[N, 3, H, W]`` of this tower's size (any float dtype)."""
         expected = (3, *self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected or not x.is_floating_point():
             raise ValueError(
@@ -96,7 +96,8 @@ class MixtureTokenViT(VisionTransformer):
     def _embeds(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] images -> [N, K + kept patches, width] tokens, after ``ln_pre``."""
         num_tokens = self.num_prefix_tokens
-        x = self.conv1(x).flatten(2).transpose(1, 2)  # [N, grid², width]
+        # Float images of another precision than the tower's (fp32 into a bf16 model) are cast to it.
+        x = self.conv1(x.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # [N, grid², width]
         pos = self.positional_embedding.to(x.dtype)
         x = self.patch_dropout(x + pos[num_tokens:])
         tokens = (self.class_embedding.to(x.dtype) + pos[:num_tokens]).expand(x.shape[0], -1, -1)

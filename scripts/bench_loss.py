@@ -129,9 +129,9 @@ def direct_loss(leaves, mixer: LlipMixer, chunk: int):
 
 
 def llip_loss(leaves):
+    """One rank's loss: its b images against all B texts (LlipLoss's forward takes the local b pairs only)."""
     image_features, image_gram, text_features, logit_scale, logit_bias = leaves
-    return LlipLoss()(image_features=image_features, text_features=text_features, logit_scale=logit_scale,
-                      logit_bias=logit_bias, image_gram=image_gram)
+    return LlipLoss()._loss((image_features, image_gram), text_features, logit_scale, logit_bias)
 
 
 def siglip_loss(leaves):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import open_clip
+from open_clip_llip.config import CONFIG_RECORD_KEY
 from open_clip_llip import LlipModel, llip_model_names
 from open_clip_llip.checkpoint import convert_state_dict
 from conftest import REFERENCE
@@ -43,6 +44,7 @@ def test_paper_config_matches_method_and_official_layout(name, official_layouts)
         official = convert_state_dict(
             {key: torch.empty(shape) for key, shape in layout['state_dict'].items()}, model)
     ours = model.state_dict()
+    assert ours.pop(CONFIG_RECORD_KEY).device.type == 'cpu'  # our record of the config, not in the authors' layout
     assert ours.keys() == official.keys()
     for key, tensor in ours.items():
         assert tensor.shape == official[key].shape, key

@@ -346,7 +346,7 @@ def test_checkpoint_of_another_model_is_a_short_error(data, tmp_path):
     result = cli('--model', 'Llip-Tiny', '--pretrained', path, '--retrieval', data / 'retrieval' / 'set.csv')
     assert result.returncode != 0
     assert 'Traceback' not in result.stderr
-    assert 'was made for another architecture (4 image token(s)' in result.stderr
+    assert 'was made for another architecture (K = 4 mixture tokens' in result.stderr
 
 
 def test_console_command_is_declared():

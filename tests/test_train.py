@@ -14,6 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 import open_clip
+from open_clip_llip import LlipModel
 from open_clip_train.main import main as open_clip_train_main
 from conftest import write_retrieval_csv
 
@@ -220,3 +221,28 @@ def test_open_clip_train_command_takes_exactly_openclips_arguments(tmp_path):
                     '--logs', str(tmp_path), '--name', 'cli'],
                    env=dict(os.environ, OPEN_CLIP_LLIP_AUTOLOAD='0'), check=True, capture_output=True)
     assert 'training with LlipLoss' in (tmp_path / 'cli' / 'out.log').read_text()
+
+
+def test_resume_refuses_a_checkpoint_of_another_llip_config(tmp_path):
+    """--resume loads with model.load_state_dict: the recorded config is checked there too."""
+    cfg = open_clip.get_model_config('Llip-Tiny')
+    cfg.pop('model_class')
+    cfg['llip_cfg']['heads'] = 2  # the same tensor shapes as Llip-Tiny's H = 4
+    path = tmp_path / 'epoch_1.pt'
+    torch.save({'epoch': 1, 'name': 'other', 'state_dict': LlipModel(**cfg).state_dict(),
+                'optimizer': {'state': {}, 'param_groups': []}}, path)
+    with pytest.raises(ValueError, match=r'made for a Llip model with K = 8, H = 2, τ = 5.0, norm = False, but this '
+                                         r'model has K = 8, H = 4'):
+        train(tmp_path, '--resume', str(path))
+
+
+def test_open_clip_train_command_fails_when_openclip_refuses(tmp_path):
+    """OpenCLIP's main returns -1 for an experiment name in use; the command must not exit 0."""
+    (tmp_path / 'taken').mkdir()
+    (tmp_path / 'taken' / 'out.log').write_text('an earlier run')
+    command = str(Path(sys.executable).parent / 'open_clip_train')
+    result = subprocess.run([command, '--model', 'Llip-Tiny', '--dataset-type', 'synthetic', '--train-num-samples', '8',
+                             '--logs', str(tmp_path), '--name', 'taken'], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert 'Experiment already exists' in result.stdout + result.stderr
+    assert (tmp_path / 'taken' / 'out.log').read_text() == 'an earlier run'

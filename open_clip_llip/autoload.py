@@ -3,7 +3,8 @@
 Python runs the wheel's ``open_clip_llip.pth`` at every start; it executes this file's code
 (embedded at build time by ``scripts/hatch_build.py``), which imports nothing beyond ``os``
 and ``sys`` and only puts a finder on ``sys.meta_path``. The first ``import open_clip`` then
-runs as usual, and right after it ``import open_clip_llip`` registers Llip. Set
+runs as usual, and right after it ``import open_clip_llip`` registers Llip (so does the first
+``import open_clip_train``). Set
 ``OPEN_CLIP_LLIP_AUTOLOAD=0`` to switch this off; ``import open_clip_llip`` still activates Llip.
 
 The package itself uses ``call_after_import`` to adapt ``open_clip_train`` modules when they load.
@@ -48,12 +49,40 @@ class ImportHook:
         return spec
 
 
+class WhenLoaded:
+    """Meta-path finder that waits until a module that is still loading has finished, then steps aside.
+
+    It looks at every later import (and finds nothing itself): the first one after the module's
+    own code has run calls ``callback(module)``.
+    """
+
+    def __init__(self, name, callback):
+        self.name = name
+        self.callback = callback
+
+    def find_spec(self, name, path=None, target=None):
+        module = sys.modules.get(self.name)
+        if module is None or not still_loading(module):
+            sys.meta_path.remove(self)
+            if module is not None:  # None: its import failed
+                self.callback(module)
+        return None
+
+
+def still_loading(module) -> bool:
+    """Whether a module in ``sys.modules`` is still running its own code (an import cycle passes through it)."""
+    return bool(getattr(getattr(module, '__spec__', None), '_initializing', False))
+
+
 def call_after_import(name, callback):
-    """Run ``callback(module)`` once module ``name`` is imported: at once if it already is."""
-    if name in sys.modules:
-        callback(sys.modules[name])
-    else:
+    """Run ``callback(module)`` once module ``name`` has finished loading: at once if it has."""
+    module = sys.modules.get(name)
+    if module is None:
         sys.meta_path.insert(0, ImportHook(name, callback))
+    elif still_loading(module):
+        sys.meta_path.insert(0, WhenLoaded(name, callback))
+    else:
+        callback(module)
 
 
 def activate_llip(open_clip_module):
@@ -66,6 +95,9 @@ def activate_llip(open_clip_module):
             'set OPEN_CLIP_LLIP_AUTOLOAD=0 to stop trying.')
 
 
-# Run from the .pth file (not when the package imports this module for call_after_import).
+# Run from the .pth file (not when the package imports this module for call_after_import). Llip is
+# activated by whichever comes first: ``open_clip``, or the (empty) ``open_clip_train`` package, so that
+# importing ``open_clip_train.train`` first adapts it after it has loaded, not while it loads.
 if __name__ == 'open_clip_llip_autoload' and os.environ.get('OPEN_CLIP_LLIP_AUTOLOAD', '1') != '0':
     call_after_import('open_clip', activate_llip)
+    call_after_import('open_clip_train', activate_llip)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 LLIP_MODELS = ['Llip-Tiny', 'Llip-ViT-B-16', 'Llip-ViT-B-32', 'Llip-ViT-G-14', 'Llip-ViT-H-14', 'Llip-ViT-L-14']
 
 
@@ -32,6 +34,22 @@ def test_open_clip_knows_llip_without_any_import_of_ours(tmp_path):
     assert names == LLIP_MODELS
     assert built == loaded == 'LlipModel'
     assert token_shape == [1, 64]
+
+
+@pytest.mark.parametrize('first', ['open_clip_train.train', 'open_clip_train.zero_shot', 'open_clip_train.main'])
+def test_open_clip_train_modules_imported_before_open_clip_are_adapted_once_loaded(first):
+    """No warning, and what the first module binds by name (evaluate, run) is already the adapted function."""
+    out = run_python(f"""
+        import warnings
+        warnings.simplefilter('error')
+        import {first}
+        from open_clip_train.train import evaluate
+        from open_clip_train.zero_shot import run
+        import open_clip
+        print(evaluate.__module__, run.__module__, 'Llip-Tiny' in open_clip.list_models())
+    """)
+    assert out.stdout.split() == ['open_clip_llip.plugin', 'open_clip_llip.plugin', 'True']
+    assert 'could not register' not in out.stderr
 
 
 def test_python_startup_imports_none_of_torch_open_clip_or_ours():

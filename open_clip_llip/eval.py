@@ -48,9 +48,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         prog='open_clip_llip_eval', description='Zero-shot classification and retrieval of a Llip (or OpenCLIP) model.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--model', required=True,
-                        help='Model config name: a Llip config such as Llip-ViT-B-16, or any OpenCLIP model '
-                             '(scored by dot products, e.g. a baseline).')
-    parser.add_argument('--pretrained', help='Checkpoint file (any that open_clip.create_model loads for --model).')
+                        help='What open_clip_train takes: a config name (a Llip config such as Llip-ViT-B-16, or any '
+                             'OpenCLIP model, scored by dot products), local-dir:DIR, hf-hub:REPO or a JSON config file.')
+    parser.add_argument('--pretrained', help='Weights: a checkpoint file or a pretrained tag (required for a config name '
+                                             'or file; for local-dir:/hf-hub:, a file instead of their own weights).')
     task = parser.add_argument_group('tasks (each option may be repeated)')
     task.add_argument('--zeroshot-images', action='append', default=[], metavar='DIR',
                       help='ImageFolder of a zero-shot classification task (one folder per class).')
@@ -89,21 +90,67 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     return args
 
 
-def create_model(args):
-    """Model, evaluation transform and tokenizer; clear errors for an unknown name or a missing file."""
+def _json_config_as_local_dir(path: Path, folder: Path) -> str:
+    """A model config file (bare, or ``open_clip_config.json``'s ``{"model_cfg": …}``) as a ``local-dir:`` model."""
     try:
-        config = open_clip.get_model_config(args.model)
-    except RuntimeError as error:  # with Llip registered, a Llip-like unknown name says which configs exist
-        raise ValueError(str(error)) from None
-    if config is None:
-        raise ValueError(f"Unknown model '{args.model}'. Llip configs: {', '.join(llip_model_names())}.")
-    if args.temperatures and args.model not in llip_model_names():
+        config = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f'--model {path}: not a readable JSON model config ({error}).') from None
+    if not isinstance(config, dict):
+        raise ValueError(f'--model {path}: a model config must be a JSON object.')
+    if 'model_cfg' not in config:
+        config = {'model_cfg': config}
+    (folder / 'open_clip_config.json').write_text(json.dumps(config), encoding='utf-8')
+    return f'local-dir:{folder}'
+
+
+def create_model(args):
+    """Model, evaluation transform and tokenizer, with exactly the weights asked for; never random weights.
+
+    ``--model`` takes what ``open_clip_train`` takes: a config name (weights from ``--pretrained``,
+    a file or a pretrained tag), ``local-dir:DIR`` or ``hf-hub:REPO`` (their own weights, or
+    ``--pretrained`` FILE instead), or a JSON config file (weights from ``--pretrained``).
+    """
+    schema = next((s for s in ('local-dir:', 'hf-hub:') if args.model.startswith(s)), None)
+    is_file = schema is None and args.model.endswith('.json')
+    if schema is None and not is_file:
+        try:
+            config = open_clip.get_model_config(args.model)
+        except RuntimeError as error:  # with Llip registered, a Llip-like unknown name says which configs exist
+            raise ValueError(str(error)) from None
+        if config is None:
+            raise ValueError(f"Unknown model '{args.model}'. Llip configs: {', '.join(llip_model_names())}.")
+        if args.temperatures and args.model not in llip_model_names():
+            raise ValueError(f"--temperatures applies to Llip models only; '{args.model}' is scored by dot products.")
+        if args.pretrained is not None and not os.path.isfile(args.pretrained) \
+                and not open_clip.get_pretrained_cfg(args.model, args.pretrained):
+            tags = open_clip.list_pretrained_tags_by_model(args.model)
+            raise FileNotFoundError(f'Checkpoint {args.pretrained} not found, and it is not a pretrained tag of '
+                                    f'{args.model} (its tags: {", ".join(tags) or "none"}).')
+    if is_file and not os.path.isfile(args.model):
+        raise FileNotFoundError(f'Model config file {args.model} not found.')
+    if args.pretrained is None and schema is None:
+        raise ValueError(f'--model {args.model} has no weights of its own: give --pretrained (a checkpoint file or a '
+                         'pretrained tag). Evaluating randomly initialised weights would report meaningless numbers.')
+    options = dict(precision=args.precision, device=args.device)
+    with tempfile.TemporaryDirectory() as folder:
+        model_name = _json_config_as_local_dir(Path(args.model), Path(folder)) if is_file else args.model
+        # OpenCLIP ignores `pretrained` for local-dir:/hf-hub: models: such a file is loaded here instead.
+        own_file = args.pretrained is not None and model_name.startswith(('local-dir:', 'hf-hub:'))
+        if own_file and not os.path.isfile(args.pretrained):
+            raise FileNotFoundError(f'Checkpoint {args.pretrained} not found.')
+        try:
+            model, _, transform = open_clip.create_model_and_transforms(
+                model_name, pretrained=None if own_file else args.pretrained, load_weights=not own_file,
+                require_pretrained=not own_file, **options)
+        except RuntimeError as error:  # OpenCLIP's "could not be loaded" / "not a known tag or valid file path"
+            raise ValueError(f'--model {args.model} --pretrained {args.pretrained}: {error}') from None
+        if own_file:
+            open_clip.load_checkpoint(model, args.pretrained)
+        tokenizer = open_clip.get_tokenizer(model_name)
+    if args.temperatures and not isinstance(model, LlipModel):  # local-dir:, hf-hub: or a file
         raise ValueError(f"--temperatures applies to Llip models only; '{args.model}' is scored by dot products.")
-    if args.pretrained is not None and not os.path.isfile(args.pretrained):
-        raise FileNotFoundError(f'Checkpoint {args.pretrained} not found.')
-    model, _, transform = open_clip.create_model_and_transforms(
-        args.model, pretrained=args.pretrained, precision=args.precision, device=args.device)
-    return model.eval(), transform, open_clip.get_tokenizer(args.model)
+    return model.eval(), transform, tokenizer
 
 
 def dot_product_zero_shot(model, classifier, dataloader, device, autocast, input_dtype) -> Dict[str, float]:

@@ -64,12 +64,24 @@ def read_templates(path: Union[str, Path]) -> List[str]:
     return templates
 
 
+def load_image(source, name: str) -> Image.Image:
+    """An RGB image from a path or file object; a ValueError that names the file when it cannot be decoded."""
+    try:
+        return Image.open(source).convert('RGB')
+    except (OSError, SyntaxError, ValueError) as error:  # PIL: unreadable, truncated or not an image
+        raise ValueError(f'Could not read the image {name}: {error}. Replace or remove that file.') from None
+
+
+def _load_image_file(path: str) -> Image.Image:
+    return load_image(path, path)
+
+
 def zero_shot_dataset(root: Union[str, Path], classnames: List[str], transform: Optional[Callable] = None) -> ImageFolder:
     """torchvision's ``ImageFolder`` of ``root``, checked against the class names (one per class folder)."""
     if not Path(root).is_dir():
         raise FileNotFoundError(f'Zero-shot image folder {root} not found.')
     try:
-        dataset = ImageFolder(str(root), transform=transform)
+        dataset = ImageFolder(str(root), transform=transform, loader=_load_image_file)
     except FileNotFoundError as error:  # no class folder, or a class folder without images
         raise ValueError(
             f'Zero-shot image folder {root}: {error} It must hold one folder of images per class.') from None
@@ -82,10 +94,11 @@ def zero_shot_dataset(root: Union[str, Path], classnames: List[str], transform: 
 
 
 class ShardMember(NamedTuple):
-    """Where an image's bytes lie inside an uncompressed tar shard."""
+    """Where an image's bytes lie inside an uncompressed tar shard, and the tar member's name."""
     shard: str
     offset: int
     size: int
+    name: str
 
 
 @dataclass
@@ -107,12 +120,13 @@ class RetrievalImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
-        source = self.images[index]
+        source = name = self.images[index]
         if isinstance(source, ShardMember):
+            name = f'{source.name} in shard {source.shard}'
             with open(source.shard, 'rb') as file:
                 file.seek(source.offset)
                 source = io.BytesIO(file.read(source.size))
-        return self.transform(Image.open(source))
+        return self.transform(load_image(source, name))
 
 
 def _read_csv(path: Path) -> RetrievalSet:
@@ -194,7 +208,7 @@ def _read_shards(pattern: str) -> RetrievalSet:
             if not sample_captions:
                 raise ValueError(f'Sample {key!r} of shard {shard} has no caption ({SHARD_CAPTION_EXTENSION}).')
             image_index += [len(images)] * len(sample_captions)
-            images.append(ShardMember(shard, image.offset_data, image.size))
+            images.append(ShardMember(shard, image.offset_data, image.size, image.name))
             captions += sample_captions
     if not images:
         raise ValueError(f'The shards {pattern} hold no samples.')

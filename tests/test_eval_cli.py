@@ -353,3 +353,71 @@ def test_console_command_is_declared():
     scripts = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['scripts']
     module, _, function = scripts['open_clip_llip_eval'].partition(':')
     assert getattr(import_module(module), function) is main
+
+
+def retrieval_json(output):
+    return json.loads(output.read_text())['results'][0]['metrics']
+
+
+@pytest.fixture(scope='module')
+def trained_like(tmp_path_factory):
+    """A Llip-Tiny checkpoint other than a fresh model's: evaluating random weights instead would show."""
+    torch.manual_seed(11)
+    model = open_clip.create_model('Llip-Tiny')
+    path = tmp_path_factory.mktemp('trained') / 'epoch_3.pt'
+    torch.save({'epoch': 3, 'state_dict': model.state_dict()}, path)
+    return path
+
+
+def test_every_model_form_of_open_clip_train_evaluates_exactly_the_weights_given(data, trained_like, tmp_path):
+    """A name, local-dir: (with --pretrained, or its own weights file) and a JSON config file."""
+    from open_clip_llip.eval import create_model, parse_args
+    expected = torch.load(trained_like, weights_only=True)['state_dict']
+    config = open_clip.get_model_config('Llip-Tiny')
+    folder = tmp_path / 'my-llip'
+    folder.mkdir()
+    (folder / 'open_clip_config.json').write_text(json.dumps({'model_cfg': config}))
+    (tmp_path / 'my-llip.json').write_text(json.dumps(config))
+    retrieval = ['--retrieval', str(data / 'retrieval' / 'set.csv'), '--workers', '0']
+    for model_name in ['Llip-Tiny', f'local-dir:{folder}', str(tmp_path / 'my-llip.json')]:
+        torch.manual_seed(0)
+        model, _, tokenizer = create_model(parse_args(['--model', model_name, '--pretrained', str(trained_like),
+                                                       *retrieval]))
+        state = model.state_dict()
+        assert all(torch.equal(state[key], value) for key, value in expected.items()), model_name
+        assert tokenizer(['a dog']).shape == (1, 32)
+
+    run([*retrieval, '--json', str(tmp_path / 'name.json')], trained_like)
+    torch.save(expected, folder / 'open_clip_pytorch_model.bin')
+    main(['--model', f'local-dir:{folder}', *retrieval, '--json', str(tmp_path / 'own.json')])
+    assert retrieval_json(tmp_path / 'own.json') == retrieval_json(tmp_path / 'name.json')
+
+
+def test_a_model_without_weights_is_refused_not_evaluated_at_random(data, tmp_path):
+    retrieval = ['--retrieval', str(data / 'retrieval' / 'set.csv'), '--workers', '0']
+    with pytest.raises(SystemExit, match=r'--model Llip-Tiny has no weights of its own: give --pretrained'):
+        main(['--model', 'Llip-Tiny', *retrieval])
+    folder = tmp_path / 'no-weights'
+    folder.mkdir()
+    (folder / 'open_clip_config.json').write_text(json.dumps({'model_cfg': open_clip.get_model_config('Llip-Tiny')}))
+    with pytest.raises(SystemExit, match=r'Required pretrained weights .* could not be loaded'):
+        main(['--model', f'local-dir:{folder}', *retrieval])
+
+
+def test_diverged_weights_are_refused_by_the_command(data, tmp_path):
+    state = open_clip.create_model('Llip-Tiny').state_dict()
+    state['visual.k_proj'][0] = float('nan')
+    path = tmp_path / 'nan.pt'
+    torch.save(state, path)
+    result = cli('--model', 'Llip-Tiny', '--pretrained', path, '--retrieval', data / 'retrieval' / 'set.csv')
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    assert 'hold NaN or infinite values: visual.k_proj' in result.stderr
+
+
+def test_a_truncated_image_is_named(data, checkpoint, tmp_path):
+    (tmp_path / 'images').mkdir()
+    image = (data / 'retrieval' / 'images' / '0.png').read_bytes()
+    (tmp_path / 'images' / 'broken.png').write_bytes(image[:len(image) // 2])
+    (tmp_path / 'set.csv').write_text('filepath\ttitle\nimages/broken.png\ta dog\n')
+    with pytest.raises(SystemExit, match=r'Could not read the image .*images/broken.png: .*truncated.*Replace or remove'):
+        run(['--retrieval', str(tmp_path / 'set.csv')], checkpoint)

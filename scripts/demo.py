@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -34,8 +33,10 @@ import torch
 import open_clip
 import open_clip_llip
 from open_clip_llip.data import write_dataset
+from open_clip_llip.written_files import WrittenFiles, remove_written
 from open_clip_llip.eval import evaluate as evaluate_checkpoint, parse_args as parse_evaluation_args
 
+MARKER = 'demo.json'  # this script's record of a run in --output
 LOSS_LINE = re.compile(r'Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?Contrastive_loss: ([0-9.]+)')
 SPEED = re.compile(r'Batch \(t\): [0-9.]+, ([0-9.]+)/s,')
 
@@ -75,15 +76,34 @@ def parse_args(argv=None):
     return args
 
 
-def prepare_output(args):
-    marker = args.output / 'demo.json'
+def prepare_output(args) -> WrittenFiles:
+    """Make ``--output`` ready: new or empty, or holding an earlier run of this script, whose files (and only
+    those) ``--overwrite`` removes. Returns the record of what this run writes there."""
+    marker = args.output / MARKER
     if args.output.exists() and any(args.output.iterdir()):
-        if not (args.overwrite and marker.exists()):
+        if not args.overwrite:
             sys.exit(f'{args.output} is not empty; pass --overwrite to replace an earlier demo run there, '
                      'or choose another --output.')
-        shutil.rmtree(args.output)
+        try:
+            previous = json.loads(marker.read_text())['files']
+        except (OSError, ValueError, KeyError, TypeError):
+            sys.exit(f'{args.output} is not empty and holds no record ({MARKER}) of an earlier demo run listing its '
+                     'files; not overwriting anything there: choose another --output.')
+        try:
+            remove_written(args.output, previous)
+        except FileExistsError as error:
+            sys.exit(str(error))
+        marker.unlink()
     args.output.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
+    written = WrittenFiles(args.output)
+    save_record(args, written)
+    return written
+
+
+def save_record(args, written: WrittenFiles):
+    """The options and every file written so far: kept up to date, so that even an interrupted run can be replaced."""
+    (args.output / MARKER).write_text(json.dumps(
+        {'options': {k: str(v) for k, v in vars(args).items()}, 'files': written.files}, indent=2))
 
 
 def built_in_data(args, image_size):
@@ -91,8 +111,9 @@ def built_in_data(args, image_size):
     logging.info('== Writing the built-in scenes data')
     folder = args.output / 'data'
     sizes = dict(retrieval_images=12, samples_per_shard=64) if args.quick else {}
+    # The data folder keeps its own record (its manifest): an earlier run's dataset is replaced by write_dataset.
     manifest = write_dataset(folder, seed=0, train_images=args.train_images, zeroshot_images=args.eval_images,
-                             image_size=image_size, **sizes)
+                             image_size=image_size, overwrite=(folder / 'manifest.json').is_file(), **sizes)
     args.train_data = str(folder / manifest['train']['data'])
     args.train_num_samples = manifest['train']['num_samples']
     for task in manifest['zeroshot'].values():
@@ -102,20 +123,18 @@ def built_in_data(args, image_size):
     args.retrieval.append(str(folder / manifest['retrieval']['csv']))
 
 
-def write_config(args, name, config):
+def write_config(args, written, name, config):
     """Register ``config`` as ``name`` here (for evaluation) and write it where open_clip_train finds it.
 
     Returns the ``--model`` value for open_clip_train: ``local-dir:OUTPUT/<name>``.
     """
-    folder = args.output / name
-    folder.mkdir()
-    (folder / 'open_clip_config.json').write_text(json.dumps({'model_cfg': config}, indent=2))
-    (args.output / f'{name}.json').write_text(json.dumps(config, indent=2))
-    open_clip.add_model_config(args.output / f'{name}.json')
+    folder = written.write_text(f'{name}/open_clip_config.json', json.dumps({'model_cfg': config}, indent=2)).parent
+    open_clip.add_model_config(written.write_text(f'{name}.json', json.dumps(config, indent=2)))
+    save_record(args, written)
     return f'local-dir:{folder}'
 
 
-def llip_model(args):
+def llip_model(args, written):
     """``--model``, a Llip config name or JSON file: (config name, how open_clip_train finds it, config)."""
     from_file = args.model.endswith('.json')
     if from_file:
@@ -132,20 +151,20 @@ def llip_model(args):
     if config.get('model_class') != 'LlipModel':
         sys.exit(f"--model {args.model} is not a Llip config (known: {', '.join(open_clip_llip.llip_model_names())}; "
                  'or a JSON file with "model_class": "LlipModel")')
-    return name, write_config(args, name, config) if from_file else name, config
+    return name, write_config(args, written, name, config) if from_file else name, config
 
 
-def baseline_model(args, name, config):
+def baseline_model(args, written, name, config):
     """The Llip config without its mixer: an OpenCLIP CLIP config with the same towers, trained with --siglip.
 
     The name must not contain "siglip", which would make OpenCLIP pick a Hugging Face tokenizer.
     """
     config = {k: v for k, v in config.items() if k not in ('model_class', 'llip_cfg')}  # the logit bias stays
     baseline = f'Twin-{name}'
-    return baseline, write_config(args, baseline, config)
+    return baseline, write_config(args, written, baseline, config)
 
 
-def train(args, name, model, seed, extra=()):
+def train(args, written, name, model, seed, extra=()):
     """One run of OpenCLIP's stock training loop; returns its final checkpoint. Its log lines stream through."""
     command = [
         sys.executable, '-m', 'open_clip_train.main', '--model', model, '--dataset-type', 'webdataset',
@@ -161,7 +180,11 @@ def train(args, name, model, seed, extra=()):
     for line in process.stdout:
         if 'Train Epoch' in line or 'Error' in line or 'error' in line:
             print(f'  {name} | {line.split(" | ")[-1].rstrip()}', flush=True)
-    if process.wait():
+    status = process.wait()
+    if (args.output / 'runs' / name).is_dir():
+        written.record_tree(f'runs/{name}')
+        save_record(args, written)
+    if status:
         sys.exit(f'training {name} failed; its log: {args.output / "runs" / name / "out.log"}')
     return args.output / 'runs' / name / 'checkpoints' / f'epoch_{args.epochs}.pt'
 
@@ -275,11 +298,11 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s | %(message)s', datefmt='%H:%M:%S')
     start = time.time()
-    prepare_output(args)
-    llip_name, llip_found_as, llip_config = llip_model(args)
+    written = prepare_output(args)
+    llip_name, llip_found_as, llip_config = llip_model(args, written)
     if args.train_data is None:
         built_in_data(args, llip_config['vision_cfg']['image_size'])
-    baseline_name, baseline_found_as = baseline_model(args, llip_name, llip_config)
+    baseline_name, baseline_found_as = baseline_model(args, written, llip_name, llip_config)
     # label -> (config name, how open_clip_train finds it, extra training flags)
     models = {llip_name: (llip_name, llip_found_as, ()),
               f'SigLIP ({baseline_name})': (baseline_name, baseline_found_as, ('--siglip',))}
@@ -293,7 +316,7 @@ def main(argv=None):
         config_name, train_model, extra = models[label]
         name = f'{config_name}-seed{seed}'
         logging.info(f'== [{number}/{len(runs)}] Training {label}, seed {seed} ({time.time() - start:.0f} s so far)')
-        checkpoint = train(args, name, train_model, seed, extra)
+        checkpoint = train(args, written, name, train_model, seed, extra)
         points, speed = training_curve(args.output / 'runs' / name)
         curves[label].append(points)
         speeds[label].append(speed)
@@ -308,14 +331,17 @@ def main(argv=None):
         ends = np.array([(points[0][1], points[-1][1]) for points in curves[label]])
         print(f'{label}: training loss {ends[:, 0].mean():.2f} at the first step, {ends[:, 1].mean():.2f} at the last '
               f'(mean over seeds); {np.mean(speeds[label]):.0f} samples/s')
-    (args.output / 'results.md').write_text(format_table(labels, rows, markdown=True) + '\n')
-    (args.output / 'results.json').write_text(json.dumps(dict(
+    written.write_text('results.md', format_table(labels, rows, markdown=True) + '\n')
+    written.write_text('results.json', json.dumps(dict(
         seeds=args.seeds, results=results, samples_per_second=speeds,
         loss_start_end={label: [(points[0][1], points[-1][1]) for points in runs] for label, runs in curves.items()},
         wall_seconds=time.time() - start), indent=2))
-    plot_training_curves(curves, args.batch_size, args.output / 'training_curves.png')
+    plot_training_curves(curves, args.batch_size, written.path('training_curves.png'))
+    written.record('training_curves.png')
     if args.retrieval and args.retrieval[0].endswith('.csv'):
-        plot_attention(llip_name, checkpoints[llip_name, args.seeds[0]], args.retrieval[0], args.output / 'attention.png')
+        plot_attention(llip_name, checkpoints[llip_name, args.seeds[0]], args.retrieval[0], written.path('attention.png'))
+        written.record('attention.png')
+    save_record(args, written)
     logging.info(f'Done in {time.time() - start:.0f} s: {args.output}/results.md, training_curves.png, attention.png')
 
 

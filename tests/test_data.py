@@ -380,6 +380,56 @@ def test_command_writes_refuses_and_overwrites_only_its_own_files(tmp_path, caps
     assert [p.name for p in other.iterdir()] == ['photo.png']
 
 
+def test_overwrite_keeps_a_users_file_in_every_folder_it_writes_to(tmp_path):
+    folder = tmp_path / 'data'
+    write_dataset(folder, **TINY)
+    folders = {p.parent for p in folder.rglob('*') if p.is_file()}
+    assert len(folders) > 20  # the root, retrieval/, retrieval/images/, zeroshot/<task>/, every class folder
+    planted = {folder_ / 'mine.txt': f'user file in {folder_}' for folder_ in folders}
+    for path, text in planted.items():
+        path.write_text(text)
+
+    write_dataset(folder, **{**TINY, 'train_images': 8, 'zeroshot_images': 1}, overwrite=True)
+    assert all(path.read_text() == text for path, text in planted.items())
+    manifest = json.loads((folder / 'manifest.json').read_text())
+    assert set(manifest['files']) == {str(p.relative_to(folder)) for p in folder.rglob('*')
+                                      if p.is_file() and p.name not in ('mine.txt', 'manifest.json')}
+
+
+def test_overwrite_refuses_when_a_written_file_was_changed_and_removes_nothing(tmp_path):
+    folder = tmp_path / 'data'
+    write_dataset(folder, **TINY)
+    (folder / 'retrieval' / 'retrieval.csv').write_text('edited by hand')
+    before = all_files(folder)
+    with pytest.raises(FileExistsError, match=r'retrieval.csv was changed after this command wrote it; not removing'):
+        write_dataset(folder, **TINY, overwrite=True)
+    assert all_files(folder) == before
+
+
+def test_a_users_file_where_a_new_file_goes_is_kept_and_the_run_undone(tmp_path):
+    folder = tmp_path / 'data'
+    write_dataset(folder, **TINY)
+    # The new run writes more retrieval images than the first: one of them is where the user put a file.
+    user_file = folder / 'retrieval' / 'images' / f'{TINY["retrieval_images"] + 1:06d}.png'
+    user_file.write_bytes(b'precious')
+    with pytest.raises(FileExistsError, match=r'000013.png exists and was not written by this command'):
+        write_dataset(folder, **{**TINY, 'retrieval_images': 16}, overwrite=True)
+    assert user_file.read_bytes() == b'precious'
+    assert [p for p in folder.rglob('*') if p.is_file()] == [user_file]  # the failed run took back what it wrote
+
+
+def test_a_manifest_without_its_files_is_not_overwritten(tmp_path):
+    folder = tmp_path / 'data'
+    write_dataset(folder, **TINY)
+    manifest = json.loads((folder / 'manifest.json').read_text())
+    del manifest['files']  # as an earlier version wrote it
+    (folder / 'manifest.json').write_text(json.dumps(manifest))
+    before = all_files(folder)
+    with pytest.raises(FileExistsError, match=r'does not list the files it wrote'):
+        write_dataset(folder, **TINY, overwrite=True)
+    assert all_files(folder) == before
+
+
 @pytest.mark.parametrize('changes, message', [
     ({'seed': -1}, r'seed must be an integer of at least 0, got -1'),
     ({'train_images': 0}, r'train_images must be an integer of at least 1, got 0'),

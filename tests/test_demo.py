@@ -42,6 +42,21 @@ def test_main_job_keeps_what_is_already_in_its_output(tmp_path):
     assert (tmp_path / 'notes.txt').read_text() == 'mine'
 
 
+def test_main_job_overwrites_only_its_own_files(tmp_path):
+    """--overwrite of an earlier run removes what that run wrote; a user's file in any of its folders stays."""
+    output = tmp_path / 'demo'
+    command = [sys.executable, str(SCRIPT), '--quick', '--seeds', '0', '--output', str(output)]
+    assert subprocess.run(command, capture_output=True, text=True).returncode == 0
+    planted = {folder / 'mine.txt': str(folder) for folder in {p.parent for p in output.rglob('*') if p.is_file()}}
+    assert output / 'runs' / 'Llip-Tiny-seed0' / 'checkpoints' / 'mine.txt' in planted
+    for path, text in planted.items():
+        path.write_text(text)
+    result = subprocess.run(command + ['--overwrite'], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert all(path.read_text() == text for path, text in planted.items())
+    assert (output / 'results.json').is_file()
+
+
 def test_main_job_takes_a_llip_config_file(tmp_path):
     """--model may be a JSON config (the way to try another K, τ or size): trained as local-dir:, same twin."""
     config = json.loads((SCRIPT.parents[1] / 'model_configs' / 'Llip-Tiny.json').read_text())

@@ -2,7 +2,8 @@
 
 Layout of ``output_dir`` (paths in ``manifest.json`` are relative to it):
 
-    manifest.json                 what was written: the arguments, counts, and every path below
+    manifest.json                 what was written: the arguments, counts, and every file below with its
+                                  SHA-256 (``files``), which is all that ``overwrite`` removes
     train-000000.tar, ...         webdataset shards; a sample is an image ('png'), one caption ('txt')
                                   and its scene ('json'); each image appears once per caption
     sizes.json                    samples per shard, which open_clip_train reads when
@@ -18,7 +19,6 @@ Everything is a pure function of the arguments: the same seed gives the same byt
 """
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Union
 
@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..version import __version__
+from ..written_files import WrittenFiles, remove_written
 from .captions import named_pairs, sample_captions
 from .render import png_bytes, render
 from .retrieval import sample_retrieval_set
@@ -50,7 +51,7 @@ def _train_example(seed: int, index: int, captions_per_image: int, image_size: i
     return png_bytes(render(scene, image_size)), scene, captions
 
 
-def _write_train(output_dir: Path, seed: int, num_images: int, captions_per_image: int, image_size: int,
+def _write_train(written: WrittenFiles, seed: int, num_images: int, captions_per_image: int, image_size: int,
                  samples_per_shard: int) -> dict:
     import webdataset as wds  # an open_clip_llip[training] dependency, needed for this part only
 
@@ -70,63 +71,61 @@ def _write_train(output_dir: Path, seed: int, num_images: int, captions_per_imag
         name = f'train-{shard:06d}.tar'
         chunk = order[shard * samples_per_shard:(shard + 1) * samples_per_shard]
         # Fixed metadata in the tar headers keeps the shards byte-identical from run to run.
-        with wds.TarWriter(str(output_dir / name), mtime=0, user='', group='', mode=0o644) as sink:
+        with wds.TarWriter(str(written.path(name)), mtime=0, user='', group='', mode=0o644) as sink:
             for i in chunk:
                 index, number, text, meta = samples[i]
                 sink.write({'__key__': f'{index:0{width}d}-{number}', 'png': images[index], 'txt': text,
                             'json': json.dumps(meta, sort_keys=True)})
+        written.record(name)
         sizes[name] = len(chunk)
-    (output_dir / 'sizes.json').write_text(json.dumps(sizes, indent=1) + '\n')
+    written.write_text('sizes.json', json.dumps(sizes, indent=1) + '\n')
     pattern = f'train-{{{0:06d}..{num_shards - 1:06d}}}.tar'
     logging.info(f'wrote {len(samples)} training samples ({num_images} images × {captions_per_image} captions) '
-                 f'in {num_shards} shard(s): {output_dir / pattern}')
+                 f'in {num_shards} shard(s): {written.root / pattern}')
     return {'data': pattern, 'num_samples': len(samples), 'num_images': num_images,
             'captions_per_image': captions_per_image}
 
 
-def _write_retrieval(output_dir: Path, seed: int, num_images: int, captions_per_image: int, image_size: int) -> dict:
-    folder = output_dir / 'retrieval'
-    (folder / 'images').mkdir(parents=True)
+def _write_retrieval(written: WrittenFiles, seed: int, num_images: int, captions_per_image: int,
+                     image_size: int) -> dict:
     rows = ['filepath\ttitle\tunseen_pair']
     retrieval_set = sample_retrieval_set(seed, num_images, captions_per_image)
     for index, (scene, captions) in enumerate(retrieval_set):
         path = f'images/{index:06d}.png'
-        (folder / path).write_bytes(png_bytes(render(scene, image_size)))
+        written.write_bytes(f'retrieval/{path}', png_bytes(render(scene, image_size)))
         rows += [f'{path}\t{c.text}\t{int(bool(named_pairs(c) & HELD_OUT_PAIRS))}' for c in captions]
-    (folder / 'retrieval.csv').write_text('\n'.join(rows) + '\n', encoding='utf-8')
+    csv_path = written.write_text('retrieval/retrieval.csv', '\n'.join(rows) + '\n')
     num_unseen = sum(row.endswith('\t1') for row in rows)
     logging.info(f'wrote a retrieval set of {num_images} images and {len(rows) - 1} captions, each true of its '
-                 f'image only ({num_unseen} name a held-out pair): {folder / "retrieval.csv"}')
+                 f'image only ({num_unseen} name a held-out pair): {csv_path}')
     return {'csv': 'retrieval/retrieval.csv', 'num_images': num_images, 'num_captions': len(rows) - 1,
             'num_unseen_pair_captions': num_unseen}
 
 
-def _write_zeroshot(output_dir: Path, seed: int, images_per_class: int, image_size: int) -> dict:
+def _write_zeroshot(written: WrittenFiles, seed: int, images_per_class: int, image_size: int) -> dict:
     tasks = {}
     total = images_per_class * sum(len(task.classnames) for task in ZERO_SHOT_TASKS)
     with tqdm(total=total, desc='zero-shot images', unit='image') as progress:
         for task_index, task in enumerate(ZERO_SHOT_TASKS):
-            folder = output_dir / 'zeroshot' / task.name
+            relative = f'zeroshot/{task.name}'
             for label in range(len(task.classnames)):
-                (folder / f'{label:03d}').mkdir(parents=True)
                 for number in range(images_per_class):
                     index = label * images_per_class + number
                     scene = task.sample(rng_for(seed, 'zeroshot', task_index, index), label)
-                    (folder / f'{label:03d}' / f'{index:06d}.png').write_bytes(png_bytes(render(scene, image_size)))
+                    written.write_bytes(f'{relative}/{label:03d}/{index:06d}.png', png_bytes(render(scene, image_size)))
                     progress.update()
-            (folder / 'classnames.txt').write_text('\n'.join(task.classnames) + '\n', encoding='utf-8')
-            (folder / 'templates.txt').write_text('\n'.join(task.templates) + '\n', encoding='utf-8')
-            relative = f'zeroshot/{task.name}'
+            written.write_text(f'{relative}/classnames.txt', '\n'.join(task.classnames) + '\n')
+            written.write_text(f'{relative}/templates.txt', '\n'.join(task.templates) + '\n')
             tasks[task.name] = {'folder': relative, 'classnames': f'{relative}/classnames.txt',
                                 'templates': f'{relative}/templates.txt',
                                 'num_images': images_per_class * len(task.classnames)}
             logging.info(f'wrote zero-shot task {task.name!r}: {len(task.classnames)} classes × {images_per_class} '
-                         f'images, {len(task.templates)} template(s): {folder}')
+                         f'images, {len(task.templates)} template(s): {written.root / relative}')
     return tasks
 
 
 def _make_room(output_dir: Path, overwrite: bool):
-    """Create ``output_dir``, or empty it of a dataset this module wrote there when ``overwrite``."""
+    """Create ``output_dir``, or remove from it the files of a dataset this module wrote there when ``overwrite``."""
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f'{output_dir} exists and is not a directory; choose a directory to write into')
     if output_dir.is_dir() and any(output_dir.iterdir()):
@@ -135,17 +134,18 @@ def _make_room(output_dir: Path, overwrite: bool):
             raise FileExistsError(f'{output_dir} is not empty; choose a new or empty directory, or pass --overwrite '
                                   f'(overwrite=True) to replace a dataset this command wrote there')
         try:
-            ours = json.loads(manifest.read_text()).get('generator') == GENERATOR
+            previous = json.loads(manifest.read_text())
+            ours = previous.get('generator') == GENERATOR
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:
             raise FileExistsError(f'{output_dir} is not empty and holds no dataset written by this command (no '
                                   f'manifest.json of {GENERATOR}); not overwriting it: choose a new or empty directory')
-        # Only what this module writes: anything else the user put there stays.
-        for path in [manifest, output_dir / 'sizes.json', *output_dir.glob('train-*.tar')]:
-            path.unlink(missing_ok=True)
-        for folder in ('retrieval', 'zeroshot'):
-            shutil.rmtree(output_dir / folder, ignore_errors=True)
+        if not isinstance(previous.get('files'), dict):
+            raise FileExistsError(f'{manifest} does not list the files it wrote (an older version wrote it), so which '
+                                  f'files are its own is unknown; remove them yourself, or choose another directory')
+        remove_written(output_dir, previous['files'])  # only what the manifest lists, if unchanged
+        manifest.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -190,18 +190,20 @@ def write_dataset(
     output_dir = Path(output_dir)
     _make_room(output_dir, overwrite)
 
-    manifest = {
-        'generator': GENERATOR,
-        'version': __version__,
-        'seed': seed,
-        'image_size': image_size,
-        'held_out_pairs': sorted(f'{colour} {shape}' for colour, shape in HELD_OUT_PAIRS),
-        'train': _write_train(output_dir, seed, train_images, captions_per_image, image_size, samples_per_shard),
-        'retrieval': _write_retrieval(output_dir, seed, retrieval_images, retrieval_captions, image_size),
-        'zeroshot': _write_zeroshot(output_dir, seed, zeroshot_images, image_size),
-    }
-    # Written last: a directory with a manifest holds a complete dataset.
-    (output_dir / 'manifest.json').write_text(json.dumps(manifest, indent=2) + '\n')
+    with WrittenFiles(output_dir) as written:  # a failed run removes what it wrote
+        manifest = {
+            'generator': GENERATOR,
+            'version': __version__,
+            'seed': seed,
+            'image_size': image_size,
+            'held_out_pairs': sorted(f'{colour} {shape}' for colour, shape in HELD_OUT_PAIRS),
+            'train': _write_train(written, seed, train_images, captions_per_image, image_size, samples_per_shard),
+            'retrieval': _write_retrieval(written, seed, retrieval_images, retrieval_captions, image_size),
+            'zeroshot': _write_zeroshot(written, seed, zeroshot_images, image_size),
+        }
+        # Written last: a directory with a manifest holds a complete dataset; it lists every file written.
+        manifest['files'] = dict(written.files)
+        written.write_text('manifest.json', json.dumps(manifest, indent=2) + '\n')
     train = manifest['train']
     logging.info(f"train with: open_clip_train --dataset-type webdataset --train-data '{output_dir / train['data']}' "
                  f"--train-num-samples {train['num_samples']}")

@@ -1,0 +1,91 @@
+"""Files a command wrote into a folder, recorded so that ``--overwrite`` removes exactly those.
+
+A command that writes into a folder the user names (``python -m open_clip_llip.data OUT``, the
+main job's ``--output``) keeps a record of every file it wrote and what it held (SHA-256). Asked
+to overwrite, it removes those files and nothing else: a file the user put there stays, and a
+file of ours that was changed since is not removed (the command refuses, before removing
+anything). Writing never replaces an existing file, and a run that fails removes what it wrote.
+"""
+import hashlib
+import os
+from pathlib import Path
+from typing import Dict, Union
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as file:
+        for block in iter(lambda: file.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class WrittenFiles:
+    """What was written under ``root``: relative POSIX path -> SHA-256.
+
+    Use as a context manager: if the block raises, every file recorded so far is removed again.
+    """
+
+    def __init__(self, root: Union[str, Path]):
+        self.root = Path(root)
+        self.files: Dict[str, str] = {}
+
+    def path(self, relative: str) -> Path:
+        """The path to write ``relative`` to; FileExistsError if something is there already (ours are never replaced)."""
+        path = self.root / relative
+        if path.exists():
+            raise FileExistsError(f'{path} exists and was not written by this command; not replacing it. Move it '
+                                  'away, or choose another folder.')
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write_bytes(self, relative: str, data: bytes) -> Path:
+        path = self.path(relative)
+        with open(path, 'xb') as file:
+            file.write(data)
+        self.files[relative] = hashlib.sha256(data).hexdigest()
+        return path
+
+    def write_text(self, relative: str, text: str) -> Path:
+        return self.write_bytes(relative, text.encode('utf-8'))
+
+    def record(self, relative: str):
+        """Record a file that was written under ``root`` by other code (a tar writer, a training run)."""
+        self.files[relative] = file_digest(self.root / relative)
+
+    def record_tree(self, relative: str):
+        """Record every file under folder ``relative``, which this command created and filled."""
+        for path in sorted((self.root / relative).rglob('*')):
+            if path.is_file():
+                self.record(path.relative_to(self.root).as_posix())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is not None:
+            remove_written(self.root, self.files, check=False)
+        return False
+
+
+def remove_written(root: Union[str, Path], files: Dict[str, str], check: bool = True):
+    """Remove the recorded ``files`` under ``root``, then the folders that this leaves empty (never ``root``).
+
+    With ``check``, first make sure that every recorded file still holds what was written:
+    FileExistsError naming the first one that does not, and nothing is removed.
+    """
+    root = Path(root)
+    present = [relative for relative in files if (root / relative).is_file()]
+    if check:
+        for relative in present:
+            if file_digest(root / relative) != files[relative]:
+                raise FileExistsError(
+                    f'{root / relative} was changed after this command wrote it; not removing it, nor anything else. '
+                    'Move it away, or choose another folder.')
+    folders = set()
+    for relative in present:
+        (root / relative).unlink()
+        folders.update(parent for parent in (root / relative).parents if root in parent.parents)
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):  # deepest first
+        if folder.is_dir() and not any(folder.iterdir()):
+            os.rmdir(folder)

@@ -31,6 +31,7 @@ from .eval_data import RetrievalImages, read_classnames, read_retrieval_set, rea
 from .plugin import llip_model_names
 from .model import LlipModel
 from .retrieval import encode_images, encode_texts, evaluate_retrieval, retrieval_metrics
+from .written_files import check_output_file, write_json
 from .zero_shot import build_zero_shot_classifier, evaluation_temperatures, run_zero_shot, topk_correct
 
 PRECISIONS = ('amp', 'amp_bf16', 'amp_bfloat16', 'bf16', 'fp16', 'pure_bf16', 'pure_fp16', 'fp32')  # open_clip_train's
@@ -175,22 +176,6 @@ def dot_product_retrieval(model, images, texts, image_index, device, autocast, i
     return retrieval_metrics((image_features @ text_features.T).float(), image_index)
 
 
-def write_json(path: Path, data: dict, overwrite: bool):
-    """Write to a temporary file beside ``path``, then rename it: ``path`` is left whole or untouched."""
-    text = json.dumps(data, indent=2, ensure_ascii=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(descriptor, 'w', encoding='utf-8') as file:
-            file.write(text)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f'{path} appeared during the evaluation; pass --overwrite to replace it.')
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def format_table(records: List[Dict]) -> str:
     """One block of rows per kind of task: task, τ and the metrics of ``TABLE_COLUMNS``."""
     blocks = []
@@ -207,10 +192,8 @@ def format_table(records: List[Dict]) -> str:
 
 
 def evaluate(args) -> dict:
-    if args.json is not None and args.json.is_dir():
-        raise IsADirectoryError(f'--json {args.json} is a folder; give a file path.')
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        raise FileExistsError(f'{args.json} exists; pass --overwrite to replace it, or another --json path.')
+    if args.json is not None:
+        check_output_file(args.json, args.overwrite)
     # Read every task before loading the model, so that bad input fails fast.
     templates = [read_templates(path) for path in args.templates]
     zero_shot_tasks = [

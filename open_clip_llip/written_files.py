@@ -1,5 +1,9 @@
 """Files a command wrote into a folder, recorded so that ``--overwrite`` removes exactly those.
 
+A command that writes one file the user names (``--json``) checks it before doing any work
+(``check_output_file``) and writes it whole or not at all (``write_json``); it replaces an
+existing file only when asked to (``--overwrite``).
+
 A command that writes into a folder the user names (``python -m open_clip_llip.data OUT``, the
 main job's ``--output``) keeps a record of every file it wrote and what it held (SHA-256). Asked
 to overwrite, it removes those files and nothing else: a file the user put there stays, and a
@@ -7,7 +11,9 @@ file of ours that was changed since is not removed (the command refuses, before 
 anything). Writing never replaces an existing file, and a run that fails removes what it wrote.
 """
 import hashlib
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Dict, Union
 
@@ -89,3 +95,27 @@ def remove_written(root: Union[str, Path], files: Dict[str, str], check: bool = 
     for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):  # deepest first
         if folder.is_dir() and not any(folder.iterdir()):
             os.rmdir(folder)
+
+
+def check_output_file(path: Path, overwrite: bool, option: str = '--json'):
+    """Before any work: ``path`` must be a file path, and new unless ``overwrite``."""
+    if path.is_dir():
+        raise IsADirectoryError(f'{option} {path} is a folder; give a file path.')
+    if path.exists() and not overwrite:
+        raise FileExistsError(f'{path} exists; pass --overwrite to replace it, or another {option} path.')
+
+
+def write_json(path: Path, data: dict, overwrite: bool):
+    """Write to a temporary file beside ``path``, then rename it: ``path`` is left whole or untouched."""
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(descriptor, 'w', encoding='utf-8') as file:
+            file.write(text)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f'{path} appeared while this command ran; pass --overwrite to replace it.')
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

@@ -13,16 +13,17 @@ OpenAI's 80 templates):
     python scripts/bench_eval.py --model Llip-Tiny --classes 1000 --json bench.json
 """
 import argparse
-import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 
 import open_clip
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from open_clip_llip import build_zero_shot_classifier, conditioned_cosine, topk_correct, zero_shot_cosine
+from open_clip_llip.written_files import check_output_file, write_json
 
 
 def timed(function, repeats: int) -> float:
@@ -48,11 +49,17 @@ def main(argv=None):
     parser.add_argument('--batch-size', type=int, default=256, help='Images per batch.')
     parser.add_argument('--repeats', type=int, default=10, help='Timed batches (the fastest counts), after one warm-up.')
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--json', help='Also write the figures here.')
+    parser.add_argument('--json', type=Path, help='Also write the figures here.')
+    parser.add_argument('--overwrite', action='store_true', help='Replace an existing --json file.')
     args = parser.parse_args(argv)
     if not 1 <= args.classes <= len(IMAGENET_CLASSNAMES) or not 1 <= args.templates <= len(OPENAI_IMAGENET_TEMPLATES):
         parser.error(f'--classes must be in [1, {len(IMAGENET_CLASSNAMES)}] and --templates in '
                      f'[1, {len(OPENAI_IMAGENET_TEMPLATES)}]')
+    if args.json is not None:
+        try:
+            check_output_file(args.json, args.overwrite)
+        except OSError as error:
+            parser.error(str(error))
     logging.basicConfig(level=logging.WARNING)
 
     torch.manual_seed(0)
@@ -98,8 +105,7 @@ def main(argv=None):
     print(f"  image encoding alone     {figures['encode_images_per_s']:10.1f} images/s")
     print(f"  conditioned scoring      {figures['scoring_pairs_per_s']:10.3g} pairs/s")
     if args.json:
-        with open(args.json, 'w') as file:
-            json.dump(figures, file, indent=2)
+        write_json(args.json, figures, args.overwrite)
     return figures
 
 

@@ -3,6 +3,8 @@ import importlib.util
 import json
 import math
 
+import pytest
+
 from conftest import REPO
 
 
@@ -17,3 +19,10 @@ def test_bench_eval_reports_every_figure(tmp_path, capsys):
     for name in ('classifier_build_s', 'zero_shot_images_per_s', 'encode_images_per_s', 'scoring_pairs_per_s'):
         assert math.isfinite(figures[name]) and figures[name] > 0, name
     assert 'pairs/s' in capsys.readouterr().out
+    # An existing --json is kept unless --overwrite is given.
+    output.write_text('kept')
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(['--classes', '12', '--templates', '2', '--json', str(output)])
+    assert exit_info.value.code == 2
+    assert output.read_text() == 'kept'
+

@@ -421,3 +421,12 @@ def test_a_truncated_image_is_named(data, checkpoint, tmp_path):
     (tmp_path / 'set.csv').write_text('filepath\ttitle\nimages/broken.png\ta dog\n')
     with pytest.raises(SystemExit, match=r'Could not read the image .*images/broken.png: .*truncated.*Replace or remove'):
         run(['--retrieval', str(tmp_path / 'set.csv')], checkpoint)
+
+
+def test_a_checkpoint_of_another_mixer_config_is_refused_by_the_command(data, tmp_path):
+    """H = 2 instead of Llip-Tiny's 4: the same tensor shapes, refused from the recorded config."""
+    path = tmp_path / 'h2.pt'
+    torch.save(LlipModel(**tiny_config(llip_cfg__heads=2)).state_dict(), path)
+    result = cli('--model', 'Llip-Tiny', '--pretrained', path, '--retrieval', data / 'retrieval' / 'set.csv')
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    assert 'made for a Llip model with K = 8, H = 2, τ = 5.0, norm = False, but this model has' in result.stderr

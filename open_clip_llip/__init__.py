@@ -5,13 +5,16 @@ an installed package also does so by itself whenever ``open_clip`` is imported (
 """
 from .version import __version__
 from .checkpoint import convert_authors_config, convert_state_dict, load_checkpoint
+from .config import LlipCfg
+from .evaluation import RetrievalTask, ZeroShotTask, evaluate, load_model
+from .features import pack_image, pack_text, unpack_image, unpack_text
 from .loss import LlipLoss
 from .mixer import LlipMixer, TextQueryHead
-from .model import LlipCfg, LlipModel
-from .retrieval import encode_images, encode_texts, evaluate_retrieval, retrieval_cosine, retrieval_metrics
+from .model import LlipModel
+from .retrieval import encode_images, encode_texts, evaluate_retrieval, retrieval_metrics
 from .scoring import conditioned_cosine
 from .vision import MixtureTokenViT
-from .zero_shot import ZeroShotClassifier, build_zero_shot_classifier, run_zero_shot, topk_correct, zero_shot_cosine
+from .zero_shot import build_zero_shot_classifier, run_zero_shot, topk_correct, zero_shot_cosine
 from .plugin import llip_model_names, register
 
 register()

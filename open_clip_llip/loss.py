@@ -4,20 +4,24 @@
     L      = −(1/b) Σ_{i,j} log σ(y[i,j] · s[i,j]),   y = +1 if i == j else −1
 
 b local images, B texts in all. Images (keys, values, Gram) stay on their rank; each text's
-features, its query and target packed into one ``[M, 2, H, d]`` tensor, travel exactly as text
-features do in OpenCLIP's ``SigLipLoss``, whose four distributed implementations (``bidir``,
-``shift``, ``reduce``, ``gather``) this class inherits unchanged.
+features (``open_clip_llip.features``: its raw query and target in one ``[M, 2, H, d]`` tensor)
+travel exactly as text features do in OpenCLIP's ``SigLipLoss``, whose four distributed
+implementations (``bidir``, ``shift``, ``reduce``, ``gather``) this class inherits unchanged.
+The mixer temperature τ, a constant of the model, is given to the loss when it is built.
 
 Memory: the scores are computed in blocks of images (all texts at once: on the CPU, products with
 many texts run near matmul speed), each recomputed in the backward pass (activation
 checkpointing), so between the forward and the backward pass only the inputs are kept, and at
 any time at most one block's ``[n, H·K, B]`` intermediates — never ``[b, B, D]``.
 On CUDA with Triton installed, the fused kernels of ``open_clip_llip.fused_loss`` compute the
-same loss keeping two scalars per pair; ``OPEN_CLIP_LLIP_LOSS_IMPL=triton|torch`` forces either.
+same loss keeping two scalars per pair; ``impl`` (or ``OPEN_CLIP_LLIP_LOSS_IMPL=triton|torch``,
+read when the loss is built) forces either.
 """
+import functools
 import importlib.util
+import math
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,18 +86,20 @@ class _ImageBlocksLoss(torch.autograd.Function):
         return (*image_grads, *shared_grads, None, None)
 
 
-def use_fused_loss(tensor: torch.Tensor) -> bool:
-    """Whether to compute the loss with the Triton kernels: ``OPEN_CLIP_LLIP_LOSS_IMPL`` if set, else on CUDA
-    when Triton is installed."""
-    impl = os.environ.get('OPEN_CLIP_LLIP_LOSS_IMPL', '')
-    if impl not in ('', 'triton', 'torch'):
+LOSS_IMPLS = ('auto', 'torch', 'triton')
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec('triton') is not None
+
+
+def loss_impl_from_environment() -> str:
+    """``OPEN_CLIP_LLIP_LOSS_IMPL`` (``torch`` or ``triton``; unset: ``auto``), checked."""
+    impl = os.environ.get('OPEN_CLIP_LLIP_LOSS_IMPL', '') or 'auto'
+    if impl not in LOSS_IMPLS:
         raise ValueError(f'OPEN_CLIP_LLIP_LOSS_IMPL is {impl!r}; set it to "triton" or "torch", or unset it.')
-    has_triton = importlib.util.find_spec('triton') is not None
-    if impl == 'triton' and not has_triton:
-        raise ImportError('OPEN_CLIP_LLIP_LOSS_IMPL=triton needs Triton (pip install triton), which is not installed.')
-    if impl:
-        return impl == 'triton'
-    return tensor.is_cuda and has_triton
+    return impl
 
 
 def _check_batch(image_features, image_gram, text_features):
@@ -115,24 +121,47 @@ class LlipLoss(SigLipLoss):
     """Sigmoid loss on Llip's conditioned scores; takes ``LlipModel.forward``'s outputs as keywords.
 
     Args:
+        temperature: the mixer temperature τ of the model (``model.mixer.temperature``), applied to
+            the raw queries of the text features.
         rank, world_size, dist_impl: as for OpenCLIP's ``SigLipLoss``.
-        block_size: images per block (default: about 4M elements per ``[n, H·K, B]`` intermediate).
+        impl: ``'torch'`` (the PyTorch path), ``'triton'`` (the fused kernels) or ``'auto'`` (the
+            kernels for CUDA tensors when Triton is installed); default: ``OPEN_CLIP_LLIP_LOSS_IMPL``,
+            else ``'auto'``. Chosen here, once.
+        block_size: images per block of the PyTorch path (default: about 4M elements per
+            ``[n, H·K, B]`` intermediate).
+        position: called (no arguments) when the loss is not finite, for where training stopped
+            (say, ``'epoch 3, step 120'``); the count of calls of this loss when not given.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, dist_impl: Optional[str] = None,
-                 block_size: Optional[int] = None):
+    def __init__(self, temperature: float, rank: int = 0, world_size: int = 1, dist_impl: Optional[str] = None,
+                 impl: Optional[str] = None, block_size: Optional[int] = None,
+                 position: Optional[Callable[[], Optional[str]]] = None):
         super().__init__(rank=rank, world_size=world_size, dist_impl=dist_impl)
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f'LlipLoss needs the mixer temperature τ, a finite positive number; got {temperature!r}.')
+        self.temperature = float(temperature)
+        self.impl = loss_impl_from_environment() if impl is None else impl
+        if self.impl not in LOSS_IMPLS:
+            raise ValueError(f'LlipLoss impl must be one of {LOSS_IMPLS}, got {self.impl!r}.')
+        if self.impl == 'triton' and not triton_installed():
+            raise ImportError('The fused Llip loss needs Triton (pip install triton), which is not installed.')
         self.block_size = block_size
+        self.position = position
         self.calls = 0
+
+    def uses_kernels(self, tensor: torch.Tensor) -> bool:
+        return self.impl == 'triton' or (self.impl == 'auto' and tensor.is_cuda and triton_installed())
 
     def _loss(self, image_features, text_features, logit_scale, logit_bias=None, negative_only=False):
         features, gram = image_features
         keys, values = features.unbind(dim=1)
         queries, targets = text_features.unbind(dim=1)
+        # Queries divided by τ, packed again: the kernels read queries and targets with one row stride.
+        text_features = torch.stack([queries / self.temperature, targets], dim=1)
         num_images, heads, tokens, _ = keys.shape
-        if use_fused_loss(keys):
+        if self.uses_kernels(keys):
             from .fused_loss import fused_sigmoid_loss  # imports Triton only when used
-            loss = fused_sigmoid_loss(keys, values, gram, queries, targets, logit_scale, logit_bias,
+            loss = fused_sigmoid_loss(keys, values, gram, *text_features.unbind(dim=1), logit_scale, logit_bias,
                                       negative_only=negative_only)
             return loss / num_images
         block_size = self.block_size or pair_block_size(queries.shape[0], heads, tokens)
@@ -142,22 +171,17 @@ class LlipLoss(SigLipLoss):
     def forward(self, image_features, text_features, logit_scale, logit_bias, image_gram, output_dict: bool = False):
         """``LlipModel.forward``'s outputs -> the loss of b local images against all texts.
 
-        Image features [b, 2, H, K, d] (keys, values) and their Gram matrices [b, H·K, H·K] stay on
-        this rank; text features [b, 2, H, d] (q / τ, p) travel as SigLipLoss's text features do.
+        Image features [b, 2, H, K, d] and their Gram matrices [b, H·K, H·K] stay on this rank;
+        text features [b, 2, H, d] (``open_clip_llip.features``) travel as SigLipLoss's text features do.
         """
         _check_batch(image_features, image_gram, text_features)
         loss = super().forward((image_features, image_gram), text_features, logit_scale, logit_bias, output_dict)
         self.calls += 1
         value = loss['contrastive_loss'] if output_dict else loss
         if not torch.isfinite(value).item():  # one host sync per step: cheaper than training on NaNs
-            raise FloatingPointError(self._non_finite_message(value))
+            where = (self.position() if self.position else None) or f'call {self.calls} of this loss'
+            raise FloatingPointError(
+                f'The Llip loss is {value.item()} at {where}; stopping rather than training on NaNs. '
+                'Try a lower learning rate (--lr), or --precision amp_bf16 instead of amp: bfloat16 has the range '
+                'of float32, float16 overflows.')
         return loss
-
-    def _non_finite_message(self, value: torch.Tensor) -> str:
-        from .plugin import open_clip_train_position
-        position = open_clip_train_position()
-        where = f'epoch {position[0]}, step {position[1]}' if position else f'call {self.calls} of this loss'
-        return (
-            f'The Llip loss is {value.item()} at {where}; stopping rather than training on NaNs. '
-            'Try a lower learning rate (--lr), or --precision amp_bf16 instead of amp: bfloat16 has the range '
-            'of float32, float16 overflows.')

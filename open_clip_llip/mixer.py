@@ -45,9 +45,9 @@ class LlipMixer(nn.Module):
     (``Ṽ[i,h,k] = value[i,h,k] @ W_O[h·d:(h+1)·d]``),
     ``<z[i|j], t̂[j]> = Σ_{h,k} a·<value[i,h,k], p[j,h]>`` and ``|z[i|j]|² = aᵀ G[i] a``.
     ``image_gram`` and ``text_targets`` compute those per-image and per-text factors, which
-    are all that ``open_clip_llip.scoring`` and the loss need.
+    are all that ``open_clip_llip.scoring`` and the loss need besides the keys and raw queries.
 
-    τ is a fixed hyper-parameter (``temperature``); every method takes an override for evaluation.
+    τ is a fixed hyper-parameter (``temperature``); scoring applies it, and takes another for evaluation.
     """
 
     def __init__(self, embed_dim: int, heads: int, temperature: float):
@@ -56,17 +56,13 @@ class LlipMixer(nn.Module):
         self.temperature = temperature
         self.out_proj = nn.Parameter(embed_dim ** -0.5 * torch.randn(embed_dim, embed_dim))
 
-    def scale_queries(self, queries: torch.Tensor, temperature: Optional[float] = None) -> torch.Tensor:
-        """Queries [M, H, d] -> queries / τ, so that attention logits are plain dot products."""
-        return queries / (self.temperature if temperature is None else temperature)
-
     def attention(self, keys: torch.Tensor, queries: torch.Tensor, temperature: Optional[float] = None):
-        """Keys [N, H, K, d], queries [M, H, d] -> mixing weights a: [N, M, H, K] (sum to 1 over K)."""
-        logits = torch.einsum('nhkd,mhd->nmhk', keys, self.scale_queries(queries, temperature))
-        return logits.softmax(dim=-1)
+        """Keys [N, H, K, d], raw queries [M, H, d] -> mixing weights a: [N, M, H, K] (sum to 1 over K)."""
+        tau = self.temperature if temperature is None else temperature
+        return torch.einsum('nhkd,mhd->nmhk', keys, queries / tau).softmax(dim=-1)
 
     def forward(self, keys, values, queries, temperature: Optional[float] = None) -> torch.Tensor:
-        """Keys, values [N, H, K, d], queries [M, H, d] -> conditioned embeddings z: [N, M, D]."""
+        """Keys, values [N, H, K, d], raw queries [M, H, d] -> conditioned embeddings z: [N, M, D]."""
         mixed = torch.einsum('nmhk,nhkd->nmhd', self.attention(keys, queries, temperature), values)
         return mixed.flatten(-2).to(self.out_proj.dtype) @ self.out_proj
 
@@ -76,12 +72,7 @@ class LlipMixer(nn.Module):
         mixed = torch.einsum('nhkd,hde->nhke', values.to(out_proj.dtype), out_proj).flatten(1, 2)  # [N, HK, D]
         return mixed @ mixed.transpose(1, 2)
 
-    def text_side(self, text_features: torch.Tensor, queries: torch.Tensor, temperature: Optional[float] = None):
-        """Text embeddings [M, D] and raw queries [M, H, d] -> [M, 2, H, d]: (q / τ, p), what scores need of a text."""
-        return torch.stack([self.scale_queries(queries, temperature).to(self.out_proj.dtype),
-                            self.text_targets(text_features)], dim=1)
-
-    def text_targets(self, text_features: torch.Tensor) -> torch.Tensor:
-        """Text features [M, D] -> p = W_O t̂ split into heads: [M, H, d] (t̂ = t / |t|)."""
-        unit = F.normalize(text_features.to(self.out_proj.dtype), dim=-1)
+    def text_targets(self, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Text embeddings t [M, D] -> p = W_O t̂ split into heads: [M, H, d] (t̂ = t / |t|)."""
+        unit = F.normalize(text_embeddings.to(self.out_proj.dtype), dim=-1)
         return split_heads(unit @ self.out_proj.T, self.heads)

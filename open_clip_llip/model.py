@@ -2,40 +2,28 @@
 
 Notation: N images, M texts, K mixture tokens, H mixer heads, D = ``embed_dim``, d = D / H.
 """
-import logging
+import inspect
+import math
 from dataclasses import asdict, is_dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import LayerNorm, LayerNormFp32, text_global_pool
 
 from .config import CONFIG_RECORD_KEY, LlipCfg, check_llip_config, config_record, read_config_record
-from .loss import LlipLoss
+from .features import check_features, pack_image, pack_text, unpack_image, unpack_text
 from .mixer import LlipMixer, TextQueryHead, split_heads
 from .scoring import conditioned_cosine
+from .text import build_text_tower
 from .vision import build_mixture_token_vit
 from .zero_shot import build_zero_shot_classifier
 
 # Elements of the Gram matrices scored at once by ``LlipModel.similarity`` (16 MiB in fp32).
 _GRAM_BLOCK_ELEMENTS = 1 << 22
-
-
-def _check_text_cfg(cfg: CLIPTextCfg):
-    unsupported = {
-        'hf_model_name': cfg.hf_model_name is not None,
-        'embed_cls': cfg.embed_cls,
-        'proj_type': cfg.proj_type == 'none',
-        'pool_type': cfg.pool_type == 'none',
-    }
-    bad = [f'text_cfg.{name} = {getattr(cfg, name)!r}' for name, is_bad in unsupported.items() if is_bad]
-    if bad:
-        raise ValueError(
-            f"{', '.join(bad)} not supported: Llip needs OpenCLIP's own text transformer, pooled to one token "
-            'and projected (text_projection), because its query comes from that pooled token.')
 
 
 def _describe_llip_cfg(cfg: dict) -> str:
@@ -101,14 +89,12 @@ class LlipModel(nn.Module):
                    init_logit_bias=init_logit_bias)
         check_llip_config(top, *sections, CLIPVisionCfg, CLIPTextCfg)
         vision_cfg, text_cfg, llip_cfg = (cls(**cfg) for cls, cfg in zip((CLIPVisionCfg, CLIPTextCfg, LlipCfg), sections))
-        _check_text_cfg(text_cfg)
         self.llip_cfg = llip_cfg
         norm_layer = LayerNormFp32 if cast_dtype in (torch.float16, torch.bfloat16) else LayerNorm
 
         self.visual = build_mixture_token_vit(
             embed_dim, vision_cfg, llip_cfg.mixture_tokens, llip_cfg.norm, quick_gelu, cast_dtype)
-        text_cfg.output_tokens = True  # the query head reads the pooled token before text_projection
-        self.text = _build_text_tower(embed_dim, text_cfg, quick_gelu, cast_dtype)
+        self.text = build_text_tower(embed_dim, text_cfg, quick_gelu, cast_dtype)
         self.context_length = self.text.context_length
         self.vocab_size = self.text.vocab_size
         self.query_head = TextQueryHead(text_cfg.width, embed_dim, llip_cfg.heads, llip_cfg.norm, norm_layer)
@@ -123,13 +109,17 @@ class LlipModel(nn.Module):
     def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False):
         self.visual.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
 
-    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True):
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True, pooler_in_head: bool = True):
         """Lock the text tower as OpenCLIP does; the query head is locked with ``text_projection``.
 
         ``freeze_layer_norm=False`` (``open_clip_train``'s default) leaves the tower's LayerNorms
         trainable, which is what the flag means; OpenCLIP 3.3's own towers refuse it.
+        ``pooler_in_head`` (OpenCLIP 4) is passed on to a text tower that takes it.
         """
-        self.text.lock(unlocked_layers, freeze_layer_norm=True)
+        if 'pooler_in_head' in inspect.signature(self.text.lock).parameters:
+            self.text.lock(unlocked_layers, freeze_layer_norm=True, pooler_in_head=pooler_in_head)
+        else:
+            self.text.lock(unlocked_layers, freeze_layer_norm=True)
         self.query_head.requires_grad_(unlocked_layers > 0)
         if not freeze_layer_norm:
             for module in self.text.modules():
@@ -137,37 +127,44 @@ class LlipModel(nn.Module):
                     module.requires_grad_(True)
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.visual.set_grad_checkpointing(enable)
-        self.text.set_grad_checkpointing(enable)
+    def set_grad_checkpointing(self, enable: bool = True, impl: str = 'inline'):
+        """Checkpoint the towers' blocks; ``impl`` (OpenCLIP 4: 'inline' or 'composable') goes to towers that take it."""
+        for tower in (self.visual, self.text):
+            if impl == 'inline':
+                tower.set_grad_checkpointing(enable)
+            else:
+                tower.set_grad_checkpointing(enable, impl=impl)
 
     @torch.jit.ignore
     def no_weight_decay(self):
         return {f'visual.{n}' for n in self.visual.no_weight_decay()} | {f'text.{n}' for n in self.text.no_weight_decay()}
 
     @classmethod
-    def create_loss(cls, args) -> LlipLoss:
-        """The training loss for ``open_clip_train``'s ``args``: always ``LlipLoss``, whatever ``--siglip`` says."""
-        if args.distill:
-            raise ValueError('Distillation (--distill-model) is not supported for Llip models.')
-        if args.horovod:
-            raise ValueError('Horovod is not supported for Llip models (nor by OpenCLIP\'s SigLipLoss); use torchrun or srun.')
-        loss = LlipLoss(rank=args.rank, world_size=args.world_size, dist_impl=args.loss_dist_impl)
-        logging.info(
-            f'{args.model} is a Llip model: training with LlipLoss (sigmoid loss on conditioned scores, '
-            f'distributed as {loss.dist_impl!r}){"; --siglip is implied" if args.siglip else ""}.')
-        return loss
+    def create_loss(cls, args):
+        """The training loss for ``open_clip_train``'s ``args`` (the hook of patches/0002)."""
+        from .training import create_loss
+        return create_loss(args)
 
     def load_checkpoint(self, checkpoint_path: str, strict: bool = True, weights_only: bool = True, device='cpu'):
         """Load our checkpoints, the authors' released ones, or an OpenCLIP CLIP ViT's (see ``checkpoint``)."""
         from .checkpoint import load_checkpoint
         return load_checkpoint(self, checkpoint_path, strict=strict, weights_only=weights_only, device=device)
 
-    def encode_image(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Images [N, 3, H_img, W_img] -> keys, values: each [N, H, K, d]."""
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Images [N, 3, H_img, W_img] -> image features [N, 2, H, K, d] (``open_clip_llip.features``).
+
+        A Llip image is K keys and values whose score depends on the text; it has no single unit
+        vector, so ``normalize=True`` is refused rather than answered with something else.
+        """
+        if normalize:
+            raise ValueError(
+                'A Llip image is a set of K mixture tokens whose embedding depends on the text it is compared with: '
+                'there is no single image vector to normalise. Score images against texts with '
+                'model.get_logits(images, texts) or model.similarity(model.encode_image(images), '
+                'model.encode_text(texts)); to search a large gallery, use open_clip_llip.index.')
         keys, values = self.visual(image)
         heads = self.mixer.heads
-        return split_heads(keys, heads).transpose(1, 2), split_heads(values, heads).transpose(1, 2)
+        return pack_image(split_heads(keys, heads).transpose(1, 2), split_heads(values, heads).transpose(1, 2))
 
     def check_text(self, text: torch.Tensor):
         """Raise a ValueError unless ``text`` is a batch of token ids [M, context_length] in the vocabulary.
@@ -186,48 +183,75 @@ class LlipModel(nn.Module):
                     f'Token ids must lie in [0, {self.vocab_size}) (text_cfg.vocab_size); these range from {low} to '
                     f'{high}. Tokenize with open_clip.get_tokenizer(model_name), whose vocabulary this model was built for.')
 
-    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Token ids [M, L] -> text embeddings t [M, D] (unit length if ``normalize``), raw queries q [M, H, d]."""
+    def embed_text(self, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [M, L] -> the text tower's two outputs: embeddings t [M, D] and raw queries q [M, H, d]."""
         self.check_text(text)
-        features, tokens = self.text(text)
+        embeddings, tokens = self.text(text)
         pooled = text_global_pool(tokens, text, self.text.pool_type, eos_token_id=self.text.eos_id)
-        queries = self.query_head(pooled)
-        return (F.normalize(features, dim=-1) if normalize else features), queries
+        return embeddings, self.query_head(pooled)
 
-    def similarity(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """cos(z[i|j], t[j]) for every pair of ``forward``'s features -> [N, M], on the features' device.
+    def text_features(self, embeddings: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Text embeddings t [M, D] (any length) and raw queries [M, H, d] -> text features [M, 2, H, d]: (q, W_O t̂)."""
+        return pack_text(queries.to(self.mixer.out_proj.dtype), self.mixer.text_targets(embeddings))
 
-        Image features ``[N, 2, H, K, d]`` (keys, values), text features ``[M, 2, H, d]`` (q / τ, p),
-        e.g. as OpenCLIP's evaluation accumulates them (on the CPU); computed on the model's
-        device in blocks of images (whose Gram matrices are recomputed here) and of texts.
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Token ids [M, L] -> text features [M, 2, H, d] (``open_clip_llip.features``).
+
+        The target p = W_O t̂ is built from the unit embedding, so there is nothing left to
+        normalise; ``normalize=True`` is refused, as for images (``encode_image``).
         """
+        if normalize:
+            raise ValueError(
+                'Llip text features are a mixer query and a target built from the unit text embedding: nothing to '
+                'normalise, and they are not compared with a dot product. Use model.similarity(image_features, '
+                'model.encode_text(texts)) or model.get_logits(images, texts).')
+        return self.text_features(*self.embed_text(text))
+
+    def similarity(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                   temperature: Union[float, Sequence[float], None] = None) -> torch.Tensor:
+        """cos(z[i|j], t[j]) of every image and text -> [N, M], or [T, N, M] for a sequence of T temperatures.
+
+        Image features ``[N, 2, H, K, d]`` and text features ``[M, 2, H, d]`` (``open_clip_llip.features``),
+        on any device (say, as OpenCLIP's evaluation accumulates them on the CPU) and in any precision:
+        they are scored on the model's device in the widest of their dtypes and the mixer's, in blocks
+        of images, each image's Gram matrix computed once for all texts and temperatures. τ defaults
+        to the model's.
+        """
+        check_features(image_features, text_features)
+        temperatures = self.temperatures(temperature)
         device = self.mixer.out_proj.device
-        # Features of several precisions (say bf16 images and fp32 texts, as autocast leaves them) meet in
-        # the widest of theirs and the mixer's.
         dtype = torch.promote_types(torch.promote_types(image_features.dtype, text_features.dtype),
                                     self.mixer.out_proj.dtype)
         heads, tokens = image_features.shape[2:4]
         block = max(1, _GRAM_BLOCK_ELEMENTS // (heads * tokens) ** 2)
-        queries, targets = text_features.to(device, dtype).unbind(dim=1)
+        queries, targets = unpack_text(text_features.to(device, dtype))
         rows = []
         for start in range(0, image_features.shape[0], block):
-            keys, values = image_features[start:start + block].to(device, dtype).unbind(dim=1)
+            keys, values = unpack_image(image_features[start:start + block].to(device, dtype))
             gram = self.mixer.image_gram(values).to(dtype)
-            rows.append(conditioned_cosine(keys, values, gram, queries, targets).to(image_features.device))
-        return torch.cat(rows)
+            rows.append(torch.stack([conditioned_cosine(keys, values, gram, queries, targets, tau)
+                                     for tau in temperatures]).to(image_features.device))
+        scores = torch.cat(rows, dim=1) if rows else image_features.new_zeros(len(temperatures), 0, len(text_features))
+        return scores if isinstance(temperature, Sequence) else scores[0]
+
+    def temperatures(self, temperature: Union[float, Sequence[float], None] = None) -> Tuple[float, ...]:
+        """The τ values to score at: the given one(s), or the model's; ValueError unless finite and positive."""
+        values = (temperature,) if isinstance(temperature, (int, float)) else temperature
+        values = (self.mixer.temperature,) if values is None else tuple(float(tau) for tau in values)
+        if not values or not all(math.isfinite(tau) and tau > 0 for tau in values):
+            raise ValueError(f'Temperatures (τ) must be finite positive numbers, got {list(values)}.')
+        return values
 
     def build_zero_shot_classifier(self, tokenizer, classnames, templates, num_classes_per_batch=10, device=None,
-                                   use_tqdm=False, temperature: Optional[float] = None) -> torch.Tensor:
+                                   use_tqdm=False) -> torch.Tensor:
         """Class names x templates -> class text features [C, 2, H, d], as ``similarity`` takes them.
 
         Each class's embedding is the normalised mean of its normalised template embeddings and its
-        query the mean of the raw template queries (METHOD §6; ``zero_shot.build_zero_shot_classifier``),
-        divided by τ (default: the model's). OpenCLIP's zero-shot evaluation calls this.
+        query the mean of the raw template queries (METHOD §6; ``zero_shot.build_zero_shot_classifier``).
+        OpenCLIP's zero-shot evaluation calls this.
         """
-        classifier = build_zero_shot_classifier(
-            self, tokenizer, classnames, templates, num_classes_per_batch=num_classes_per_batch, device=device,
-            use_tqdm=use_tqdm)
-        return self.mixer.text_side(classifier.features, classifier.queries, temperature)
+        return build_zero_shot_classifier(self, tokenizer, classnames, templates,
+                                          num_classes_per_batch=num_classes_per_batch, device=device, use_tqdm=use_tqdm)
 
     def get_logits(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Images [N, ...], texts [M, L] -> (image_logits [N, M], text_logits [M, N]) of the conditioned scores."""
@@ -242,16 +266,16 @@ class LlipModel(nn.Module):
         """What the loss needs, batch first so that OpenCLIP's ``--accum-freq`` can concatenate it.
 
         Returns, for the inputs given:
-            ``image_features``: [N, 2, H, K, d], the keys and the values of each image's mixture tokens
+            ``image_features``: [N, 2, H, K, d] (``encode_image``)
             ``image_gram``: [N, H·K, H·K], their Gram matrices (``LlipMixer.image_gram``)
-            ``text_features``: [M, 2, H, d], each text's query / τ and target p = W_O t̂ (``LlipMixer.text_side``)
+            ``text_features``: [M, 2, H, d] (``encode_text``)
             ``logit_scale`` (exponentiated), ``logit_bias``
         """
         out = {}
         if image is not None:
-            keys, values = self.encode_image(image)
-            out.update(image_features=torch.stack([keys, values], dim=1), image_gram=self.mixer.image_gram(values))
+            image_features = self.encode_image(image)
+            out.update(image_features=image_features, image_gram=self.mixer.image_gram(unpack_image(image_features)[1]))
         if text is not None:
-            out.update(text_features=self.mixer.text_side(*self.encode_text(text)))
+            out.update(text_features=self.encode_text(text))
         out.update(logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias)
         return out

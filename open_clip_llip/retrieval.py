@@ -1,8 +1,8 @@
 """Image-text retrieval with Llip's conditioned scores (METHOD §6).
 
 Every (image, text) pair gets its own mixture, so both directions rank ``cos(z[i|j], t[j])``.
-Images and texts are each encoded once; the [N, M] score matrix is then computed in blocks of
-images (and, inside ``conditioned_cosine``, of texts), so memory holds the scores and one
+Images and texts are each encoded once (``open_clip_llip.features``); ``LlipModel.similarity``
+then computes the [N, M] scores in blocks of images and texts, so memory holds the scores and one
 block's ``[n, m, H, K]`` intermediates, never N·M·D numbers.
 
 Notation: N images, M texts (captions), K mixture tokens, H mixer heads, D embedding width,
@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 import torch
 from tqdm import tqdm
 
-from .zero_shot import evaluation_temperatures, model_device
+from .zero_shot import model_device
 
 RECALL_AT = (1, 5, 10)
 
@@ -28,19 +28,17 @@ def encode_images(
         autocast: Callable = nullcontext,
         input_dtype: Optional[torch.dtype] = None,
         use_tqdm: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Batches of images [n, 3, h, w] -> keys, values: each [N, H, K, d], on ``device`` (default: the model's)."""
+) -> torch.Tensor:
+    """Batches of images [n, 3, h, w] -> image features [N, 2, H, K, d], on ``device`` (default: the model's)."""
     device = model_device(model) if device is None else device
-    keys, values = [], []
+    features = []
     with torch.inference_mode():
         for images in tqdm(batches, desc='Images', unit='batch', disable=not use_tqdm):
             with autocast():
-                batch_keys, batch_values = model.encode_image(images.to(device=device, dtype=input_dtype))
-            keys.append(batch_keys)
-            values.append(batch_values)
-    if not keys:
+                features.append(model.encode_image(images.to(device=device, dtype=input_dtype)))
+    if not features:
         raise ValueError('No images to encode.')
-    return torch.cat(keys), torch.cat(values)
+    return torch.cat(features)
 
 
 def encode_texts(
@@ -49,38 +47,17 @@ def encode_texts(
         device: Union[str, torch.device, None] = None,
         autocast: Callable = nullcontext,
         use_tqdm: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Batches of token ids [m, L] -> unit text embeddings [M, D] and raw queries [M, H, d], on ``device``."""
+) -> torch.Tensor:
+    """Batches of token ids [m, L] -> text features [M, 2, H, d], on ``device`` (default: the model's)."""
     device = model_device(model) if device is None else device
-    features, queries = [], []
+    features = []
     with torch.inference_mode():
         for texts in tqdm(batches, desc='Texts', unit='batch', disable=not use_tqdm):
             with autocast():
-                batch_features, batch_queries = model.encode_text(texts.to(device), normalize=True)
-            features.append(batch_features)
-            queries.append(batch_queries)
+                features.append(model.encode_text(texts.to(device)))
     if not features:
         raise ValueError('No texts to encode.')
-    return torch.cat(features), torch.cat(queries)
-
-
-def retrieval_cosine(
-        model,
-        image_keys: torch.Tensor,
-        image_values: torch.Tensor,
-        text_features: torch.Tensor,
-        text_queries: torch.Tensor,
-        temperature: Optional[float] = None,
-) -> torch.Tensor:
-    """Conditioned cosines ``cos(z[i|j], t[j])`` of every image and text -> [N, M] (``LlipModel.similarity``).
-
-    Args:
-        image_keys, image_values: [N, H, K, d] (``encode_images``)
-        text_features: [M, D]; text_queries: [M, H, d], raw (``encode_texts``)
-        temperature: τ of the mixer's attention (default: the model's)
-    """
-    return model.similarity(torch.stack([image_keys, image_values], dim=1),
-                            model.mixer.text_side(text_features, text_queries, temperature))
+    return torch.cat(features)
 
 
 def _rank_metrics(name: str, ahead: torch.Tensor) -> Dict[str, float]:
@@ -126,25 +103,21 @@ def retrieval_metrics(scores: torch.Tensor, image_index: torch.Tensor) -> Dict[s
 
 def evaluate_retrieval(
         model,
-        image_keys: torch.Tensor,
-        image_values: torch.Tensor,
+        image_features: torch.Tensor,
         text_features: torch.Tensor,
-        text_queries: torch.Tensor,
         image_index: Optional[torch.Tensor] = None,
         temperatures: Optional[Sequence[float]] = None,
         autocast: Callable = nullcontext,
 ) -> Dict[float, Dict[str, float]]:
     """``retrieval_metrics`` of the conditioned scores for each τ -> ``{τ: metrics}``.
 
-    ``image_index`` [M] defaults to text j describing image j (OpenCLIP's ``--val-data`` pairs);
-    ``temperatures`` to the model's τ. Inputs as for ``retrieval_cosine``.
+    Image features [N, 2, H, K, d] and text features [M, 2, H, d] (``encode_images``,
+    ``encode_texts``); ``image_index`` [M] defaults to text j describing image j (OpenCLIP's
+    ``--val-data`` pairs); ``temperatures`` to the model's τ. All τ are scored in one pass.
     """
     if image_index is None:
         image_index = torch.arange(text_features.shape[0])
-    results = {}
-    with torch.inference_mode():
-        for tau in evaluation_temperatures(model, temperatures):
-            with autocast():
-                scores = retrieval_cosine(model, image_keys, image_values, text_features, text_queries, tau)
-            results[tau] = retrieval_metrics(scores, image_index)
-    return results
+    temperatures = model.temperatures(temperatures)
+    with torch.inference_mode(), autocast():
+        scores = model.similarity(image_features, text_features, temperatures)
+    return {tau: retrieval_metrics(tau_scores, image_index) for tau, tau_scores in zip(temperatures, scores)}

@@ -1,12 +1,14 @@
 """Text-conditioned cosine scores for every (image, text) pair, without materialising z (METHOD §4).
 
-Inputs are the factors ``LlipModel.forward`` returns (N images, M texts, K mixture tokens,
+Inputs are the factors of ``open_clip_llip.features`` (N images, M texts, K mixture tokens,
 H heads, d = D / H):
 
     keys, values  [N, H, K, d]    per image
     gram          [N, H·K, H·K]   per image: G = Ṽ Ṽᵀ (``LlipMixer.image_gram``)
-    queries       [M, H, d]       per text, already divided by τ (``LlipMixer.scale_queries``)
+    queries       [M, H, d]       per text: the raw query q
     targets       [M, H, d]       per text: p = W_O t̂ (``LlipMixer.text_targets``)
+
+and the mixer temperature τ, which divides the attention logits ``<q, key>``.
 
 and for each pair ``cos(z[i|j], t[j]) = Σ_{h,k} a·<value, p> / sqrt(aᵀ G a)``: 2·K·D + (H·K)²
 multiply-adds per pair instead of the K·D + D² of mixing and projecting z.
@@ -51,7 +53,8 @@ class _CosineOfMixture(torch.autograd.Function):
 
 
 def pair_cosine(keys, values, gram, queries, targets) -> torch.Tensor:
-    """All N images against all M texts at once -> [N, M]. Memory: a few [N, H·K, M] tensors.
+    """All N images against all M texts at once, queries already divided by τ -> [N, M]. Memory: a few
+    [N, H·K, M] tensors.
 
     Laid out [N, H, K, M] so that the logits are one [N·K, d] × [d, M] product per head and
     ``G a`` one [H·K, H·K] × [H·K, M] product per image: on the CPU, blocks of a few images
@@ -69,14 +72,16 @@ def pair_block_size(count: int, heads: int, tokens: int, budget: int = _BLOCK_EL
     return max(1, budget // max(1, count * heads * tokens))
 
 
-def conditioned_cosine(keys, values, gram, queries, targets, block_size: Optional[int] = None) -> torch.Tensor:
-    """cos(z[i|j], t[j]) for every image i and text j -> [N, M], computed in blocks of texts.
+def conditioned_cosine(keys, values, gram, queries, targets, temperature: float,
+                       block_size: Optional[int] = None) -> torch.Tensor:
+    """cos(z[i|j], t[j]) at mixer temperature τ for every image i and text j -> [N, M], in blocks of texts.
 
     Differentiable; under autograd each block keeps its intermediates, so for training use
     ``LlipLoss``, which recomputes them in the backward pass.
     """
     num_images, heads, tokens, _ = keys.shape
     texts = block_size or pair_block_size(num_images, heads, tokens)
+    queries = queries / temperature
     blocks = [
         pair_cosine(keys, values, gram, queries[start:start + texts], targets[start:start + texts])
         for start in range(0, queries.shape[0], texts)

@@ -62,7 +62,7 @@ class MixtureTokenViT(VisionTransformer):
         self.k_norm = norm_layer(output_dim) if kv_norm else nn.Identity()
         self.v_norm = norm_layer(output_dim) if kv_norm else nn.Identity()
         if isinstance(self.patch_dropout, PatchDropout):
-            # _embeds drops patches before the mixture tokens are prepended.
+            # embed drops patches before the mixture tokens are prepended.
             self.patch_dropout.exclude_first_token = False
 
     def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False):
@@ -93,7 +93,7 @@ class MixtureTokenViT(VisionTransformer):
                 f'got a {x.dtype} tensor of shape {list(x.shape)}. Use the transforms from '
                 f'open_clip.create_model_and_transforms for this model.')
 
-    def _embeds(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] images -> [N, K + kept patches, width] tokens, after ``ln_pre``."""
         num_tokens = self.num_prefix_tokens
         # Float images of another precision than the tower's (fp32 into a bf16 model) are cast to it.
@@ -103,7 +103,7 @@ class MixtureTokenViT(VisionTransformer):
         tokens = (self.class_embedding.to(x.dtype) + pos[:num_tokens]).expand(x.shape[0], -1, -1)
         return self.ln_pre(torch.cat([tokens, x], dim=1))
 
-    def _pool(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def split_outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """[N, K + P, width] -> (``ln_post`` of the K mixture outputs [N, K, width], patch outputs [N, P, width])."""
         return self.ln_post(x[:, :self.num_prefix_tokens]), x[:, self.num_prefix_tokens:]
 
@@ -117,8 +117,8 @@ class MixtureTokenViT(VisionTransformer):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """[N, 3, H, W] images -> keys, values: each [N, K, D]."""
         self.check_images(x)
-        x = self.transformer(self._embeds(x))
-        tokens, _ = self._pool(x)
+        x = self.transformer(self.embed(x))
+        tokens, _ = self.split_outputs(x)
         return self.project(tokens)
 
     def forward_intermediates(
@@ -143,7 +143,7 @@ class MixtureTokenViT(VisionTransformer):
         self.check_images(x)
         batch = x.shape[0]
         x, intermediates = self.transformer.forward_intermediates(
-            self._embeds(x), indices=indices, stop_early=stop_early)
+            self.embed(x), indices=indices, stop_early=stop_early)
         if normalize_intermediates:
             intermediates = [self.ln_post(y) for y in intermediates]
         num_tokens = self.num_prefix_tokens
@@ -156,7 +156,7 @@ class MixtureTokenViT(VisionTransformer):
         if output_extra_tokens:
             output['image_intermediates_prefix'] = prefix
         if not intermediates_only:
-            output['image_keys'], output['image_values'] = self.project(self._pool(x)[0])
+            output['image_keys'], output['image_values'] = self.project(self.split_outputs(x)[0])
         return output
 
 

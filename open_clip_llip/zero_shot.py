@@ -1,9 +1,9 @@
 """Zero-shot classification with Llip's conditioned scores (METHOD §6).
 
-A class is described by a text embedding and a mixer query: the normalised mean of its
-normalised template embeddings, and the mean of its raw template queries. Each image is
-encoded once and mixed once per class (and per τ); the class with the highest
-``cos(z[i|c], t[c])`` wins.
+A class is described like a text, by text features (``open_clip_llip.features``): its mixer
+query is the mean of its raw template queries, and its target comes from the normalised mean of
+its normalised template embeddings. Each image is encoded once and mixed once per class (and
+per τ); the class with the highest ``cos(z[i|c], t[c])`` wins.
 
 Notation: N images, C classes, T temperatures, K mixture tokens, H mixer heads, D embedding
 width, d = D / H. The functions take an unwrapped ``LlipModel`` (as OpenCLIP's evaluation
@@ -11,34 +11,17 @@ unwraps DDP before evaluating), a ``device`` and an ``autocast`` context factory
 ``open_clip_train.precision.get_autocast(precision)``.
 """
 from contextlib import nullcontext
-from typing import Callable, Dict, Iterable, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_classifier import batched
 from tqdm import tqdm
 
-from .scoring import conditioned_cosine
-
-
-class ZeroShotClassifier(NamedTuple):
-    """Class text embeddings ``features`` [C, D] (unit length) and raw class queries ``queries`` [C, H, d]."""
-    features: torch.Tensor
-    queries: torch.Tensor
 
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def evaluation_temperatures(model, temperatures: Optional[Sequence[float]] = None) -> Tuple[float, ...]:
-    """The τ values to evaluate: ``temperatures``, or the model's own τ; ValueError unless all are positive."""
-    if temperatures is None:
-        return (float(model.mixer.temperature),)
-    temperatures = tuple(float(t) for t in temperatures)
-    if not temperatures or not all(t > 0 for t in temperatures):
-        raise ValueError(f'Temperatures (τ) must be positive numbers, got {list(temperatures)}.')
-    return temperatures
 
 
 def build_zero_shot_classifier(
@@ -49,8 +32,8 @@ def build_zero_shot_classifier(
         num_classes_per_batch: Optional[int] = 10,
         device: Union[str, torch.device, None] = None,
         use_tqdm: bool = False,
-) -> ZeroShotClassifier:
-    """Encode every class name in every template -> ``ZeroShotClassifier`` ([C, D] and [C, H, d]).
+) -> torch.Tensor:
+    """Encode every class name in every template -> class text features [C, 2, H, d].
 
     Arguments as for ``open_clip.build_zero_shot_classifier``: templates are ``str.format``
     strings with one ``{}`` or callables; ``num_classes_per_batch`` classes (all templates) are
@@ -61,35 +44,30 @@ def build_zero_shot_classifier(
                          f'name(s) and {len(templates)} template(s).')
     device = model_device(model) if device is None else device
     batches = list(batched(classnames, num_classes_per_batch or len(classnames)))
-    features, queries = [], []
+    classes = []
     with torch.inference_mode():
         for names in tqdm(batches, desc='Classifier', unit='batch', disable=not use_tqdm):
             texts = [template.format(name) if isinstance(template, str) else template(name)
                      for name in names for template in templates]
-            text_features, text_queries = model.encode_text(tokenizer(texts).to(device), normalize=True)
-            features.append(F.normalize(text_features.unflatten(0, (len(names), len(templates))).mean(1), dim=-1))
-            queries.append(text_queries.unflatten(0, (len(names), len(templates))).mean(1))
-    return ZeroShotClassifier(torch.cat(features), torch.cat(queries))
+            embeddings, queries = model.embed_text(tokenizer(texts).to(device))
+            per_class = (len(names), len(templates))
+            embeddings = F.normalize(F.normalize(embeddings, dim=-1).unflatten(0, per_class).mean(1), dim=-1)
+            classes.append(model.text_features(embeddings, queries.unflatten(0, per_class).mean(1)))
+    return torch.cat(classes)
 
 
 def zero_shot_cosine(
         model,
-        classifier: ZeroShotClassifier,
+        classifier: torch.Tensor,
         images: torch.Tensor,
         temperatures: Optional[Sequence[float]] = None,
 ) -> torch.Tensor:
     """Images [N, 3, h, w] -> conditioned cosines ``cos(z[i|c], t[c])``: [T, N, C], one slice per τ.
 
-    The images are encoded once; τ changes only the attention. ``temperatures`` defaults to the
-    model's τ (then T = 1).
+    The images are encoded once and their Gram matrices computed once; τ changes only the
+    attention. ``temperatures`` defaults to the model's τ (then T = 1).
     """
-    temperatures = evaluation_temperatures(model, temperatures)
-    keys, values = model.encode_image(images)
-    gram = model.mixer.image_gram(values)
-    targets = model.mixer.text_targets(classifier.features)
-    return torch.stack([
-        conditioned_cosine(keys, values, gram, model.mixer.scale_queries(classifier.queries, tau), targets)
-        for tau in temperatures])
+    return model.similarity(model.encode_image(images), classifier, model.temperatures(temperatures))
 
 
 def topk_correct(scores: torch.Tensor, targets: torch.Tensor, topk: Sequence[int] = (1, 5)) -> torch.Tensor:
@@ -105,7 +83,7 @@ def topk_correct(scores: torch.Tensor, targets: torch.Tensor, topk: Sequence[int
 
 def run_zero_shot(
         model,
-        classifier: ZeroShotClassifier,
+        classifier: torch.Tensor,
         dataloader: Iterable[Tuple[torch.Tensor, torch.Tensor]],
         temperatures: Optional[Sequence[float]] = None,
         device: Union[str, torch.device, None] = None,
@@ -118,7 +96,7 @@ def run_zero_shot(
     One pass over the images for all ``temperatures`` (default: the model's τ). Returns
     ``{τ: {'top1': fraction, 'top5': fraction}}``, OpenCLIP's metric names.
     """
-    temperatures = evaluation_temperatures(model, temperatures)
+    temperatures = model.temperatures(temperatures)
     device = model_device(model) if device is None else torch.device(device)
     correct = torch.zeros(len(temperatures), 2, dtype=torch.long, device=device)
     count = 0

@@ -22,7 +22,8 @@ import torch
 
 import open_clip
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
-from open_clip_llip import build_zero_shot_classifier, conditioned_cosine, topk_correct, zero_shot_cosine
+from open_clip_llip import (build_zero_shot_classifier, conditioned_cosine, topk_correct, unpack_image, unpack_text,
+                            zero_shot_cosine)
 from open_clip_llip.written_files import check_output_file, write_json
 
 
@@ -77,16 +78,15 @@ def main(argv=None):
         def classify():
             topk_correct(zero_shot_cosine(model, classifier, images)[0], labels, (1, 5)).tolist()
 
-        keys, values = model.encode_image(images)
+        keys, values = unpack_image(model.encode_image(images))
         gram = model.mixer.image_gram(values)
-        class_queries = model.mixer.scale_queries(classifier.queries)
-        class_targets = model.mixer.text_targets(classifier.features)
+        class_queries, class_targets = unpack_text(classifier)
 
         def score():
-            conditioned_cosine(keys, values, gram, class_queries, class_targets)[0, 0].item()
+            conditioned_cosine(keys, values, gram, class_queries, class_targets, model.mixer.temperature)[0, 0].item()
 
         classify_s = timed(classify, args.repeats)
-        encode_s = timed(lambda: model.encode_image(images)[0][0, 0, 0, 0].item(), args.repeats)
+        encode_s = timed(lambda: model.encode_image(images)[0, 0, 0, 0, 0].item(), args.repeats)
         score_s = timed(score, args.repeats)
 
     figures = dict(

@@ -47,7 +47,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
-from open_clip_llip import LlipLoss, LlipMixer
+from open_clip_llip import LlipLoss, LlipMixer, pack_image, pack_text
 
 SHAPES = {  # mixer shapes of the released configs (METHOD §5): K mixture tokens, D width, H heads
     'b16': dict(K=32, D=512, H=8),
@@ -118,7 +118,7 @@ def direct_chunk_loss(keys, values, queries, texts, out_proj, logit_scale, logit
 
 def direct_loss(leaves, mixer: LlipMixer, chunk: int):
     keys, values, queries, texts, out_proj, logit_scale, logit_bias = leaves
-    queries = mixer.scale_queries(queries)
+    queries = queries / mixer.temperature
     chunk = chunk or queries.shape[0]
     total = 0.
     for start in range(0, queries.shape[0], chunk):
@@ -128,10 +128,10 @@ def direct_loss(leaves, mixer: LlipMixer, chunk: int):
     return total / keys.shape[0]
 
 
-def llip_loss(leaves):
+def llip_loss(leaves, temperature):
     """One rank's loss: its b images against all B texts (LlipLoss's forward takes the local b pairs only)."""
     image_features, image_gram, text_features, logit_scale, logit_bias = leaves
-    return LlipLoss()._loss((image_features, image_gram), text_features, logit_scale, logit_bias)
+    return LlipLoss(temperature)._loss((image_features, image_gram), text_features, logit_scale, logit_bias)
 
 
 def siglip_loss(leaves):
@@ -167,10 +167,10 @@ def make_case(impl, b, B, K, D, H, chunk, device, dtype):
         return leaves, lambda: direct_loss(leaves, mixer, chunk)
     with torch.no_grad():  # LlipLoss's inputs as LlipModel.forward makes them from the same kind of tensors
         keys, values = torch.randn(2, b, H, K, d, device=device)
-        texts = mixer.text_side(torch.randn(B, D, device=device), torch.randn(B, H, d, device=device))
-        tensors = torch.stack([keys, values], dim=1), mixer.image_gram(values), texts
+        texts = pack_text(torch.randn(B, H, d, device=device), mixer.text_targets(torch.randn(B, D, device=device)))
+        tensors = pack_image(keys, values), mixer.image_gram(values), texts
     leaves = [x.to(dtype).requires_grad_() for x in tensors] + [logit_scale, logit_bias]
-    return leaves, lambda: llip_loss(leaves)
+    return leaves, lambda: llip_loss(leaves, mixer.temperature)
 
 
 @contextlib.contextmanager

@@ -21,10 +21,10 @@ import json
 import logging
 import math
 import os
-import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +32,13 @@ import torch
 
 import open_clip
 import open_clip_llip
+from open_clip_llip import unpack_image, unpack_text
 from open_clip_llip.data import write_dataset
 from open_clip_llip.written_files import WrittenFiles, remove_written
-from open_clip_llip.eval import evaluate as evaluate_checkpoint, parse_args as parse_evaluation_args
+from open_clip_llip.eval import add_task_arguments, tasks_from_arguments
+from open_clip_llip.evaluation import RetrievalTask, ZeroShotTask, evaluate as evaluate_tasks, load_model
 
 MARKER = 'demo.json'  # this script's record of a run in --output
-LOSS_LINE = re.compile(r'Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?Contrastive_loss: ([0-9.]+)')
-SPEED = re.compile(r'Batch \(t\): [0-9.]+, ([0-9.]+)/s,')
 
 
 def parse_args(argv=None):
@@ -49,13 +49,10 @@ def parse_args(argv=None):
                         help='a Llip config: a name OpenCLIP knows or a JSON file; the baseline drops its mixer')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (then torchrun-free, one GPU)")
-    data = parser.add_argument_group('data (default: the built-in scenes, written to OUTPUT/data)')
+    add_task_arguments(parser)  # evaluation data, as open_clip_llip_eval takes it
+    data = parser.add_argument_group('training data (default: the built-in scenes, written to OUTPUT/data)')
     data.add_argument('--train-data', help='webdataset shards (brace pattern) instead of the built-in scenes')
     data.add_argument('--train-num-samples', type=int, help='samples per epoch of --train-data')
-    data.add_argument('--zeroshot-images', action='append', default=[], help='as open_clip_llip_eval')
-    data.add_argument('--classnames', action='append', default=[], help='as open_clip_llip_eval')
-    data.add_argument('--templates', action='append', default=[], help='as open_clip_llip_eval')
-    data.add_argument('--retrieval', action='append', default=[], help='as open_clip_llip_eval')
     data.add_argument('--train-images', type=int, default=4000, help='built-in scenes: training images')
     data.add_argument('--eval-images', type=int, default=50, help='built-in scenes: images per zero-shot class')
     train = parser.add_argument_group('training (the same for Llip and the baseline)')
@@ -71,8 +68,13 @@ def parse_args(argv=None):
         args.train_images, args.eval_images, args.epochs, args.warmup = 32, 2, 1, 2
     if args.train_data and not (args.train_num_samples and (args.zeroshot_images or args.retrieval)):
         parser.error('--train-data needs --train-num-samples and evaluation data (--zeroshot-images … or --retrieval)')
-    if args.train_data:
-        evaluation_args(args, args.model)  # checked by the evaluation's own parser before any training
+    try:  # every evaluation file read and checked before any training
+        tasks = tasks_from_arguments(parser, args)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    # Rows of the table: a zero-shot task by its folder's name, the retrieval set as 'retrieval'.
+    args.tasks = [replace(task, name=Path(task.images).name if isinstance(task, ZeroShotTask) else 'retrieval')
+                  for task in tasks]
     return args
 
 
@@ -116,11 +118,9 @@ def built_in_data(args, image_size):
                              image_size=image_size, overwrite=(folder / 'manifest.json').is_file(), **sizes)
     args.train_data = str(folder / manifest['train']['data'])
     args.train_num_samples = manifest['train']['num_samples']
-    for task in manifest['zeroshot'].values():
-        args.zeroshot_images.append(str(folder / task['folder']))
-        args.classnames.append(str(folder / task['classnames']))
-        args.templates.append(str(folder / task['templates']))
-    args.retrieval.append(str(folder / manifest['retrieval']['csv']))
+    args.tasks = [ZeroShotTask.from_files(folder / task['folder'], folder / task['classnames'], folder / task['templates'],
+                                          name=name) for name, task in manifest['zeroshot'].items()]
+    args.tasks.append(RetrievalTask(str(folder / manifest['retrieval']['csv']), name='retrieval'))
 
 
 def write_config(args, written, name, config):
@@ -172,7 +172,7 @@ def train(args, written, name, model, seed, extra=()):
         '--epochs', str(args.epochs), '--batch-size', str(args.batch_size), '--lr', str(args.lr),
         '--warmup', str(args.warmup), '--precision', args.precision, '--workers', str(args.workers),
         '--seed', str(seed), '--device', args.device, '--logs', str(args.output / 'runs'), '--name', name,
-        '--log-every-n-steps', '10', '--save-frequency', '0', *extra]
+        '--log-every-n-steps', '10', '--save-frequency', '0', '--report-to', 'tensorboard', *extra]
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     if args.device == 'cpu':
         env['CUDA_VISIBLE_DEVICES'] = ''
@@ -189,30 +189,20 @@ def train(args, written, name, model, seed, extra=()):
     return args.output / 'runs' / name / 'checkpoints' / f'epoch_{args.epochs}.pt'
 
 
-def training_curve(run_dir):
-    """(samples seen, loss) pairs and the median samples/s of a run, read from OpenCLIP's log."""
-    text = (run_dir / 'out.log').read_text()
-    points = []
-    for epoch, seen, total, loss in LOSS_LINE.findall(text):
-        points.append((int(epoch) * int(total) + int(seen), float(loss)))
-    speeds = [float(s) for s in SPEED.findall(text)[1:]]  # the first batch includes start-up
+def training_curve(run_dir, batch_size):
+    """(samples seen, loss) pairs and the median samples/s of a run, from the tensorboard scalars the loop writes."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / 'tensorboard')).Reload()
+    points = [(event.step * batch_size, event.value) for event in events.Scalars('train/loss')]
+    speeds = [event.value for event in events.Scalars('train/samples_per_second')[1:]]  # the first includes start-up
     return points, (float(np.median(speeds)) if speeds else float('nan'))
 
 
-def evaluation_args(args, model, checkpoint=None):
-    """open_clip_llip.eval's options for one model, parsed (and so checked) by its own parser."""
-    argv = ['--model', model, '--batch-size', '256', '--workers', '0', '--device', args.device, '--precision', 'fp32']
-    if checkpoint is not None:
-        argv += ['--pretrained', str(checkpoint)]
-    for option in ('zeroshot_images', 'classnames', 'templates', 'retrieval'):
-        for value in getattr(args, option):
-            argv += [f"--{option.replace('_', '-')}", value]
-    return parse_evaluation_args(argv)
-
-
-def evaluate(args, model, checkpoint):
-    return {f"{Path(r['task']).name if r['type'] == 'zeroshot_classification' else 'retrieval'}": r['metrics']
-            for r in evaluate_checkpoint(evaluation_args(args, model, checkpoint))['results']}
+def evaluate(args, model_name, checkpoint):
+    """Task name -> metrics of one checkpoint, through open_clip_llip.evaluation."""
+    model, transform, tokenizer = load_model(model_name, str(checkpoint), device=args.device)
+    records = evaluate_tasks(model, args.tasks, transform, tokenizer, batch_size=256, workers=0)
+    return {record['task']: record['metrics'] for record in records}
 
 
 def summary_rows(results):
@@ -277,8 +267,8 @@ def plot_attention(model_name, checkpoint, retrieval_csv, path, num_images=3):
         captions = [c for c, i in zip(retrieval_set.captions, retrieval_set.image_index.tolist()) if i == image_number]
         image = Image.open(retrieval_set.images[image_number]).convert('RGB')
         with torch.no_grad():
-            keys, _ = model.encode_image(transform(image)[None])
-            _, queries = model.encode_text(tokenizer(captions))
+            keys, _ = unpack_image(model.encode_image(transform(image)[None]))
+            queries, _ = unpack_text(model.encode_text(tokenizer(captions)))
             weights = model.mixer.attention(keys, queries)[0].mean(dim=1)  # [captions, K], averaged over heads
         axes[row, 0].imshow(image, interpolation='nearest')
         axes[row, 0].axis('off')
@@ -317,7 +307,7 @@ def main(argv=None):
         name = f'{config_name}-seed{seed}'
         logging.info(f'== [{number}/{len(runs)}] Training {label}, seed {seed} ({time.time() - start:.0f} s so far)')
         checkpoint = train(args, written, name, train_model, seed, extra)
-        points, speed = training_curve(args.output / 'runs' / name)
+        points, speed = training_curve(args.output / 'runs' / name, args.batch_size)
         curves[label].append(points)
         speeds[label].append(speed)
         logging.info(f'== Evaluating {label}, seed {seed}')
@@ -338,8 +328,9 @@ def main(argv=None):
         wall_seconds=time.time() - start), indent=2))
     plot_training_curves(curves, args.batch_size, written.path('training_curves.png'))
     written.record('training_curves.png')
-    if args.retrieval and args.retrieval[0].endswith('.csv'):
-        plot_attention(llip_name, checkpoints[llip_name, args.seeds[0]], args.retrieval[0], written.path('attention.png'))
+    retrieval = next((task.path for task in args.tasks if isinstance(task, RetrievalTask)), '')
+    if retrieval.endswith('.csv'):
+        plot_attention(llip_name, checkpoints[llip_name, args.seeds[0]], retrieval, written.path('attention.png'))
         written.record('attention.png')
     save_record(args, written)
     logging.info(f'Done in {time.time() - start:.0f} s: {args.output}/results.md, training_curves.png, attention.png')

@@ -127,11 +127,11 @@ def test_llip_loss_uses_the_kernels_when_forced(monkeypatch):
     results = {}
     for impl in ('torch', 'triton'):
         monkeypatch.setenv('OPEN_CLIP_LLIP_LOSS_IMPL', impl)
-        loss = LlipLoss()(**inputs)
+        loss = LlipLoss(1.)(**inputs)
         results[impl] = [loss] + list(torch.autograd.grad(loss, leaves))
     called = []
     monkeypatch.setattr(fused_loss, 'fused_sigmoid_loss', lambda *a, **k: called.append(1) or torch.tensor(0.))
-    LlipLoss()(**inputs)
+    LlipLoss(1.)(**inputs)  # the environment is read when the loss is built
     assert called, 'OPEN_CLIP_LLIP_LOSS_IMPL=triton did not reach the fused kernels'
     for ours, ref in zip(results['triton'], results['torch']):
         assert_close(ours, ref.double(), 1e-5, 'LlipLoss')

@@ -48,7 +48,7 @@ def test_open_clip_train_modules_imported_before_open_clip_are_adapted_once_load
         import open_clip
         print(evaluate.__module__, run.__module__, 'Llip-Tiny' in open_clip.list_models())
     """)
-    assert out.stdout.split() == ['open_clip_llip.plugin', 'open_clip_llip.plugin', 'True']
+    assert out.stdout.split() == ['open_clip_llip.adapters.similarity', 'open_clip_llip.adapters.similarity', 'True']
     assert 'could not register' not in out.stderr
 
 

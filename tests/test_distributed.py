@@ -39,7 +39,8 @@ def run_rank(rank, world_size, init_method, out_path):
     results = {}
     for impl in IMPLS:
         model.zero_grad()
-        loss = LlipLoss(rank=rank, world_size=world_size, dist_impl=impl)(**ddp_model(images[local], texts[local]))
+        loss = LlipLoss(model.mixer.temperature, rank=rank, world_size=world_size, dist_impl=impl)(
+            **ddp_model(images[local], texts[local]))
         loss.backward()
         losses = [None] * world_size
         dist.all_gather_object(losses, loss.item())
@@ -56,7 +57,7 @@ def test_distributed_loss_and_gradients_equal_single_process(world_size, tmp_pat
     results = torch.load(out_path, weights_only=True)
 
     model = tiny_model()
-    loss = LlipLoss()(**model(*global_batch(world_size)))
+    loss = LlipLoss(model.mixer.temperature)(**model(*global_batch(world_size)))
     loss.backward()
     for impl in IMPLS:
         ranks = results[impl]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import open_clip
-from open_clip_llip import LlipModel, build_zero_shot_classifier, run_zero_shot
+from open_clip_llip import LlipModel, build_zero_shot_classifier, run_zero_shot, unpack_image
 from open_clip_llip.eval import main
 from open_clip_llip.eval_data import RetrievalImages, read_retrieval_set
 from conftest import REPO
@@ -82,13 +82,13 @@ def plain_results(checkpoint, data, tau):
     classnames = ['cat', 'dog', 'red car']
 
     def cosine(images, features, queries):
-        keys, values = model.encode_image(torch.stack([preprocess(Image.open(path)) for path in images]))
+        keys, values = unpack_image(model.encode_image(torch.stack([preprocess(Image.open(path)) for path in images])))
         return F.cosine_similarity(model.mixer(keys, values, queries, temperature=tau), F.normalize(features)[None], dim=-1)
 
     with torch.no_grad():
         features, queries = [], []
         for name in classnames:
-            t, q = model.encode_text(tokenizer([template.format(name) for template in TEMPLATES]))
+            t, q = model.embed_text(tokenizer([template.format(name) for template in TEMPLATES]))
             features.append(F.normalize(F.normalize(t, dim=-1).mean(0), dim=0))
             queries.append(q.mean(0))
         images = [(path, c) for c, folder in enumerate(sorted(CLASS_FOLDERS))
@@ -100,7 +100,7 @@ def plain_results(checkpoint, data, tau):
 
         captions = ['a dog', 'a brown dog', 'something red', 'a cat', 'a car', 'a red car', 'a fast car']
         image_index = torch.tensor([0, 0, 2, 1, 2, 2, 2])
-        features, queries = model.encode_text(tokenizer(captions))
+        features, queries = model.embed_text(tokenizer(captions))
         scores = cosine([data / 'retrieval' / 'images' / f'{i}.png' for i in range(3)], features, queries)
     return zero_shot, plain_metrics(scores, image_index)
 
@@ -134,7 +134,7 @@ def test_results_match_plain_llip(data, checkpoint, tmp_path, capsys):
 
 def test_class_names_follow_sorted_class_folders(data, checkpoint, monkeypatch):
     """Random weights give every image one class, so check the wiring: names and targets in folder order."""
-    import open_clip_llip.eval as cli_module
+    import open_clip_llip.evaluation as cli_module
     seen = {}
 
     def build(model, tokenizer, classnames, templates, **kwargs):
@@ -371,7 +371,7 @@ def trained_like(tmp_path_factory):
 
 def test_every_model_form_of_open_clip_train_evaluates_exactly_the_weights_given(data, trained_like, tmp_path):
     """A name, local-dir: (with --pretrained, or its own weights file) and a JSON config file."""
-    from open_clip_llip.eval import create_model, parse_args
+    from open_clip_llip.evaluation import load_model
     expected = torch.load(trained_like, weights_only=True)['state_dict']
     config = open_clip.get_model_config('Llip-Tiny')
     folder = tmp_path / 'my-llip'
@@ -381,8 +381,7 @@ def test_every_model_form_of_open_clip_train_evaluates_exactly_the_weights_given
     retrieval = ['--retrieval', str(data / 'retrieval' / 'set.csv'), '--workers', '0']
     for model_name in ['Llip-Tiny', f'local-dir:{folder}', str(tmp_path / 'my-llip.json')]:
         torch.manual_seed(0)
-        model, _, tokenizer = create_model(parse_args(['--model', model_name, '--pretrained', str(trained_like),
-                                                       *retrieval]))
+        model, _, tokenizer = load_model(model_name, str(trained_like))
         state = model.state_dict()
         assert all(torch.equal(state[key], value) for key, value in expected.items()), model_name
         assert tokenizer(['a dog']).shape == (1, 32)

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip('triton')
 
 from open_clip_llip import fused_loss  # noqa: E402  (imported for a GPU here: only what runs no kernel)
-from open_clip_llip.loss import use_fused_loss  # noqa: E402
+from open_clip_llip import LlipLoss  # noqa: E402
 
 CASES = Path(__file__).with_name('fused_loss_cases.py')
 
@@ -61,16 +61,19 @@ def test_kernels_compile_for_the_gpu(heads, tokens, head_dim, dtype, arch, negat
         assert compiled.metadata.shared <= SHARED_LIMIT[arch] * 1024, kernel.__name__
 
 
-def test_implementation_follows_the_environment(monkeypatch):
+def test_implementation_is_chosen_when_the_loss_is_built(monkeypatch):
     monkeypatch.delenv('OPEN_CLIP_LLIP_LOSS_IMPL', raising=False)
-    assert not use_fused_loss(torch.zeros(1))  # the CPU defaults to PyTorch
+    loss = LlipLoss(5.)
+    assert loss.impl == 'auto' and not loss.uses_kernels(torch.zeros(1))  # the CPU defaults to PyTorch
     monkeypatch.setenv('OPEN_CLIP_LLIP_LOSS_IMPL', 'triton')
-    assert use_fused_loss(torch.zeros(1))
+    assert not loss.uses_kernels(torch.zeros(1))  # read once, when the loss was built
+    assert LlipLoss(5.).uses_kernels(torch.zeros(1))
     monkeypatch.setenv('OPEN_CLIP_LLIP_LOSS_IMPL', 'torch')
-    assert not use_fused_loss(torch.zeros(1))
+    assert not LlipLoss(5.).uses_kernels(torch.zeros(1))
+    assert LlipLoss(5., impl='triton').uses_kernels(torch.zeros(1))  # an explicit choice wins
     monkeypatch.setenv('OPEN_CLIP_LLIP_LOSS_IMPL', 'cuda')
     with pytest.raises(ValueError, match='"triton" or "torch"'):
-        use_fused_loss(torch.zeros(1))
+        LlipLoss(5.)
 
 
 def _inputs(b=2, B=3, H=2, K=3, d=4):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import open_clip
-from open_clip_llip import LlipLoss, conditioned_cosine
+from open_clip_llip import LlipLoss, conditioned_cosine, unpack_image, unpack_text
 from open_clip_llip.checkpoint import convert_state_dict
 from conftest import REFERENCE, reference_config, reference_model, reference_tensors
 
@@ -24,12 +24,13 @@ def assert_matches(ours, ref, atol=0.):
 def test_encoders_reproduce_keys_values_queries_and_text_embedding(golden_name):
     io = reference_tensors(golden_name, 'io')
     model = reference_model(golden_name)
-    keys, values = model.encode_image(io['images'])
-    text_features, queries = model.encode_text(io['texts'])
+    keys, values = unpack_image(model.encode_image(io['images']))
+    text_embeddings, queries = model.embed_text(io['texts'])
     assert_matches(keys, io['K'])
     assert_matches(values, io['V'])
     assert_matches(queries, io['Q'])
-    assert_matches(text_features, io['zt'])
+    assert_matches(text_embeddings, io['zt'])
+    assert_matches(unpack_text(model.encode_text(io['texts']))[0], io['Q'])
     assert_matches(model.mixer(keys, values, queries), io['z'])
 
 
@@ -44,7 +45,7 @@ def test_logits_reproduce_reference(golden_name):
 def test_loss_and_every_gradient_reproduce_reference(golden_name, block_size):
     io = reference_tensors(golden_name, 'io')
     model = reference_model(golden_name)
-    loss = LlipLoss(block_size=block_size)(**model(io['images'], io['texts']))
+    loss = LlipLoss(model.mixer.temperature, block_size=block_size)(**model(io['images'], io['texts']))
     loss.backward()
     assert_matches(loss, io['loss'])
 
@@ -62,17 +63,20 @@ def test_zero_shot_logits_reproduce_reference(golden_name, tau):
     io, zs = reference_tensors(golden_name, 'io'), reference_tensors(golden_name, 'zeroshot')
     model = reference_model(golden_name)
     classes, templates, length = zs['class_texts'].shape
-    features, queries = model.encode_text(zs['class_texts'].reshape(-1, length), normalize=True)
-    class_features = F.normalize(features.reshape(classes, templates, -1).mean(1), dim=-1)
+    embeddings, queries = model.embed_text(zs['class_texts'].reshape(-1, length))
+    class_features = F.normalize(F.normalize(embeddings, dim=-1).reshape(classes, templates, -1).mean(1), dim=-1)
     class_queries = queries.reshape(classes, templates, *queries.shape[1:]).mean(1)
     assert_matches(class_features, zs['class_text_features'])
     assert_matches(class_queries, zs['class_queries'])
 
-    keys, values = model.encode_image(io['images'])
-    cosine = conditioned_cosine(
-        keys, values, model.mixer.image_gram(values),
-        model.mixer.scale_queries(class_queries, temperature=tau), model.mixer.text_targets(class_features))
+    keys, values = unpack_image(model.encode_image(io['images']))
+    cosine = conditioned_cosine(keys, values, model.mixer.image_gram(values), class_queries,
+                                model.mixer.text_targets(class_features), temperature=tau)
     assert_matches(cosine, zs[f'zeroshot_logits_tau{tau}'])
+    # The same through the model: the classifier (class text features) and similarity at τ.
+    classifier = torch.cat([model.text_features(f[None], q[None]) for f, q in zip(class_features, class_queries)])
+    assert_matches(model.similarity(model.encode_image(io['images']), classifier, temperature=tau),
+                   zs[f'zeroshot_logits_tau{tau}'])
 
 
 def test_release_layout_checkpoint_loads_through_create_model(golden_name, register_config):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import open_clip
-from open_clip_llip import LlipLoss, LlipModel, conditioned_cosine
+from open_clip_llip import LlipLoss, LlipModel, conditioned_cosine, unpack_image
 
 N, M = 6, 5
 
@@ -27,8 +27,8 @@ def batch(model, n=N, m=M, seed=0):
 
 def reference_logits(model, images, texts):
     """Plain Llip: materialise z[i|j] and take its cosine with t[j]."""
-    keys, values = model.encode_image(images)
-    features, queries = model.encode_text(texts)
+    keys, values = unpack_image(model.encode_image(images))
+    features, queries = model.embed_text(texts)
     z = model.mixer(keys, values, queries)  # [N, M, D]
     cosine = F.cosine_similarity(z, features[None], dim=-1)
     return model.logit_scale.exp() * cosine + model.logit_bias
@@ -42,10 +42,10 @@ def test_forward_returns_batch_first_tensors(model):
     assert {k: tuple(v.shape) for k, v in out.items()} == {
         'image_features': (N, 2, heads, tokens, d), 'image_gram': (N, heads * tokens, heads * tokens),
         'text_features': (M, 2, heads, d), 'logit_scale': (), 'logit_bias': ()}
-    keys, values = model.encode_image(images)
-    features, queries = model.encode_text(texts)
+    keys, values = unpack_image(model.encode_image(images))
+    features, queries = model.embed_text(texts)
     assert torch.equal(out['image_features'], torch.stack([keys, values], dim=1))
-    torch.testing.assert_close(out['text_features'][:, 0], queries / model.mixer.temperature)
+    torch.testing.assert_close(out['text_features'][:, 0], queries)  # raw: τ is applied when scoring
     torch.testing.assert_close(out['text_features'][:, 1], model.mixer.text_targets(features))
     assert model(image=images).keys() == {'image_features', 'image_gram', 'logit_scale', 'logit_bias'}
     assert model(text=texts).keys() == {'text_features', 'logit_scale', 'logit_bias'}
@@ -92,8 +92,8 @@ def test_scores_and_loss_never_build_a_pairwise_embedding_tensor(model):
     keys, values = out['image_features'].unbind(1)
     queries, targets = out['text_features'].unbind(1)
     with LargestTensor() as largest:
-        conditioned_cosine(keys, values, out['image_gram'], queries, targets, block_size=2)
-        LlipLoss(block_size=2)(**out).backward()
+        conditioned_cosine(keys, values, out['image_gram'], queries, targets, model.mixer.temperature, block_size=2)
+        LlipLoss(model.mixer.temperature, block_size=2)(**out).backward()
     assert 0 < largest.numel <= largest_input
 
 
@@ -140,7 +140,7 @@ def test_grad_checkpointing_gives_the_same_gradients(model):
     for enable in (False, True):
         model.zero_grad()
         model.set_grad_checkpointing(enable)
-        LlipLoss()(**model(images, texts)).backward()
+        LlipLoss(model.mixer.temperature)(**model(images, texts)).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
@@ -152,7 +152,7 @@ def test_patch_dropout_keeps_every_mixture_token():
     lengths = []
     model.visual.transformer.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
     model.visual.ln_pre.register_forward_hook(lambda module, args, out: lengths.append(args[0]))
-    keys, values = model.encode_image(images)
+    keys, values = unpack_image(model.encode_image(images))
     tokens, patches = model.visual.num_prefix_tokens, model.visual.grid_size[0] * model.visual.grid_size[1]
     assert lengths[1] == tokens + patches // 2
     # The mixture tokens enter the transformer first, unchanged by dropout.
@@ -190,7 +190,7 @@ def test_low_precision_models_run(precision):
 def test_autocast_loss_is_finite(model):
     images, texts = batch(model, 4, 4)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        loss = LlipLoss()(**model.train()(images, texts))
+        loss = LlipLoss(model.mixer.temperature)(**model.train()(images, texts))
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
 
@@ -205,6 +205,35 @@ def test_factory_overrides_and_transforms():
     image = val_transform(Image.new('RGB', (100, 70)))
     assert image.shape == (3, 48, 48)
     tokenizer = open_clip.get_tokenizer('Llip-Tiny', context_length=16)
-    keys, _ = model.encode_image(image[None])
-    features, _ = model.encode_text(tokenizer(['a red square']))
+    keys, _ = unpack_image(model.encode_image(image[None]))
+    features, _ = model.embed_text(tokenizer(['a red square']))
     assert keys.shape[0] == 1 and features.shape == (1, 64)
+
+
+def test_similarity_scores_several_temperatures_from_one_gram_per_image(model, monkeypatch):
+    """τ is applied when scoring: [T, N, M] for T temperatures, each equal to scoring at that τ alone."""
+    images, texts = batch(model, 4, 3)
+    with torch.no_grad():
+        image_features, text_features = model.encode_image(images), model.encode_text(texts)
+        grams = []
+        stock_gram = model.mixer.image_gram
+        monkeypatch.setattr(model.mixer, 'image_gram', lambda values: grams.append(len(values)) or stock_gram(values))
+        swept = model.similarity(image_features, text_features, temperature=(1., 5., 20.))
+        assert grams == [4]  # once per image, for all three temperatures
+        keys, values = unpack_image(image_features)
+        features, queries = model.embed_text(texts)
+        for tau, scores in zip((1., 5., 20.), swept):
+            z = model.mixer(keys, values, queries, temperature=tau)
+            torch.testing.assert_close(scores, F.cosine_similarity(z, features[None], dim=-1), rtol=1e-5, atol=1e-6)
+    assert swept.shape == (3, 4, 3)
+    torch.testing.assert_close(model.similarity(image_features, text_features, 5.), swept[1])
+    with pytest.raises(ValueError, match=r'Temperatures \(τ\) must be finite positive numbers, got \[0.0\]'):
+        model.similarity(image_features, text_features, temperature=0.)
+
+
+@pytest.mark.parametrize('encode', ['encode_image', 'encode_text'])
+def test_normalize_has_a_clear_answer(model, encode):
+    """OpenCLIP's everyday idiom: a Llip image (or text) is no single unit vector; the error says what to use."""
+    images, texts = batch(model, 2, 2)
+    with pytest.raises(ValueError, match=r'model.similarity\(.*get_logits|get_logits.*similarity'):
+        getattr(model, encode)(images if encode == 'encode_image' else texts, normalize=True)

@@ -27,7 +27,7 @@ import open_clip
 import open_clip_train.zero_shot as open_clip_zero_shot
 from open_clip_train.main import main as open_clip_train_main
 from open_clip_train.precision import get_autocast
-from open_clip_llip import build_zero_shot_classifier, retrieval_cosine, zero_shot_cosine
+from open_clip_llip import build_zero_shot_classifier, zero_shot_cosine
 from open_clip_llip.eval import main as eval_main
 from conftest import write_retrieval_csv
 
@@ -200,9 +200,7 @@ def test_eval_command(precision, checkpoint, data, tmp_path, fp32_eval):
         zero_shot = unstable_share(zero_shot_cosine(model, classifier, images, TEMPERATURES), labels, tolerance)
         pairs = torch.stack([transform(Image.open(row['filepath'])) for row in rows])
         text = open_clip.get_tokenizer('Llip-Tiny')([row['title'] for row in rows])
-        keys, values = model.encode_image(pairs)
-        features, queries = model.encode_text(text, normalize=True)
-        retrieval = [retrieval_cosine(model, keys, values, features, queries, tau) for tau in TEMPERATURES]
+        retrieval = model.similarity(model.encode_image(pairs), model.encode_text(text), TEMPERATURES)
     diagonal = torch.arange(len(rows))
     margins = {'zeroshot_classification': {tau: zero_shot for tau in TEMPERATURES},
                'retrieval': {tau: max(unstable_share(s, diagonal, tolerance), unstable_share(s.T, diagonal, tolerance))

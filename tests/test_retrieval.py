@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import open_clip
-from open_clip_llip import encode_images, encode_texts, evaluate_retrieval, retrieval_cosine, retrieval_metrics
+from open_clip_llip import encode_images, encode_texts, evaluate_retrieval, retrieval_metrics, unpack_image
 
 
 @pytest.fixture(scope='module')
@@ -25,37 +25,34 @@ def random_texts(model, m, generator):
 def embedded(model):
     generator = torch.Generator().manual_seed(0)
     images, texts = torch.randn(7, 3, 32, 32, generator=generator), random_texts(model, 11, generator)
-    keys, values = encode_images(model, images.split(3))
-    features, queries = encode_texts(model, texts.split(4))
-    return images, texts, keys, values, features, queries
+    return images, texts, encode_images(model, images.split(3)), encode_texts(model, texts.split(4))
 
 
 def plain_cosine(model, images, texts, tau):
     """Materialise z[i|j] (METHOD §3) and take its cosine with t[j]."""
     with torch.no_grad():
-        keys, values = model.encode_image(images)
-        features, queries = model.encode_text(texts)
+        keys, values = unpack_image(model.encode_image(images))
+        features, queries = model.embed_text(texts)
         z = model.mixer(keys, values, queries, temperature=tau)  # [N, M, D]
         return F.cosine_similarity(z, features[None], dim=-1)
 
 
 def test_encoders_concatenate_batches(model, embedded):
-    images, texts, keys, values, features, queries = embedded
+    images, texts, image_features, text_features = embedded
     with torch.no_grad():
-        torch.testing.assert_close((keys, values), model.encode_image(images), rtol=1e-5, atol=1e-6)
-        full_features, full_queries = model.encode_text(texts, normalize=True)
-    torch.testing.assert_close((features, queries), (full_features, full_queries), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(image_features, model.encode_image(images), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(text_features, model.encode_text(texts), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('gram_block', [None, 32 * 32, 3 * 32 * 32])  # images per block: default, 1, 3
 @pytest.mark.parametrize('tau', [None, 1.])
 def test_blocked_scores_match_materialised_z(model, embedded, gram_block, tau, monkeypatch):
     import open_clip_llip.model as llip_model
-    images, texts, keys, values, features, queries = embedded
+    images, texts, image_features, text_features = embedded
     if gram_block:
         monkeypatch.setattr(llip_model, '_GRAM_BLOCK_ELEMENTS', gram_block)
     with torch.no_grad():
-        scores = retrieval_cosine(model, keys, values, features, queries, temperature=tau)
+        scores = model.similarity(image_features, text_features, temperature=tau)
     expected = plain_cosine(model, images, texts, model.mixer.temperature if tau is None else tau)
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
 
@@ -138,14 +135,14 @@ def test_metrics_agree_with_openclip_without_ties():
 
 
 def test_evaluate_retrieval_for_several_temperatures(model, embedded):
-    images, texts, keys, values, features, queries = embedded
+    images, texts, image_features, text_features = embedded
     image_index = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 0, 3, 5])
     with torch.no_grad():
-        results = evaluate_retrieval(model, keys, values, features, queries, image_index, temperatures=[1, 10])
+        results = evaluate_retrieval(model, image_features, text_features, image_index, temperatures=[1, 10])
     assert list(results) == [1., 10.]
     for tau, metrics in results.items():
         assert metrics == pytest.approx(plain_metrics(plain_cosine(model, images, texts, tau), image_index))
-    default = evaluate_retrieval(model, keys[:5], values[:5], features[:5], queries[:5])
+    default = evaluate_retrieval(model, image_features[:5], text_features[:5])
     assert list(default) == [model.mixer.temperature]
     assert default[model.mixer.temperature] == pytest.approx(
         plain_metrics(plain_cosine(model, images[:5], texts[:5], model.mixer.temperature), torch.arange(5)))

@@ -1,4 +1,9 @@
-"""The patches in patches/ apply to OpenCLIP 3.3.0, pass their own tests, and make OpenCLIP find us."""
+"""The patches in patches/ apply to the installed OpenCLIP, pass their own tests, and make OpenCLIP find us.
+
+``patches/open_clip-3.3.0`` is made against OpenCLIP 3.3.0, ``patches/open_clip-main`` against its
+main branch at 89fb801 (the wheel in ../shared/upstream, 4.2.0.dev0); the test takes the series of
+the installed version. With a patched OpenCLIP, none of our adapters may replace anything.
+"""
 import os
 import shutil
 import subprocess
@@ -9,20 +14,22 @@ import pytest
 
 import open_clip
 
-PATCHES = sorted((Path(__file__).resolve().parents[1] / 'patches').glob('*.patch'))
+SERIES = {'3.3.0': 'open_clip-3.3.0', '4.2.0.dev0': 'open_clip-main'}
+PATCHES = Path(__file__).resolve().parents[1] / 'patches'
+IS_MAIN = open_clip.__version__.startswith('4.')
 
 
 @pytest.fixture(scope='module')
 def patched_open_clip(tmp_path_factory):
     """A copy of the installed OpenCLIP in an upstream-shaped tree (src/open_clip, src/open_clip_train), patched."""
     import open_clip_train
-    if open_clip.__version__ != '3.3.0':
-        pytest.skip(f'the patches are made against OpenCLIP 3.3.0, installed is {open_clip.__version__}')
+    if open_clip.__version__ not in SERIES:
+        pytest.skip(f'patches/ has series for OpenCLIP {sorted(SERIES)}, installed is {open_clip.__version__}')
     root = tmp_path_factory.mktemp('open_clip')
     for package in (open_clip, open_clip_train):
         shutil.copytree(Path(package.__file__).parent, root / 'src' / package.__name__,
                         ignore=shutil.ignore_patterns('__pycache__'))
-    for patch in PATCHES:
+    for patch in sorted((PATCHES / SERIES[open_clip.__version__]).glob('*.patch')):
         subprocess.run(['git', 'apply', '--whitespace=nowarn', str(patch)], cwd=root, check=True)
     return root
 
@@ -38,35 +45,39 @@ def test_patches_pass_their_own_tests(patched_open_clip):
 
 
 def test_patched_open_clip_discovers_llip_through_its_entry_point(patched_open_clip):
-    """Autoload off: only the entry point can register Llip, and the stock-OpenCLIP shims stay out."""
-    result = run(patched_open_clip, '-c', """if True:
+    """Autoload off: only the entry point can register Llip, and no adapter replaces anything."""
+    run_name = 'run_zero_shot_classifier' if IS_MAIN else 'run'
+    result = run(patched_open_clip, '-c', f"""if True:
         import open_clip
         from open_clip.model import CLIP
-        assert open_clip.factory.CLIP is CLIP  # no stand-ins: the patches do the work
         import open_clip_train.train, open_clip_train.zero_shot
-        assert open_clip_train.train.evaluate.__module__ == 'open_clip_train.train'
-        assert open_clip_train.zero_shot.run.__module__ == 'open_clip_train.zero_shot'
+        assert open_clip.factory.CLIP is CLIP  # no stand-ins: the patches do the work
+        for function in (open_clip.create_model, open_clip.load_checkpoint, open_clip.create_loss,
+                         open_clip.build_zero_shot_classifier, open_clip_train.train.evaluate,
+                         open_clip_train.zero_shot.{run_name}, getattr(open_clip, 'create_task', open_clip.create_loss)):
+            assert not function.__module__.startswith('open_clip_llip'), function
         from types import SimpleNamespace
         model = open_clip.create_model('Llip-Tiny')
-        args = SimpleNamespace(model='Llip-Tiny', distill=False, siglip=False, horovod=False, rank=0, world_size=1,
-                               loss_dist_impl=None)
-        assert open_clip.create_loss.__module__ == 'open_clip.factory'  # the patched one, not a shim
+        args = SimpleNamespace(model='Llip-Tiny', distill=False, siglip=False, rank=0, world_size=1, loss_dist_impl=None)
         print(open_clip.__file__)
         print(type(model).__name__, sorted(m for m in open_clip.list_models() if m.startswith('Llip')))
         print(type(open_clip.create_loss(args)).__name__)
+        if hasattr(open_clip, 'create_task'):
+            print(type(open_clip.create_task(args, model).loss).__name__)
     """)
     assert result.returncode == 0, result.stderr
-    location, built, loss = result.stdout.splitlines()[:3]
+    location, built, *losses = result.stdout.splitlines()
     assert location == str(patched_open_clip / 'src' / 'open_clip' / '__init__.py')
     assert built.startswith("LlipModel ['Llip-Tiny', 'Llip-ViT-B-16'")
-    assert loss == 'LlipLoss'
+    assert losses == ['LlipLoss'] * (2 if IS_MAIN else 1)
 
 
-def test_patched_open_clip_evaluates_llip_with_its_similarity(patched_open_clip, tmp_path):
+def test_patched_open_clip_trains_and_evaluates_llip_with_its_similarity(patched_open_clip, tmp_path):
     from conftest import write_retrieval_csv
     val_csv, _ = write_retrieval_csv(tmp_path)
-    result = run(patched_open_clip, '-m', 'open_clip_train.main', '--model', 'Llip-Tiny', '--val-data', str(val_csv),
-                 '--dataset-type', 'csv', '--batch-size', '4', '--workers', '0', '--precision', 'fp32',
-                 '--logs', str(tmp_path / 'logs'), '--name', 'eval')
+    result = run(patched_open_clip, '-m', 'open_clip_train.main', '--model', 'Llip-Tiny', '--train-data', str(val_csv),
+                 '--val-data', str(val_csv), '--dataset-type', 'csv', '--batch-size', '4', '--workers', '0',
+                 '--precision', 'fp32', '--logs', str(tmp_path / 'logs'), '--name', 'run', CUDA_VISIBLE_DEVICES='')
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 'image_to_text_R@1' in (tmp_path / 'logs' / 'eval' / 'checkpoints' / 'results.jsonl').read_text()
+    assert 'training with LlipLoss' in (tmp_path / 'logs' / 'run' / 'out.log').read_text()
+    assert 'image_to_text_R@1' in (tmp_path / 'logs' / 'run' / 'checkpoints' / 'results.jsonl').read_text()

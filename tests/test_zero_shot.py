@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import open_clip
-from open_clip_llip import ZeroShotClassifier, build_zero_shot_classifier, run_zero_shot, topk_correct, zero_shot_cosine
+from open_clip_llip import build_zero_shot_classifier, run_zero_shot, topk_correct, unpack_image, unpack_text, zero_shot_cosine
 from conftest import reference_model, reference_tensors
 from test_golden import assert_matches
 
@@ -32,8 +32,9 @@ def test_classifier_and_scores_reproduce_reference(golden_name, num_classes_per_
     io, zs = reference_tensors(golden_name, 'io'), reference_tensors(golden_name, 'zeroshot')
     model = reference_model(golden_name)
     classifier = golden_classifier(model, zs['class_texts'], num_classes_per_batch)
-    assert_matches(classifier.features, zs['class_text_features'])
-    assert_matches(classifier.queries, zs['class_queries'])
+    queries, targets = unpack_text(classifier)
+    assert_matches(queries, zs['class_queries'])
+    assert_matches(targets, model.mixer.text_targets(zs['class_text_features']))
 
     scores = zero_shot_cosine(model, classifier, io['images'], temperatures=[1, 5])
     assert scores.shape == (2, *zs['zeroshot_logits_tau1'].shape)
@@ -53,21 +54,22 @@ TEMPLATES = ['a photo of a {}.', 'a drawing of the {}', lambda c: f'{c}!']
 
 
 def plain_classifier(model, tokenizer):
-    """Class by class, template by template."""
+    """Class by class, template by template: unit class embeddings [C, D] and class queries [C, H, d]."""
     features, queries = [], []
     for name in CLASSNAMES:
         texts = [t.format(name) if isinstance(t, str) else t(name) for t in TEMPLATES]
-        feats, qs = zip(*(model.encode_text(tokenizer([text])) for text in texts))
+        feats, qs = zip(*(model.embed_text(tokenizer([text])) for text in texts))
         features.append(F.normalize(torch.stack([F.normalize(f[0], dim=0) for f in feats]).mean(0), dim=0))
         queries.append(torch.stack([q[0] for q in qs]).mean(0))
     return torch.stack(features), torch.stack(queries)
 
 
-def plain_cosine(model, classifier, images, tau):
-    """Materialise z[i|c] (METHOD §3) and take its cosine with t[c]."""
-    keys, values = model.encode_image(images)
-    z = model.mixer(keys, values, classifier.queries, temperature=tau)  # [N, C, D]
-    return F.cosine_similarity(z, classifier.features[None], dim=-1)
+def plain_cosine(model, classes, images, tau):
+    """Materialise z[i|c] (METHOD §3) and take its cosine with t[c]; ``classes``: embeddings [C, D], queries."""
+    embeddings, queries = classes
+    keys, values = unpack_image(model.encode_image(images))
+    z = model.mixer(keys, values, queries, temperature=tau)  # [N, C, D]
+    return F.cosine_similarity(z, embeddings[None], dim=-1)
 
 
 def test_classifier_matches_plain_recipe(model):
@@ -75,25 +77,30 @@ def test_classifier_matches_plain_recipe(model):
     with torch.no_grad():
         classifier = build_zero_shot_classifier(model, tokenizer, CLASSNAMES, TEMPLATES, num_classes_per_batch=3)
         features, queries = plain_classifier(model, tokenizer)
-    assert classifier.features.shape == (4, 64) and classifier.queries.shape == (4, 4, 16)
-    torch.testing.assert_close(classifier.features, features, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(classifier.queries, queries, rtol=1e-5, atol=1e-6)
+    assert classifier.shape == (4, 2, 4, 16)  # class text features: [C, 2, H, d]
+    torch.testing.assert_close(classifier, model.text_features(features, queries), rtol=1e-5, atol=1e-6)
+
+
+def random_classes(model, classes=7, seed=1):
+    """Unit class embeddings [C, D] and raw class queries [C, H, d]."""
+    generator = torch.Generator().manual_seed(seed)
+    heads, d = model.mixer.heads, model.mixer.out_proj.shape[0] // model.mixer.heads
+    return (F.normalize(torch.randn(classes, heads * d, generator=generator), dim=-1),
+            3 * torch.randn(classes, heads, d, generator=generator))
 
 
 def random_classifier(model, classes=7, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    heads, d = model.mixer.heads, model.mixer.out_proj.shape[0] // model.mixer.heads
-    return ZeroShotClassifier(F.normalize(torch.randn(classes, heads * d, generator=generator), dim=-1),
-                              3 * torch.randn(classes, heads, d, generator=generator))
+    with torch.no_grad():
+        return model.text_features(*random_classes(model, classes, seed))
 
 
 def test_scores_match_materialised_z_for_several_temperatures(model):
-    classifier = random_classifier(model)
+    classes = random_classes(model)
     images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        scores = zero_shot_cosine(model, classifier, images, temperatures=[0.5, 5, 20])
+        scores = zero_shot_cosine(model, random_classifier(model), images, temperatures=[0.5, 5, 20])
         for tau, tau_scores in zip([0.5, 5, 20], scores):
-            torch.testing.assert_close(tau_scores, plain_cosine(model, classifier, images, tau), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(tau_scores, plain_cosine(model, classes, images, tau), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(scores[0], scores[2])  # τ changes the scores
 
 
@@ -121,32 +128,22 @@ def test_topk_correct_counts_ties_against():
         plain_topk(random_scores, random_targets, k) for k in (1, 3)]
 
 
-class CountingModel(torch.nn.Module):
-    """Wraps a model and counts how many images it encodes."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.mixer, self.encoded = model, model.mixer, 0
-
-    def encode_image(self, images):
-        self.encoded += images.shape[0]
-        return self.model.encode_image(images)
-
-
-def test_run_zero_shot_encodes_each_image_once_for_all_temperatures(model):
-    classifier = random_classifier(model)
+def test_run_zero_shot_encodes_each_image_once_for_all_temperatures(model, monkeypatch):
+    classes, classifier = random_classes(model), random_classifier(model)
     generator = torch.Generator().manual_seed(3)
     images, targets = torch.randn(10, 3, 32, 32, generator=generator), torch.randint(0, 7, (10,), generator=generator)
     with torch.no_grad():
-        targets[:5] = plain_cosine(model, classifier, images[:5], 5).argmax(1)  # some right, some wrong at τ 5
-    counting = CountingModel(model)
-    results = run_zero_shot(counting, classifier, DataLoader(TensorDataset(images, targets), batch_size=4),
+        targets[:5] = plain_cosine(model, classes, images[:5], 5).argmax(1)  # some right, some wrong at τ 5
+    encoded, stock_encode_image = [], model.encode_image
+    monkeypatch.setattr(model, 'encode_image', lambda images: encoded.append(len(images)) or stock_encode_image(images))
+    results = run_zero_shot(model, classifier, DataLoader(TensorDataset(images, targets), batch_size=4),
                             temperatures=[1, 5])
-    assert counting.encoded == 10
+    monkeypatch.undo()
+    assert sum(encoded) == 10
     assert list(results) == [1.0, 5.0]
     for tau in (1, 5):
         with torch.no_grad():
-            scores = plain_cosine(model, classifier, images, tau)
+            scores = plain_cosine(model, classes, images, tau)
         expected = [plain_topk(scores, targets, k) / 10 for k in (1, 5)]
         assert [results[tau]['top1'], results[tau]['top5']] == pytest.approx(expected)
 
@@ -159,7 +156,7 @@ def test_default_temperature_is_the_models(model):
 
 @pytest.mark.parametrize('temperatures', [[0], [1, -5], []])
 def test_bad_temperatures(model, temperatures):
-    with pytest.raises(ValueError, match='must be positive'):
+    with pytest.raises(ValueError, match='must be finite positive numbers'):
         zero_shot_cosine(model, random_classifier(model), torch.randn(1, 3, 32, 32), temperatures)
 
 

@@ -1,0 +1,53 @@
+"""Stand-ins for the OpenCLIP patches in ``patches/`` until they land: one module per patch.
+
+| module | patch against OpenCLIP 3.3 | patch against OpenCLIP main | what OpenCLIP gains |
+|---|---|---|---|
+| ``model_classes`` | 0001 | main/0001 | ``register_model_class``: a config's ``model_class`` picks the class; a model loads its own checkpoints |
+| ``losses`` | 0002 | — | ``register_loss``: ``create_loss`` asks the model class's loss |
+| ``tasks`` | — | main/0002 | ``register_task``: ``create_task`` asks the model class's training task |
+| ``accuracy`` | 0003 | (fixed upstream) | zero-shot accuracy that numpy ≥ 2.4 accepts |
+| ``similarity`` | 0004 | main/0003 | ``pairwise_similarity``: evaluation scores with a model's own ``similarity`` |
+
+Each adapter is detected on its own: it does nothing where OpenCLIP already has what its patch
+adds (the public name above; for ``accuracy``, an ``accuracy`` that works), and where something it
+would adapt is missing or has another shape, it leaves OpenCLIP alone and warns once. These
+modules are the only ones that replace names inside OpenCLIP; delete one when its patch lands.
+"""
+import inspect
+import warnings
+
+import open_clip
+
+
+class Unexpected(Exception):
+    """What an adapter expected to find in OpenCLIP and did not."""
+
+
+def expect_function(owner, name: str, parameters=()):
+    """``owner.name``, a function taking ``parameters`` (by these names); Unexpected otherwise."""
+    function = getattr(owner, name, None)
+    where = f'{getattr(owner, "__name__", owner)}.{name}'
+    if not callable(function):
+        raise Unexpected(f'{where} is missing')
+    try:
+        names = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        raise Unexpected(f'{where} has no inspectable signature') from None
+    missing = [parameter for parameter in parameters if parameter not in names]
+    if missing:
+        raise Unexpected(f'{where} takes no {", ".join(missing)} (it takes {", ".join(names)})')
+    return function
+
+
+def expect_class(owner, name: str) -> type:
+    value = getattr(owner, name, None)
+    if not isinstance(value, type):
+        raise Unexpected(f'{getattr(owner, "__name__", owner)}.{name} is not a class')
+    return value
+
+
+def leave_alone(adapter: str, error: Unexpected, consequence: str):
+    """Warn that an adapter does not apply to this OpenCLIP, and what Llip users lose."""
+    warnings.warn(
+        f'open_clip_llip: OpenCLIP {open_clip.__version__} is not what the {adapter} adapter expects ({error}), so it '
+        f'leaves OpenCLIP alone: {consequence}. Please report this with your OpenCLIP version.', stacklevel=3)

@@ -92,7 +92,7 @@ def activate_llip(open_clip_module):
         import warnings
         warnings.warn(
             f'open_clip_llip could not register Llip with open_clip ({error!r}); '
-            'set OPEN_CLIP_LLIP_AUTOLOAD=0 to stop trying.')
+            'set OPEN_CLIP_LLIP_AUTOLOAD=0 to stop trying.', stacklevel=2)
 
 
 # Run from the .pth file (not when the package imports this module for call_after_import). Llip is

@@ -17,12 +17,12 @@ import logging
 import math
 import pickle
 import re
-from typing import Dict, List, Tuple
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file as load_safetensors
 from open_clip.model import convert_to_custom_text_state_dict
+from safetensors.torch import load_file as load_safetensors
 
 from .config import CONFIG_RECORD_KEY, read_config_record
 
@@ -107,7 +107,8 @@ def _check_architecture(state_dict: StateDict, expected: StateDict, layout: str)
     adapted = _ADAPTED_FROM_CLIP if layout == 'clip' else _ADAPTED
     mismatched = [
         f'{key}: {list(value.shape)} in the checkpoint, {list(expected[key].shape)} in the model'
-        for key, value in state_dict.items() if key in expected and key not in adapted and value.shape != expected[key].shape]
+        for key, value in state_dict.items()
+        if key in expected and key not in adapted and value.shape != expected[key].shape]
     for key in sorted(_ADAPTED):  # positions must at least have the model's width
         if key in state_dict and key in expected and state_dict[key].shape[-1] != expected[key].shape[-1]:
             mismatched.append(f'{key}: width {state_dict[key].shape[-1]} in the checkpoint, '

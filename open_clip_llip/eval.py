@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-import torch
-
 import open_clip
+import torch
 
 from .evaluation import RETRIEVAL, ZERO_SHOT, RetrievalTask, Task, ZeroShotTask, evaluate, load_model
 from .model import LlipModel
@@ -102,8 +101,8 @@ def format_table(records: List[Dict]) -> str:
     """One block of rows per kind of task: task, τ and the metrics of ``TABLE_COLUMNS``."""
     blocks = []
     for kind, columns in TABLE_COLUMNS.items():
-        rows = [[r['task'], '-' if r['temperature'] is None else f"{r['temperature']:g}"] + [f"{r['metrics'][k]:.4f}" for k in columns]
-                for r in records if r['type'] == kind]
+        rows = [[r['task'], '-' if r['temperature'] is None else f"{r['temperature']:g}"]
+                + [f"{r['metrics'][k]:.4f}" for k in columns] for r in records if r['type'] == kind]
         if rows:
             header = [kind, 'τ'] + list(columns.values())
             widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]

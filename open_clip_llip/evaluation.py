@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import open_clip
 import torch
+from open_clip_train.precision import get_autocast
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-
-import open_clip
-from open_clip_train.precision import get_autocast
 
 from .eval_data import RetrievalImages, read_classnames, read_retrieval_set, read_templates, zero_shot_dataset
 from .model import LlipModel

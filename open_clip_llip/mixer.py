@@ -6,8 +6,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from open_clip.transformer import LayerNorm
+from torch import nn
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

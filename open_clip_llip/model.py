@@ -9,10 +9,9 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import LayerNorm, LayerNormFp32, text_global_pool
+from torch import nn
 
 from .config import CONFIG_RECORD_KEY, LlipCfg, check_llip_config, config_record, read_config_record
 from .features import check_features, pack_image, pack_text, unpack_image, unpack_text

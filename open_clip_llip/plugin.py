@@ -33,6 +33,7 @@ def register():
     if _registered:
         return
     import open_clip
+
     from . import training
     from .adapters import accuracy, losses, model_classes, similarity, tasks
     from .autoload import call_after_import

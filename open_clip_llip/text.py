@@ -12,9 +12,9 @@ from functools import partial
 from typing import Optional
 
 import torch
-from torch import nn
 from open_clip.model import CLIPTextCfg
 from open_clip.transformer import LayerNorm, LayerNormFp32, QuickGELU, TextTransformer
+from torch import nn
 
 # CLIPTextCfg options that would replace OpenCLIP's pooled, projected text transformer, and the values Llip needs.
 _REQUIRED_TEXT_OPTIONS = {

@@ -9,8 +9,9 @@ import sys
 
 
 def main(argv=None):
-    import open_clip_llip  # noqa: F401  (registers Llip before open_clip_train.main binds create_loss)
     from open_clip_train.main import main as open_clip_train_main
+
+    import open_clip_llip  # noqa: F401  (registers Llip before open_clip_train.main binds create_loss)
     status = open_clip_train_main(sys.argv[1:] if argv is None else argv)
     if status not in (None, 0):  # OpenCLIP's main returns -1 when it refuses (say, an existing experiment name)
         sys.exit(1)

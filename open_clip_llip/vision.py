@@ -12,10 +12,9 @@ from functools import partial
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
-from torch import nn
 from open_clip.model import CLIPVisionCfg
 from open_clip.transformer import LayerNorm, LayerNormFp32, PatchDropout, QuickGELU, VisionTransformer
-from open_clip.utils import feature_take_indices
+from torch import nn
 
 # CLIPVisionCfg options that change what the ViT outputs; Llip fixes them (see MixtureTokenViT).
 _FIXED_VISION_OPTIONS = {

@@ -19,7 +19,6 @@ from open_clip.zero_shot_classifier import batched
 from tqdm import tqdm
 
 
-
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 

@@ -18,12 +18,18 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 import open_clip
+import torch
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
-from open_clip_llip import (build_zero_shot_classifier, conditioned_cosine, topk_correct, unpack_image, unpack_text,
-                            zero_shot_cosine)
+
+from open_clip_llip import (
+    build_zero_shot_classifier,
+    conditioned_cosine,
+    topk_correct,
+    unpack_image,
+    unpack_text,
+    zero_shot_cosine,
+)
 from open_clip_llip.written_files import check_output_file, write_json
 
 

@@ -28,21 +28,23 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 
-import open_clip
 import open_clip_llip
 from open_clip_llip import unpack_image, unpack_text
 from open_clip_llip.data import write_dataset
-from open_clip_llip.written_files import WrittenFiles, remove_written
 from open_clip_llip.eval import add_task_arguments, tasks_from_arguments
-from open_clip_llip.evaluation import RetrievalTask, ZeroShotTask, evaluate as evaluate_tasks, load_model
+from open_clip_llip.evaluation import RetrievalTask, ZeroShotTask, load_model
+from open_clip_llip.evaluation import evaluate as evaluate_tasks
+from open_clip_llip.written_files import WrittenFiles, remove_written
 
 MARKER = 'demo.json'  # this script's record of a run in --output
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--output', type=Path, default=Path('demo-output'), help='where everything is written')
     parser.add_argument('--overwrite', action='store_true', help='replace an earlier run of this script in --output')
     parser.add_argument('--model', default='Llip-Tiny',
@@ -257,6 +259,7 @@ def plot_attention(model_name, checkpoint, retrieval_csv, path, num_images=3):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from PIL import Image
+
     from open_clip_llip.eval_data import read_retrieval_set
 
     model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=str(checkpoint))

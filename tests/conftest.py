@@ -2,11 +2,11 @@ import json
 import os
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import open_clip
 import open_clip_llip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +72,7 @@ def checkpoint(tmp_path_factory):
 def write_retrieval_csv(folder, count=12, seed=1):
     """A tiny OpenCLIP CSV retrieval set (tab-separated filepath, title): random images, distinct captions."""
     import csv
+
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(seed)

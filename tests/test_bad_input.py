@@ -1,10 +1,10 @@
 """Bad input gets an error that says what was wrong and where."""
 import copy
 
+import open_clip
 import pytest
 import torch
 
-import open_clip
 from open_clip_llip import LlipModel
 
 

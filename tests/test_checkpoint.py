@@ -2,10 +2,10 @@
 import copy
 import logging
 
+import open_clip
 import pytest
 import torch
 
-import open_clip
 from open_clip_llip import LlipModel
 
 
@@ -110,7 +110,8 @@ def test_checkpoint_of_another_architecture(tmp_path, register_config):
 def test_checkpoint_needing_code_execution_is_refused(tmp_path):
     path = tmp_path / 'pickled.pt'
     torch.save({'state_dict': tiny().state_dict(), 'extra': NotATensor()}, path)
-    with pytest.raises(ValueError, match=r'holds a Python object \(test_checkpoint.NotATensor\) that only running code could rebuild, so weights_only=True refuses'):
+    with pytest.raises(ValueError, match=r'holds a Python object \(test_checkpoint.NotATensor\) that only running code '
+                                         r'could rebuild, so weights_only=True refuses'):
         open_clip.create_model('Llip-Tiny', pretrained=str(path))
 
 

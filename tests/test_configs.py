@@ -1,14 +1,14 @@
 """The shipped configs match METHOD §5 and, parameter for parameter, the authors' checkpoints."""
 import json
 
+import open_clip
 import pytest
 import torch
+from conftest import REFERENCE
 
-import open_clip
-from open_clip_llip.config import CONFIG_RECORD_KEY
 from open_clip_llip import LlipModel, llip_model_names
 from open_clip_llip.checkpoint import convert_state_dict
-from conftest import REFERENCE
+from open_clip_llip.config import CONFIG_RECORD_KEY
 
 # config -> (the authors' checkpoint layout, K, D, τ, norm), METHOD §5.
 PAPER_CONFIGS = {

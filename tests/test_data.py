@@ -13,21 +13,19 @@ import tarfile
 from collections import Counter, defaultdict
 
 import numpy as np
+import open_clip
 import pandas as pd
 import pytest
 import torch
+from open_clip_train.data import CsvDataset, get_dataset_size, get_wds_dataset
+from open_clip_train.main import main as open_clip_train_main
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-import open_clip
-from open_clip_train.data import CsvDataset, get_dataset_size, get_wds_dataset
-from open_clip_train.main import main as open_clip_train_main
-
-from open_clip_llip.data import write_dataset
+from open_clip_llip.data import retrieval, write_dataset
 from open_clip_llip.data.__main__ import main as data_main
 from open_clip_llip.data.captions import sample_captions
 from open_clip_llip.data.render import png_bytes, render
-from open_clip_llip.data import retrieval
 from open_clip_llip.data.retrieval import sample_retrieval_set
 from open_clip_llip.data.scenes import ALL_PAIRS, COLOURS, Scene, rng_for, sample_scene
 from open_clip_llip.data.tasks import ZERO_SHOT_TASKS
@@ -212,7 +210,7 @@ def test_training_shards_hold_every_image_once_per_true_caption(dataset):
     samples = read_shards(folder, manifest)
     assert len(samples) == manifest['train']['num_samples'] == 24 * 4
     by_image = defaultdict(list)
-    for key, png, text, meta in samples:
+    for _key, png, text, meta in samples:
         objects = meta['scene']['objects']
         assert true_of(text, objects), (text, objects)
         assert parse(text)[0] == meta['caption_kind']
@@ -315,7 +313,8 @@ def test_openclip_webdataset_pipeline_reads_the_shards(dataset):
     data = get_wds_dataset(args, preprocess, is_train=True, tokenizer=open_clip.get_tokenizer('Llip-Tiny'))
     batches = list(data.dataloader)
     assert len(batches) == data.dataloader.num_batches == 6
-    images, texts = batches[0]
+    batch = batches[0]
+    images, texts = (batch['image'], batch['text']) if isinstance(batch, dict) else batch  # OpenCLIP 4: dicts
     assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
     assert texts.shape == (16, 32) and texts.dtype == torch.long
 
@@ -339,7 +338,8 @@ def test_openclip_csv_dataset_reads_the_retrieval_set(dataset, monkeypatch):
     data = CsvDataset(str(csv), preprocess, img_key='filepath', caption_key='title',
                       tokenizer=open_clip.get_tokenizer('Llip-Tiny'))
     assert len(data) == manifest['retrieval']['num_captions'] == 36
-    image, text = data[0]
+    item = data[0]
+    image, text = (item['image'], item['text']) if isinstance(item, dict) else item  # OpenCLIP 4: dicts
     assert image.shape == (3, 32, 32) and text.shape == (32,)
 
 

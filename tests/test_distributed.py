@@ -4,12 +4,12 @@ Each rank keeps its images and exchanges texts as OpenCLIP's SigLipLoss does. Wi
 rank and W ranks, every rank's loss is normalised by b, so the ranks' losses sum to W times the
 single-process loss over B = W·b, and DDP's gradient average equals the single-process gradient.
 """
+import open_clip
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import open_clip
 from open_clip_llip import LlipLoss
 
 IMPLS = ('bidir', 'shift', 'reduce', 'gather')

@@ -5,23 +5,23 @@ import os
 import subprocess
 import sys
 import tarfile
-import tomllib
 from importlib import import_module
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
+import tomllib
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 from PIL import Image
+from test_bad_input import tiny_config
+from test_retrieval import plain_metrics
 
-import open_clip
 from open_clip_llip import LlipModel, build_zero_shot_classifier, run_zero_shot, unpack_image
 from open_clip_llip.eval import main
 from open_clip_llip.eval_data import RetrievalImages, read_retrieval_set
-from conftest import REPO
-from test_bad_input import tiny_config
-from test_retrieval import plain_metrics
 
 CLASS_FOLDERS = ['b_dog', 'a_cat', 'c_red_car']  # sorted: a_cat, b_dog, c_red_car
 CLASSNAMES = ['cat', '', 'dog', 'red car']  # a blank line is ignored
@@ -246,7 +246,8 @@ def test_bad_shard_samples(checkpoint, tmp_path, members, message):
 
 def test_shards_without_webdataset_installed(data, checkpoint, monkeypatch):
     monkeypatch.setitem(sys.modules, 'webdataset', None)  # import webdataset now raises ImportError
-    with pytest.raises(SystemExit, match=r"Reading webdataset shards needs webdataset: pip install 'open_clip_llip\[training\]'"):
+    with pytest.raises(SystemExit,
+                       match=r"Reading webdataset shards needs webdataset: pip install 'open_clip_llip\[training\]'"):
         run(['--retrieval', str(data / 'shards' / '000.tar')], checkpoint)
 
 

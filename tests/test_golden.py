@@ -1,12 +1,12 @@
 """Our model reproduces the golden tensors made with the authors' code (METHOD §9)."""
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REFERENCE, reference_config, reference_model, reference_tensors
 
-import open_clip
 from open_clip_llip import LlipLoss, conditioned_cosine, unpack_image, unpack_text
 from open_clip_llip.checkpoint import convert_state_dict
-from conftest import REFERENCE, reference_config, reference_model, reference_tensors
 
 # fp32 round-off: every golden tensor is matched to 1e-5 of its largest entry.
 RTOL = 1e-5

@@ -1,10 +1,10 @@
 """LlipModel keeps OpenCLIP's model contract and its ViT options."""
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import open_clip
 from open_clip_llip import LlipLoss, LlipModel, conditioned_cosine, unpack_image
 
 N, M = 6, 5

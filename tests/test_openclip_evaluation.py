@@ -2,16 +2,16 @@
 import json
 
 import numpy as np
+import open_clip
+import open_clip_train.zero_shot as open_clip_zero_shot
 import pytest
 import torch
+from conftest import write_retrieval_csv
+from open_clip_train.main import main as open_clip_train_main
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import open_clip
-import open_clip_train.zero_shot as open_clip_zero_shot
-from open_clip_train.main import main as open_clip_train_main
 from open_clip_llip import build_zero_shot_classifier, retrieval_metrics, run_zero_shot
-from conftest import write_retrieval_csv
 
 CLASSNAMES = ['goldfish', 'tench', 'shark', 'hen', 'ostrich', 'owl']
 TEMPLATES = ['a photo of a {}.', 'a drawing of the {}.']

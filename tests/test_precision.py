@@ -17,19 +17,18 @@ import math
 import os
 
 import numpy as np
-import pytest
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader
-from torchvision.datasets import ImageFolder
-
 import open_clip
 import open_clip_train.zero_shot as open_clip_zero_shot
+import pytest
+import torch
+from conftest import write_retrieval_csv
 from open_clip_train.main import main as open_clip_train_main
 from open_clip_train.precision import get_autocast
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
 from open_clip_llip import build_zero_shot_classifier, zero_shot_cosine
 from open_clip_llip.eval import main as eval_main
-from conftest import write_retrieval_csv
 
 DEVICE = os.environ.get('OPEN_CLIP_LLIP_TEST_DEVICE', 'cpu')
 PRECISIONS = ('fp32', 'amp_bf16', 'amp', 'pure_bf16')

@@ -1,10 +1,10 @@
 """Retrieval: conditioned scores in blocks against plain Llip, and recall/rank metrics against a plain count."""
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 
-import open_clip
 from open_clip_llip import encode_images, encode_texts, evaluate_retrieval, retrieval_metrics, unpack_image
 
 
@@ -115,7 +115,8 @@ def test_ties_count_against():
 def test_metrics_match_plain_count_on_random_scores(seed):
     generator = torch.Generator().manual_seed(seed)
     num_images, num_texts = 30, 70
-    image_index = torch.cat([torch.arange(num_images), torch.randint(0, num_images, (num_texts - num_images,), generator=generator)])
+    extra = torch.randint(0, num_images, (num_texts - num_images,), generator=generator)
+    image_index = torch.cat([torch.arange(num_images), extra])
     image_index = image_index[torch.randperm(num_texts, generator=generator)]
     scores = torch.randint(0, 12, (num_images, num_texts), generator=generator).float()  # many ties
     metrics = retrieval_metrics(scores, image_index)

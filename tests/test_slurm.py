@@ -5,12 +5,12 @@ import stat
 import subprocess
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
-
-import open_clip
-from open_clip_llip import LlipModel
 from open_clip_train.params import parse_args
+
+from open_clip_llip import LlipModel
 
 SCRIPTS = Path(__file__).resolve().parents[1] / 'scripts' / 'slurm'
 # METHOD §5: nodes (8 GPUs each), per-GPU batch, lr, and how memory/speed are bought.

@@ -8,15 +8,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 import webdataset as wds
+from conftest import write_retrieval_csv
+from open_clip_train.main import main as open_clip_train_main
 from PIL import Image
 
-import open_clip
 from open_clip_llip import LlipModel
-from open_clip_train.main import main as open_clip_train_main
-from conftest import write_retrieval_csv
 
 COLOURS = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (40, 70, 220), 'yellow': (230, 210, 40),
            'purple': (140, 50, 180), 'orange': (240, 140, 30), 'white': (235, 235, 235), 'black': (20, 20, 20)}
@@ -154,7 +154,8 @@ def test_corrupt_and_empty_shards_are_skipped_as_openclip_does(tmp_path):
     run = train(tmp_path, '--train-data', f'{tmp_path}/train-{{0..2}}.tar', '--dataset-type', 'webdataset',
                 '--train-num-samples', '64')
     assert all(np.isfinite(logged_losses(run)))
-    assert 'Handling webdataset error' in (run / 'out.log').read_text()
+    log = (run / 'out.log').read_text()
+    assert 'Handling webdataset error' in log or 'Skipped 1 webdataset samples' in log  # OpenCLIP 3, 4
     assert good.exists()
 
 

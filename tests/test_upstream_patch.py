@@ -10,9 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import open_clip
+import pytest
 
 SERIES = {'3.3.0': 'open_clip-3.3.0', '4.2.0.dev0': 'open_clip-main'}
 PATCHES = Path(__file__).resolve().parents[1] / 'patches'

@@ -1,13 +1,20 @@
 """Zero-shot classification: the classifier and the conditioned scores against the golden tensors and plain Llip."""
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
-
-import open_clip
-from open_clip_llip import build_zero_shot_classifier, run_zero_shot, topk_correct, unpack_image, unpack_text, zero_shot_cosine
 from conftest import reference_model, reference_tensors
 from test_golden import assert_matches
+from torch.utils.data import DataLoader, TensorDataset
+
+from open_clip_llip import (
+    build_zero_shot_classifier,
+    run_zero_shot,
+    topk_correct,
+    unpack_image,
+    unpack_text,
+    zero_shot_cosine,
+)
 
 
 class TokenTable:

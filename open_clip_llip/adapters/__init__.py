@@ -1,12 +1,14 @@
 """Stand-ins for the OpenCLIP patches in ``patches/`` until they land: one module per patch.
 
-| module | patch against OpenCLIP 3.3 | patch against OpenCLIP main | what OpenCLIP gains |
+| module | patch (3.3) | patch (main) | what OpenCLIP gains |
 |---|---|---|---|
-| ``model_classes`` | 0001 | main/0001 | ``register_model_class``: a config's ``model_class`` picks the class; a model loads its own checkpoints |
-| ``losses`` | 0002 | — | ``register_loss``: ``create_loss`` asks the model class's loss |
-| ``tasks`` | — | main/0002 | ``register_task``: ``create_task`` asks the model class's training task |
-| ``accuracy`` | 0003 | (fixed upstream) | zero-shot accuracy that numpy ≥ 2.4 accepts |
-| ``similarity`` | 0004 | main/0003 | ``pairwise_similarity``: evaluation scores with a model's own ``similarity`` |
+| ``model_classes`` | 0001 | 0001 | ``register_model_class``: configs pick a class; models load their own checkpoints |
+| ``losses`` | 0002 | 0002 | ``register_loss``: ``create_loss`` asks the model class's loss |
+| ``tasks`` | — | 0002 | ``register_task``: ``create_task`` asks the model class's training task |
+| ``accuracy`` | 0003 | (fixed) | zero-shot accuracy that numpy ≥ 2.4 accepts |
+| ``similarity`` | 0004 | 0003 | ``pairwise_similarity``: evaluation scores with a model's own ``similarity`` |
+
+(patches/open_clip-3.3.0 and patches/open_clip-main; see patches/README.md.)
 
 Each adapter is detected on its own: it does nothing where OpenCLIP already has what its patch
 adds (the public name above; for ``accuracy``, an ``accuracy`` that works), and where something it

@@ -18,10 +18,9 @@ The model is found behind DDP and, in OpenCLIP 4, behind its training task (its 
 the task keeps them, as the task's own evaluation does). ``open_clip_train`` modules are adapted
 once they have loaded.
 """
+import open_clip
 import torch
 import torch.nn.functional as F
-
-import open_clip
 
 from ..autoload import call_after_import
 from ..retrieval import retrieval_metrics

@@ -6,3 +6,5 @@ training shards, an image-text retrieval set and zero-shot classification tasks;
 ``tasks.py`` for the tasks.
 """
 from .writer import write_dataset
+
+__all__ = ['write_dataset']

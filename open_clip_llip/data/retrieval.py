@@ -54,7 +54,7 @@ def sample_retrieval_set(seed: int, num_images: int, captions_per_image: int) ->
     with tqdm(total=num_images, desc='retrieval set', unit='image') as progress:
         for index, (scene, rng) in enumerate(zip(scenes, generators)):
             captions = sample_captions(scene, captions_per_image, rng, max_tries=MAX_TRIES,
-                                       accept=lambda caption: not pool.true_elsewhere(caption, index))
+                                       accept=lambda caption, index=index: not pool.true_elsewhere(caption, index))
             if captions is not None:
                 chosen.append((scene, captions))
                 progress.update()

@@ -24,8 +24,7 @@ from typing import Callable, Tuple
 
 import numpy as np
 
-from .scenes import (
-    COLOURS, GRID, HELD_OUT_PAIRS, SHAPES, Scene, sample_background, sample_cells, sample_object)
+from .scenes import COLOURS, GRID, HELD_OUT_PAIRS, SHAPES, Scene, sample_background, sample_cells, sample_object
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,9 @@ class LlipModel(nn.Module):
     The constructor takes an OpenCLIP model config with one more key, ``llip_cfg`` (``LlipCfg``).
     ``forward`` always returns a dict (``output_dict`` is accepted for OpenCLIP's factory).
     """
+    # What loading a saved LlipModel needs besides open_clip_torch (written to its Hub config and card).
+    hub_requirements = ('open_clip_llip',)
+
     def __init__(
             self,
             embed_dim: int,

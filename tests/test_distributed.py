@@ -1,8 +1,9 @@
 """LlipLoss across processes equals one process computing the whole batch, for every --loss-dist-impl.
 
-Each rank keeps its images and exchanges texts as OpenCLIP's SigLipLoss does. With b images per
-rank and W ranks, every rank's loss is normalised by b, so the ranks' losses sum to W times the
-single-process loss over B = W·b, and DDP's gradient average equals the single-process gradient.
+Each rank keeps its images and exchanges texts as OpenCLIP's SigLipLoss does, then computes its loss in one
+call over all W·b texts. With b images per rank and W ranks, every rank's loss is normalised by b, so the ranks'
+losses sum to W times the single-process loss over B = W·b, and DDP's gradient average equals the
+single-process gradient.
 """
 import pytest
 import torch
@@ -39,11 +40,17 @@ def run_rank(rank, world_size, init_method, out_path):
     results = {}
     for impl in IMPLS:
         model.zero_grad()
-        loss = LlipLoss(rank=rank, world_size=world_size, dist_impl=impl)(**ddp_model(images[local], texts[local]))
+        loss_fn = LlipLoss(rank=rank, world_size=world_size, dist_impl=impl)
+        texts_per_call = []
+        one_call = loss_fn._loss
+        loss_fn._loss = lambda images_, texts_, *args, **kwargs: (
+            texts_per_call.append(texts_.shape[0]) or one_call(images_, texts_, *args, **kwargs))
+        loss = loss_fn(**ddp_model(images[local], texts[local]))
         loss.backward()
         losses = [None] * world_size
         dist.all_gather_object(losses, loss.item())
-        results[impl] = {'losses': losses, 'grads': {n: p.grad.clone() for n, p in model.named_parameters()}}
+        results[impl] = {'losses': losses, 'grads': {n: p.grad.clone() for n, p in model.named_parameters()},
+                         'texts_per_call': texts_per_call}
     if rank == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
@@ -60,6 +67,7 @@ def test_distributed_loss_and_gradients_equal_single_process(world_size, tmp_pat
     loss.backward()
     for impl in IMPLS:
         ranks = results[impl]
+        assert ranks['texts_per_call'] == [world_size * PER_RANK], impl  # one loss call over all texts
         assert sum(ranks['losses']) == pytest.approx(world_size * loss.item(), rel=1e-5), impl
         for name, param in model.named_parameters():
             error = (ranks['grads'][name] - param.grad).abs().max().item()

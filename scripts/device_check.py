@@ -132,7 +132,7 @@ def kernel_times(name, device, b=256, B=32768):
             if stage == 'forward':
                 args['partial_ptr'] = torch.empty(b, launch.grid[0], 3, **fp32)
             fused_loss._run(launch, args)  # compile, and the forward's cos and |z|² for the backward
-            ms = triton.testing.do_bench(lambda: fused_loss._run(launch, args), warmup=25, rep=100,
+            ms = triton.testing.do_bench(lambda launch=launch: fused_loss._run(launch, args), warmup=25, rep=100,
                                          return_mode='median')
             flags = ''.join(g[0] for g in ('QUERY', 'TARGET', 'KEY', 'VALUE', 'GRAM') if launch.constexprs.get(g))
             records.append(dict(section='kernel_time', shape=name, kernel=launch.name + (f'[{flags}]' if flags else ''),

@@ -31,6 +31,18 @@ def tiny_model():
     return open_clip.create_model('Llip-Tiny')
 
 
+def count_texts_per_call(loss_fn):
+    """The number of texts of each call of ``loss_fn._loss``, as a list that fills as it is called."""
+    counts, one_call = [], loss_fn._loss
+
+    def counted(image_features, text_features, *args, **kwargs):
+        counts.append(text_features.shape[0])
+        return one_call(image_features, text_features, *args, **kwargs)
+
+    loss_fn._loss = counted
+    return counts
+
+
 def run_rank(rank, world_size, init_method, out_path):
     dist.init_process_group('gloo', init_method=init_method, rank=rank, world_size=world_size)
     model = tiny_model()
@@ -41,10 +53,7 @@ def run_rank(rank, world_size, init_method, out_path):
     for impl in IMPLS:
         model.zero_grad()
         loss_fn = LlipLoss(rank=rank, world_size=world_size, dist_impl=impl)
-        texts_per_call = []
-        one_call = loss_fn._loss
-        loss_fn._loss = lambda images_, texts_, *args, **kwargs: (
-            texts_per_call.append(texts_.shape[0]) or one_call(images_, texts_, *args, **kwargs))
+        texts_per_call = count_texts_per_call(loss_fn)
         loss = loss_fn(**ddp_model(images[local], texts[local]))
         loss.backward()
         losses = [None] * world_size

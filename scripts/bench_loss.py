@@ -33,7 +33,6 @@ Example: python scripts/bench_loss.py --shape b16 --batch 256 512 1024 2048 --js
 """
 import argparse
 import contextlib
-import json
 import logging
 import os
 import statistics
@@ -49,6 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from open_clip_llip import LlipLoss, LlipMixer, pack_image, pack_text
+from open_clip_llip.written_files import add_json_output, check_json_output, write_json
 
 SHAPES = {  # mixer shapes of the released configs (METHOD §5): K mixture tokens, D width, H heads
     'b16': dict(K=32, D=512, H=8),
@@ -292,8 +292,9 @@ def parse_args(argv=None):
                         help='run for real only if the traced peak is below this fraction of free memory')
     parser.add_argument('--memory-only', action='store_true',
                         help='only trace the peak memory with fake tensors (any size, in seconds); no timing')
-    parser.add_argument('--json', help='write the records to this file')
+    add_json_output(parser, 'the records')
     args = parser.parse_args(argv)
+    check_json_output(parser, args)
     if (args.b is None) != (args.B is None) or (args.b is not None and args.batch):
         parser.error('give --batch, or both --b and --B')
     args.device = torch.device(args.device)
@@ -327,8 +328,7 @@ def main(argv=None):
             records.append(record)
     print(table(records))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(records, f, indent=1)
+        write_json(args.json, records, args.overwrite)
     return records
 
 

@@ -9,27 +9,36 @@
    world size 128), bf16, median of ``triton.testing.do_bench``, with the design's TFLOP/s.
 3. ``scripts/bench_loss.py`` at b = 256, B = 32,768 for B/16 and G/14: the direct formulation, ours (Triton; the
    PyTorch path too at B/16) and SigLIP, forward+backward time and peak memory.
+4. ``tests/test_precision.py`` on the GPU (``OPEN_CLIP_LLIP_TEST_DEVICE=cuda``): the stock loop with validation,
+   get_logits, similarity, zero-shot and the eval command in fp32, amp_bf16, amp and pure_bf16, against fp32.
+5. A few ``open_clip_train`` steps of Llip-ViT-B-16 and of its SigLIP twin (ViT-B-16-quickgelu with ``--siglip``:
+   the same towers) at 256 per GPU, amp_bf16, synthetic data: samples/s of each, from the loop's tensorboard.
 
-Prints every figure and writes them all to ``--json``. Budget: under 8 minutes on one H100/H200, most of it
+Prints every figure and writes them all to ``--json``. Budget: sections 1-3 under 8 minutes on one H100/H200 (4 and 5
+add about 3; ``--skip precision train`` for the kernels alone), most of it
 Triton compiling each kernel once per shape and dtype (``--skip`` leaves sections out for a quicker rerun).
 ``--dry-run`` runs section 1 at the tiny shapes only, on the CPU under TRITON_INTERPRET=1 (how CI tests it).
 
 Example: python scripts/device_check.py --json $OUT/device_check.json
 """
 import argparse
-import json
 import math
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from open_clip_llip import fused_loss  # noqa: E402
 from open_clip_llip.loss import _block_loss  # noqa: E402
+from open_clip_llip.written_files import add_json_output, check_json_output, write_json  # noqa: E402
 
 # H, K, d of the shipped configs (as scripts/kernel_report.py)
 SHAPES = {'tiny': (4, 8, 16), 'b32': (8, 64, 64), 'b16': (8, 32, 64), 'l14': (8, 32, 96), 'h14': (8, 64, 128),
@@ -150,6 +159,40 @@ def bench(name, device, b=256, B=32768):
     return [dict(record, section='bench', shape=name) for record in records]
 
 
+def precision_matrix():
+    """tests/test_precision.py on the GPU, in a subprocess: pass/fail and its summary line."""
+    env = dict(os.environ, OPEN_CLIP_LLIP_TEST_DEVICE='cuda')
+    result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-s', '-p', 'no:cacheprovider',
+                             str(REPO / 'tests' / 'test_precision.py')], cwd=REPO, env=env, capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    figures = [line for line in lines if 'max |Δ' in line or '|Δ clip_val_loss|' in line]
+    return [dict(section='precision', ok=result.returncode == 0, summary=lines[-1] if lines else '', figures=figures,
+                 output_tail='' if result.returncode == 0 else result.stdout[-4000:] + result.stderr[-2000:])]
+
+
+def training_speed(steps=12, batch=256):
+    """open_clip_train steps of Llip-ViT-B-16 and ViT-B-16-quickgelu --siglip: median samples/s after 2 warm-up steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    records = []
+    with tempfile.TemporaryDirectory() as logs:
+        for model, extra in (('Llip-ViT-B-16', []), ('ViT-B-16-quickgelu', ['--siglip'])):
+            command = [sys.executable, '-m', 'open_clip_train.main', '--model', model, '--dataset-type', 'synthetic',
+                       '--train-num-samples', str(steps * batch), '--batch-size', str(batch), '--precision', 'amp_bf16',
+                       '--workers', '4', '--epochs', '1', '--log-every-n-steps', '1', '--report-to', 'tensorboard',
+                       '--save-frequency', '0', '--logs', logs, '--name', model, *extra]
+            result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+            record = dict(section='train', model=model, flags=extra, ok=result.returncode == 0, batch=batch)
+            if result.returncode == 0:
+                events = EventAccumulator(str(Path(logs) / model / 'tensorboard')).Reload()
+                speeds = [event.value for event in events.Scalars('train/samples_per_second')][2:]
+                record.update(samples_per_second=float(sorted(speeds)[len(speeds) // 2]),
+                              loss=[event.value for event in events.Scalars('train/loss')])
+            else:
+                record.update(output_tail=result.stdout[-3000:] + result.stderr[-3000:])
+            records.append(record)
+    return records
+
+
 def environment(device):
     info = dict(section='environment', python=platform.python_version(), torch=torch.__version__,
                 triton=__import__('triton').__version__, device=str(device),
@@ -173,18 +216,26 @@ def summary(records) -> str:
         elif r['section'] == 'bench':
             time_ms = f'{r["time_ms"]:.2f} ms' if r['time_ms'] is not None else 'n/a'
             lines.append(f'bench       {r["shape"]:5s} {r["impl"]:12s} {time_ms:>11s} {r["peak_mem_mb"]:9.1f} MB')
+        elif r['section'] == 'precision':
+            lines.append(f'precision   {"ok" if r["ok"] else "FAIL"}: {r["summary"]}')
+            lines += [f'            {figure}' for figure in r['figures']]
+        elif r['section'] == 'train':
+            speed = f'{r["samples_per_second"]:.0f} samples/s' if r['ok'] else 'FAILED'
+            lines.append(f'train       {r["model"]} {" ".join(r["flags"])}: {speed} at {r["batch"]} per GPU, amp_bf16')
     return '\n'.join(lines)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--json', help='write every record to this file')
+    add_json_output(parser, 'every record')
     parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=list(SHAPES),
                         help='shapes for the correctness checks')
-    parser.add_argument('--skip', nargs='*', default=[], choices=['correctness', 'kernels', 'bench'])
+    parser.add_argument('--skip', nargs='*', default=[],
+                        choices=['correctness', 'kernels', 'bench', 'precision', 'train'])
     parser.add_argument('--dry-run', action='store_true',
                         help='correctness at the tiny shape only, on the CPU (needs TRITON_INTERPRET=1)')
     args = parser.parse_args(argv)
+    check_json_output(parser, args)
     if args.dry_run and not fused_loss.INTERPRETED:
         parser.error('--dry-run runs the kernels on the CPU: set TRITON_INTERPRET=1')
     if not args.dry_run and not torch.cuda.is_available():
@@ -213,12 +264,18 @@ def main(argv=None):
     if not args.dry_run and 'bench' not in args.skip:
         for name in ('b16', 'g14'):
             records += bench(name, device)
+    if not args.dry_run and 'precision' not in args.skip:
+        records += precision_matrix()
+        print(summary(records[-1:]), f'({time.perf_counter() - started:.0f} s)', flush=True)
+    if not args.dry_run and 'train' not in args.skip:
+        records += training_speed()
+        print(summary(records[-2:]), f'({time.perf_counter() - started:.0f} s)', flush=True)
     records.append(dict(section='total', seconds=time.perf_counter() - started,
-                        ok=all(r['ok'] for r in records if r['section'] == 'correctness')))
+                        ok=all(r['ok'] for r in records if r['section'] in ('correctness', 'precision', 'train'))))
     print('\n' + summary(records))
-    print(f'total {records[-1]["seconds"]:.0f} s; correctness {"ok" if records[-1]["ok"] else "FAILED"}')
+    print(f'total {records[-1]["seconds"]:.0f} s; checks {"ok" if records[-1]["ok"] else "FAILED"}')
     if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=1))
+        write_json(args.json, records, args.overwrite)
     return records
 
 

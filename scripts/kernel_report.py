@@ -32,7 +32,6 @@ of a shape issues no wgmma. sm_80 is compiled for coverage; its spills and ratio
 Example: python scripts/kernel_report.py --shapes b16 l14 h14 g14 --arch 90 80 --json report.json
 """
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -46,6 +45,7 @@ from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from open_clip_llip import fused_loss  # noqa: E402
+from open_clip_llip.written_files import add_json_output, check_json_output, write_json  # noqa: E402
 
 # H, K, d of the shipped configs (model_configs/Llip-*.json: llip_cfg.heads, mixture_tokens, embed_dim / heads).
 SHAPES = {
@@ -234,10 +234,12 @@ def parse_args(argv=None):
     parser.add_argument('--b', type=int, default=256, help='images (one rank)')
     parser.add_argument('--B', type=int, default=32768, help='texts (all a rank sees)')
     parser.add_argument('--dtype', choices=['bf16', 'fp16'], default='bf16')
-    parser.add_argument('--json', help='write the results to this file')
+    add_json_output(parser, 'the results')
     parser.add_argument('--check', action='store_true', help='exit 1 on spills, shared memory over the limit, '
                         f'issued > {MAX_RATIO}× design, or no wgmma for the largest product on sm_90')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_json_output(parser, args)
+    return args
 
 
 def main(argv=None):
@@ -249,7 +251,7 @@ def main(argv=None):
     for problem in found:
         print('FAIL:', problem)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json(args.json, results, args.overwrite)
     if args.check and found:
         raise SystemExit(1)
     return results

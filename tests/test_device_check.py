@@ -44,4 +44,4 @@ def test_dry_run_checks_loss_and_gradients_under_the_interpreter(tmp_path):
         assert record['ok'], record
         assert set(record['float64']) == {'loss', 'features', 'gram', 'texts', 'logit_scale', 'logit_bias'}
     assert records[-1]['section'] == 'total' and records[-1]['ok']
-    assert 'correctness ok' in result.stdout
+    assert 'checks ok' in result.stdout

@@ -448,3 +448,25 @@ def test_output_path_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(NotADirectoryError, match='exists and is not a directory'):
         write_dataset(tmp_path / 'data', **TINY)
     assert (tmp_path / 'data').read_text() == 'not a folder'
+
+
+def test_training_data_as_a_csv_that_the_stock_loop_reads_in_a_seeded_order(tmp_path, restore_logging):
+    manifest = write_dataset(tmp_path / 'data', **{**TINY, 'train_images': 8}, train_format='csv')
+    assert manifest['train'] == {'format': 'csv', 'data': 'train/train.csv', 'num_samples': 32, 'num_images': 8,
+                                 'captions_per_image': 4}
+    frame = pd.read_csv(tmp_path / 'data' / 'train' / 'train.csv', sep='\t')
+    assert len(frame) == 32 and frame['filepath'].nunique() == 8
+    assert all((tmp_path / 'data' / 'train' / path).is_file() for path in frame['filepath'])
+    with pytest.raises(ValueError, match=r"train_format must be one of \('webdataset', 'csv'\), got 'tfrecord'"):
+        write_dataset(tmp_path / 'other', **TINY, train_format='tfrecord')
+
+    # The same seed twice: the same order of samples, so the same weights, bit for bit.
+    states = []
+    for run in ('a', 'b'):
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.chdir(tmp_path / 'data' / 'train')  # CsvDataset opens its paths as given
+            open_clip_train_main(['--model', 'Llip-Tiny', '--train-data', 'train.csv', '--dataset-type', 'csv',
+                                  '--batch-size', '8', '--epochs', '1', '--workers', '1', '--precision', 'fp32',
+                                  '--seed', '3', '--logs', str(tmp_path / 'logs'), '--name', run])
+        states.append(torch.load(tmp_path / 'logs' / run / 'checkpoints' / 'epoch_1.pt', weights_only=True)['state_dict'])
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])

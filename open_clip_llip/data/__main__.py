@@ -21,6 +21,9 @@ def parse_args(argv=None):
     parser.add_argument('--zeroshot-images', type=int, default=50, help='images per class of each zero-shot task')
     parser.add_argument('--image-size', type=int, default=32, help='image side in pixels (32 for Llip-Tiny)')
     parser.add_argument('--samples-per-shard', type=int, default=2000, help='training samples per shard')
+    parser.add_argument('--train-format', choices=['webdataset', 'csv'], default='webdataset',
+                        help="training data as webdataset shards, or as OpenCLIP's CSV (its order is seeded by "
+                             "open_clip_train --seed; webdataset's sample shuffle is not)")
     parser.add_argument('--overwrite', action='store_true',
                         help='replace a dataset this command wrote into OUTPUT_DIR before (nothing else is removed)')
     return parser, parser.parse_args(argv)

@@ -6,6 +6,7 @@ Layout of ``output_dir`` (paths in ``manifest.json`` are relative to it):
                                   SHA-256 (``files``), which is all that ``overwrite`` removes
     train-000000.tar, ...         webdataset shards; a sample is an image ('png'), one caption ('txt')
                                   and its scene ('json'); each image appears once per caption
+    train/train.csv, train/images instead, with train_format='csv': OpenCLIP's CsvDataset
     sizes.json                    samples per shard, which open_clip_train reads when
                                   --train-num-samples is not given
     retrieval/retrieval.csv       tab-separated: filepath, title, unseen_pair (1 when the caption
@@ -37,6 +38,7 @@ GENERATOR = 'open_clip_llip.data'
 # How many objects a training scene holds, with what probability (1 to MAX_OBJECTS).
 TRAIN_OBJECT_PROBS = (0.1, 0.3, 0.3, 0.3)
 MAX_CAPTIONS_PER_IMAGE = 8
+TRAIN_FORMATS = ('webdataset', 'csv')
 MIN_IMAGE_SIZE = 16
 
 
@@ -52,9 +54,7 @@ def _train_example(seed: int, index: int, captions_per_image: int, image_size: i
 
 
 def _write_train(written: WrittenFiles, seed: int, num_images: int, captions_per_image: int, image_size: int,
-                 samples_per_shard: int) -> dict:
-    import webdataset as wds  # an open_clip_llip[training] dependency, needed for this part only
-
+                 samples_per_shard: int, train_format: str) -> dict:
     images, samples = [], []
     for index in tqdm(range(num_images), desc='training images', unit='image'):
         png, scene, captions = _train_example(seed, index, captions_per_image, image_size)
@@ -64,8 +64,18 @@ def _write_train(written: WrittenFiles, seed: int, num_images: int, captions_per
                     for number, caption in enumerate(captions)]
     # A global shuffle, so that the copies of one image rarely meet in a batch.
     order = rng_for(seed, 'shuffle').permutation(len(samples))
-    num_shards = -(-len(samples) // samples_per_shard)
     width = max(6, len(str(num_images - 1)))
+    counts = {'num_samples': len(samples), 'num_images': num_images, 'captions_per_image': captions_per_image}
+    if train_format == 'csv':
+        return {'format': 'csv', **_write_train_csv(written, images, [samples[i] for i in order], width), **counts}
+    return {'format': 'webdataset', **_write_train_shards(written, images, samples, order, width, samples_per_shard),
+            **counts}
+
+
+def _write_train_shards(written: WrittenFiles, images, samples, order, width: int, samples_per_shard: int) -> dict:
+    import webdataset as wds  # an open_clip_llip[training] dependency, needed for this part only
+
+    num_shards = -(-len(samples) // samples_per_shard)
     sizes = {}
     for shard in range(num_shards):
         name = f'train-{shard:06d}.tar'
@@ -80,10 +90,18 @@ def _write_train(written: WrittenFiles, seed: int, num_images: int, captions_per
         sizes[name] = len(chunk)
     written.write_text('sizes.json', json.dumps(sizes, indent=1) + '\n')
     pattern = f'train-{{{0:06d}..{num_shards - 1:06d}}}.tar'
-    logging.info(f'wrote {len(samples)} training samples ({num_images} images × {captions_per_image} captions) '
-                 f'in {num_shards} shard(s): {written.root / pattern}')
-    return {'data': pattern, 'num_samples': len(samples), 'num_images': num_images,
-            'captions_per_image': captions_per_image}
+    logging.info(f'wrote {len(samples)} training samples in {num_shards} shard(s): {written.root / pattern}')
+    return {'data': pattern}
+
+
+def _write_train_csv(written: WrittenFiles, images, samples, width: int) -> dict:
+    """OpenCLIP's CsvDataset: images in train/images, one row per (image, caption), in the shuffled order."""
+    for index, png in enumerate(images):
+        written.write_bytes(f'train/images/{index:0{width}d}.png', png)
+    rows = ['filepath\ttitle'] + [f'images/{index:0{width}d}.png\t{text}' for index, _, text, _ in samples]
+    path = written.write_text('train/train.csv', '\n'.join(rows) + '\n')
+    logging.info(f'wrote {len(samples)} training samples as a CSV (paths relative to its folder): {path}')
+    return {'data': 'train/train.csv'}
 
 
 def _write_retrieval(written: WrittenFiles, seed: int, num_images: int, captions_per_image: int,
@@ -159,6 +177,7 @@ def write_dataset(
         zeroshot_images: int = 50,
         image_size: int = 32,
         samples_per_shard: int = 2000,
+        train_format: str = 'webdataset',
         overwrite: bool = False,
 ) -> dict:
     """Write training shards, a retrieval set and zero-shot tasks into ``output_dir``; return the manifest.
@@ -170,6 +189,9 @@ def write_dataset(
         zeroshot_images: images per class in each zero-shot task.
         image_size: images are square, of this many pixels a side (32 for ``Llip-Tiny``).
         samples_per_shard: training samples per webdataset shard.
+        train_format: 'webdataset' (shards) or 'csv' (OpenCLIP's CsvDataset: ``train/train.csv`` and
+            ``train/images``; ``open_clip_train --dataset-type csv`` shuffles it with the seeded torch
+            generator, where webdataset's sample shuffle is not seeded).
         overwrite: replace a dataset this function wrote into ``output_dir`` before; without it a
             non-empty ``output_dir`` is refused.
 
@@ -184,6 +206,8 @@ def write_dataset(
     for name, (value, least) in counts.items():
         if not isinstance(value, (int, np.integer)) or value < least:
             raise ValueError(f'{name} must be an integer of at least {least}, got {value!r}')
+    if train_format not in TRAIN_FORMATS:
+        raise ValueError(f'train_format must be one of {TRAIN_FORMATS}, got {train_format!r}')
     for name in ('captions_per_image', 'retrieval_captions'):
         if counts[name][0] > MAX_CAPTIONS_PER_IMAGE:
             raise ValueError(f'{name} must be at most {MAX_CAPTIONS_PER_IMAGE}, got {counts[name][0]}')
@@ -197,7 +221,8 @@ def write_dataset(
             'seed': seed,
             'image_size': image_size,
             'held_out_pairs': sorted(f'{colour} {shape}' for colour, shape in HELD_OUT_PAIRS),
-            'train': _write_train(written, seed, train_images, captions_per_image, image_size, samples_per_shard),
+            'train': _write_train(written, seed, train_images, captions_per_image, image_size, samples_per_shard,
+                                  train_format),
             'retrieval': _write_retrieval(written, seed, retrieval_images, retrieval_captions, image_size),
             'zeroshot': _write_zeroshot(written, seed, zeroshot_images, image_size),
         }
@@ -205,6 +230,9 @@ def write_dataset(
         manifest['files'] = dict(written.files)
         written.write_text('manifest.json', json.dumps(manifest, indent=2) + '\n')
     train = manifest['train']
-    logging.info(f"train with: open_clip_train --dataset-type webdataset --train-data '{output_dir / train['data']}' "
-                 f"--train-num-samples {train['num_samples']}")
+    if train_format == 'csv':
+        logging.info(f"train with (from {output_dir / 'train'}): open_clip_train --dataset-type csv --train-data train.csv")
+    else:
+        logging.info(f"train with: open_clip_train --dataset-type webdataset --train-data '{output_dir / train['data']}' "
+                     f"--train-num-samples {train['num_samples']}")
     return manifest

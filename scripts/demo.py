@@ -1,15 +1,27 @@
-"""The main job: Llip against a SigLIP baseline with the same towers, trained and evaluated on one machine.
+"""The main job: Llip against its SigLIP twin and a non-contextual control, trained and evaluated on one machine.
 
-1. Writes the built-in scenes data (``open_clip_llip.data``: images of several coloured shapes,
-   several captions each, each naming part of the scene), unless ``--train-data`` gives a dataset.
-2. For each seed, trains ``--model`` (a Llip config) and its baseline with OpenCLIP's stock loop
-   (``python -m open_clip_train.main``): the baseline is the same config without the mixer — the
-   same towers, width and depth — trained with ``--siglip`` (OpenCLIP's SigLipLoss) on the same
-   data, steps, batch and learning-rate schedule.
-3. Evaluates every checkpoint with ``open_clip_llip.eval`` (zero-shot tasks, retrieval), prints a
-   side-by-side table (mean ± standard deviation over seeds) and writes ``results.json``,
-   ``results.md`` and plots: ``training_curves.png`` and ``attention.png`` (for a few held-out
-   images, how much of each mixture token each of several captions mixes).
+Three arms, alike in everything but what is compared — the towers, width and depth, the data and its order,
+the steps, batch and learning-rate schedule, and the initialisation (seeded weights, logit scale 10 and
+logit bias −log(B − 1), the prior of one positive among B: OpenCLIP's SigLIP value, −10, is the prior for
+batches of 32k):
+
+- ``llip``: ``--model`` (a Llip config), trained with LlipLoss;
+- ``siglip``: the same config without the mixer, an OpenCLIP CLIP config trained with ``--siglip``
+  (OpenCLIP's SigLipLoss);
+- ``control``: the same Llip config with ``llip_cfg.contextual = false``: every caption mixes the K
+  mixture tokens with the same, uniform weights (the paper's control: "more image tokens" without
+  "caption-conditioned mixing").
+
+1. Writes the built-in scenes data (``open_clip_llip.data``: images of several coloured shapes, several
+   captions each, each naming part of the scene) with its training set as OpenCLIP's CSV, whose order
+   ``--seed`` fixes (webdataset's sample shuffle is not seeded); or takes ``--train-data``.
+2. For each seed and arm: the initial weights (``init/``), then OpenCLIP's stock loop
+   (``python -m open_clip_train.main --pretrained <initial weights>``), its log lines streamed.
+3. Evaluates every checkpoint with ``open_clip_llip.evaluation`` (zero-shot tasks, retrieval), prints the
+   table (mean ± standard deviation over seeds) and writes ``results.json``, ``results.md`` and plots:
+   ``training_curves.png`` (from the loop's tensorboard scalars), ``gap.png`` (each arm's difference from
+   SigLIP per metric, with its spread over seeds) and ``attention.png`` (for a few held-out images, how
+   much of each mixture token each of their captions mixes).
 
     python scripts/demo.py                      # built-in data, Llip-Tiny, 3 seeds, CPU
     python scripts/demo.py --model Llip-ViT-B-16 --device cuda \\
@@ -42,22 +54,29 @@ from open_clip_llip.written_files import WrittenFiles, remove_written
 MARKER = 'demo.json'  # this script's record of a run in --output
 
 
+ARMS = ('llip', 'siglip', 'control')
+LOG = logging.getLogger('demo')
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--output', type=Path, default=Path('demo-output'), help='where everything is written')
     parser.add_argument('--overwrite', action='store_true', help='replace an earlier run of this script in --output')
     parser.add_argument('--model', default='Llip-Tiny',
-                        help='a Llip config: a name OpenCLIP knows or a JSON file; the baseline drops its mixer')
+                        help='a Llip config: a name OpenCLIP knows or a JSON file; the twin drops its mixer')
+    parser.add_argument('--arms', nargs='+', choices=ARMS, default=list(ARMS),
+                        help='llip: the model; siglip: its twin without the mixer; control: the model mixing uniformly')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (then torchrun-free, one GPU)")
     add_task_arguments(parser)  # evaluation data, as open_clip_llip_eval takes it
     data = parser.add_argument_group('training data (default: the built-in scenes, written to OUTPUT/data)')
-    data.add_argument('--train-data', help='webdataset shards (brace pattern) instead of the built-in scenes')
+    data.add_argument('--train-data', help='your own training data instead: webdataset shards (brace pattern) or a CSV')
+    data.add_argument('--dataset-type', choices=['webdataset', 'csv'], default='webdataset', help='of --train-data')
     data.add_argument('--train-num-samples', type=int, help='samples per epoch of --train-data')
     data.add_argument('--train-images', type=int, default=4000, help='built-in scenes: training images')
     data.add_argument('--eval-images', type=int, default=50, help='built-in scenes: images per zero-shot class')
-    train = parser.add_argument_group('training (the same for Llip and the baseline)')
+    train = parser.add_argument_group('training (the same for every arm)')
     train.add_argument('--epochs', type=int, default=3)
     train.add_argument('--batch-size', type=int, default=64)
     train.add_argument('--lr', type=float, default=2e-3)
@@ -68,6 +87,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.train_images, args.eval_images, args.epochs, args.warmup = 32, 2, 1, 2
+    if 'llip' not in args.arms:
+        parser.error('--arms must include llip: the other arms are compared with it')
+    if args.batch_size < 2:
+        parser.error('--batch-size must be at least 2 (the logit bias starts at -log(B - 1))')
     if args.train_data and not (args.train_num_samples and (args.zeroshot_images or args.retrieval)):
         parser.error('--train-data needs --train-num-samples and evaluation data (--zeroshot-images … or --retrieval)')
     try:  # every evaluation file read and checked before any training
@@ -77,6 +100,7 @@ def parse_args(argv=None):
     # Rows of the table: a zero-shot task by its folder's name, the retrieval set as 'retrieval'.
     args.tasks = [replace(task, name=Path(task.images).name if isinstance(task, ZeroShotTask) else 'retrieval')
                   for task in tasks]
+    args.train_cwd = None  # where open_clip_train runs: a built-in CSV's paths are relative to its folder
     return args
 
 
@@ -112,34 +136,24 @@ def save_record(args, written: WrittenFiles):
 
 def built_in_data(args, image_size):
     """Write the scenes, drawn at the model's image size, and point the training and evaluation options at them."""
-    logging.info('== Writing the built-in scenes data')
-    folder = args.output / 'data'
-    sizes = dict(retrieval_images=12, samples_per_shard=64) if args.quick else {}
+    LOG.info('== Writing the built-in scenes data')
+    folder = (args.output / 'data').resolve()
+    sizes = dict(retrieval_images=12) if args.quick else {}
     # The data folder keeps its own record (its manifest): an earlier run's dataset is replaced by write_dataset.
     manifest = write_dataset(folder, seed=0, train_images=args.train_images, zeroshot_images=args.eval_images,
-                             image_size=image_size, overwrite=(folder / 'manifest.json').is_file(), **sizes)
-    args.train_data = str(folder / manifest['train']['data'])
+                             image_size=image_size, train_format='csv', overwrite=(folder / 'manifest.json').is_file(),
+                             **sizes)
+    train_csv = folder / manifest['train']['data']
+    args.train_data, args.dataset_type, args.train_cwd = train_csv.name, 'csv', train_csv.parent
     args.train_num_samples = manifest['train']['num_samples']
     args.tasks = [ZeroShotTask.from_files(folder / task['folder'], folder / task['classnames'], folder / task['templates'],
                                           name=name) for name, task in manifest['zeroshot'].items()]
     args.tasks.append(RetrievalTask(str(folder / manifest['retrieval']['csv']), name='retrieval'))
 
 
-def write_config(args, written, name, config):
-    """Register ``config`` as ``name`` here (for evaluation) and write it where open_clip_train finds it.
-
-    Returns the ``--model`` value for open_clip_train: ``local-dir:OUTPUT/<name>``.
-    """
-    folder = written.write_text(f'{name}/open_clip_config.json', json.dumps({'model_cfg': config}, indent=2)).parent
-    open_clip.add_model_config(written.write_text(f'{name}.json', json.dumps(config, indent=2)))
-    save_record(args, written)
-    return f'local-dir:{folder}'
-
-
-def llip_model(args, written):
-    """``--model``, a Llip config name or JSON file: (config name, how open_clip_train finds it, config)."""
-    from_file = args.model.endswith('.json')
-    if from_file:
+def llip_config(args):
+    """``--model``, a Llip config name or JSON file: (its name, its config)."""
+    if args.model.endswith('.json'):
         path = Path(args.model)
         if not path.is_file():
             sys.exit(f'--model {args.model}: no such config file')
@@ -153,42 +167,68 @@ def llip_model(args, written):
     if config.get('model_class') != 'LlipModel':
         sys.exit(f"--model {args.model} is not a Llip config (known: {', '.join(open_clip_llip.llip_model_names())}; "
                  'or a JSON file with "model_class": "LlipModel")')
-    return name, write_config(args, written, name, config) if from_file else name, config
+    return name, config
 
 
-def baseline_model(args, written, name, config):
-    """The Llip config without its mixer: an OpenCLIP CLIP config with the same towers, trained with --siglip.
+def arms(args, name, config):
+    """Arm -> (label, run name, config, extra open_clip_train flags), for the arms asked for.
 
-    The name must not contain "siglip", which would make OpenCLIP pick a Hugging Face tokenizer.
+    The twin drops the mixer: an OpenCLIP CLIP config with the same towers (its name must not contain
+    "siglip", which would make OpenCLIP pick a Hugging Face tokenizer). The control keeps everything but
+    the caption-conditioned mixing (``llip_cfg.contextual = false``).
     """
-    config = {k: v for k, v in config.items() if k not in ('model_class', 'llip_cfg')}  # the logit bias stays
-    baseline = f'Twin-{name}'
-    return baseline, write_config(args, written, baseline, config)
+    twin = {k: v for k, v in config.items() if k not in ('model_class', 'llip_cfg')}
+    control = dict(config, llip_cfg=dict(config['llip_cfg'], contextual=False))
+    every = {'llip': (name, name, config, ()),
+             'siglip': (f'SigLIP (Twin-{name})', f'Twin-{name}', twin, ('--siglip',)),
+             'control': (f'{name}, uniform mixing', f'{name}-uniform', control, ())}
+    return {arm: every[arm] for arm in ARMS if arm in args.arms}
+
+
+def initial_weights(args, written, run, config, seed) -> str:
+    """The run's starting point as an OpenCLIP ``local-dir:`` model: its config, and the seed's random weights
+    with logit scale 10 and bias −log(B − 1), the same for every arm. Returns the ``--model`` value."""
+    folder = f'init/{run}'
+    written.write_text(f'{folder}/open_clip_config.json', json.dumps({'model_cfg': config}, indent=2))
+    torch.manual_seed(seed)
+    if config.get('model_class') == 'LlipModel':
+        model = open_clip_llip.LlipModel(**{k: v for k, v in config.items() if k != 'model_class'})
+    else:
+        model = open_clip.CLIP(**config)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10))
+        model.logit_bias.fill_(-math.log(args.batch_size - 1))
+    torch.save(model.state_dict(), written.path(f'{folder}/open_clip_pytorch_model.bin'))
+    written.record(f'{folder}/open_clip_pytorch_model.bin')
+    save_record(args, written)
+    return f'local-dir:{(args.output / folder).resolve()}'
 
 
 def train(args, written, name, model, seed, extra=()):
     """One run of OpenCLIP's stock training loop; returns its final checkpoint. Its log lines stream through."""
+    runs = (args.output / 'runs').resolve()
     command = [
-        sys.executable, '-m', 'open_clip_train.main', '--model', model, '--dataset-type', 'webdataset',
+        sys.executable, '-m', 'open_clip_train.main', '--model', model, '--dataset-type', args.dataset_type,
         '--train-data', args.train_data, '--train-num-samples', str(args.train_num_samples),
         '--epochs', str(args.epochs), '--batch-size', str(args.batch_size), '--lr', str(args.lr),
         '--warmup', str(args.warmup), '--precision', args.precision, '--workers', str(args.workers),
-        '--seed', str(seed), '--device', args.device, '--logs', str(args.output / 'runs'), '--name', name,
-        '--log-every-n-steps', '10', '--save-frequency', '0', '--report-to', 'tensorboard', *extra]
+        '--seed', str(seed), '--device', args.device, '--logs', str(runs),
+        '--name', name, '--log-every-n-steps', '10', '--save-frequency', '0', '--report-to', 'tensorboard', *extra]
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     if args.device == 'cpu':
         env['CUDA_VISIBLE_DEVICES'] = ''
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               cwd=args.train_cwd)
     for line in process.stdout:
         if 'Train Epoch' in line or 'Error' in line or 'error' in line:
             print(f'  {name} | {line.split(" | ")[-1].rstrip()}', flush=True)
     status = process.wait()
-    if (args.output / 'runs' / name).is_dir():
+    if (runs / name).is_dir():
         written.record_tree(f'runs/{name}')
         save_record(args, written)
     if status:
-        sys.exit(f'training {name} failed; its log: {args.output / "runs" / name / "out.log"}')
-    return args.output / 'runs' / name / 'checkpoints' / f'epoch_{args.epochs}.pt'
+        sys.exit(f'training {name} failed; its log: {runs / name / "out.log"}')
+    return runs / name / 'checkpoints' / f'epoch_{args.epochs}.pt'
 
 
 def training_curve(run_dir, batch_size):
@@ -200,27 +240,30 @@ def training_curve(run_dir, batch_size):
     return points, (float(np.median(speeds)) if speeds else float('nan'))
 
 
-def evaluate(args, model_name, checkpoint):
+def evaluate(args, model, checkpoint):
     """Task name -> metrics of one checkpoint, through open_clip_llip.evaluation."""
-    model, transform, tokenizer = load_model(model_name, str(checkpoint), device=args.device)
+    model, transform, tokenizer = load_model(model, str(checkpoint), device=args.device)
     records = evaluate_tasks(model, args.tasks, transform, tokenizer, batch_size=256, workers=0)
     return {record['task']: record['metrics'] for record in records}
 
 
+def table_metrics(metrics):
+    """The metrics of a task shown in the table: top-1 of a zero-shot task, R@1 and R@5 both ways of retrieval."""
+    return ['top1'] if 'top1' in metrics else [
+        'image_to_text_R@1', 'image_to_text_R@5', 'text_to_image_R@1', 'text_to_image_R@5']
+
+
 def summary_rows(results):
-    """Per task and metric, mean ± sample standard deviation over seeds (in %) for each model."""
-    models = list(results)
+    """Per task and metric, mean ± sample standard deviation over seeds (in %) for each arm."""
     rows = []
-    for task, metrics in results[models[0]][0].items():
-        names = ['top1'] if 'top1' in metrics else [
-            'image_to_text_R@1', 'image_to_text_R@5', 'text_to_image_R@1', 'text_to_image_R@5']
-        for metric in names:
+    for task, metrics in next(iter(results.values()))[0].items():
+        for metric in table_metrics(metrics):
             cells = []
-            for model in models:
-                values = np.array([seed_results[task][metric] for seed_results in results[model]]) * 100
+            for runs in results.values():
+                values = np.array([seed_results[task][metric] for seed_results in runs]) * 100
                 cells.append((values.mean(), values.std(ddof=1) if len(values) > 1 else 0.))
             rows.append((task, metric, cells))
-    return models, rows
+    return rows
 
 
 def format_table(models, rows, markdown=False):
@@ -233,15 +276,18 @@ def format_table(models, rows, markdown=False):
     return '\n'.join('  '.join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + lines)
 
 
-def plot_training_curves(curves, batch_size, path):
+COLOURS = {'llip': 'tab:blue', 'siglip': 'tab:orange', 'control': 'tab:green'}
+
+
+def plot_training_curves(curves, labels, batch_size, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (model, runs), colour in zip(curves.items(), ('tab:blue', 'tab:orange')):
+    for arm, runs in curves.items():
         for index, points in enumerate(runs):
             steps, losses = zip(*points)
-            ax.plot(steps, losses, color=colour, alpha=0.8, label=model if index == 0 else None)
+            ax.plot(steps, losses, color=COLOURS[arm], alpha=0.8, label=labels[arm] if index == 0 else None)
     # A model that learns only the bias: σ(b) = 1/B for the one positive among B texts.
     bias_only = -math.log(1 / batch_size) - (batch_size - 1) * math.log((batch_size - 1) / batch_size)
     ax.axhline(bias_only, color='grey', linestyle='--', label='bias only (no image-text learning)')
@@ -253,7 +299,43 @@ def plot_training_curves(curves, batch_size, path):
     plt.close(fig)
 
 
-def plot_attention(model_name, checkpoint, retrieval_csv, path, num_images=3):
+def gaps(results, arm, baseline='siglip'):
+    """(task, metric) -> (mean, sample std) over seeds of ``arm``'s score minus the baseline's on the same seed, in %."""
+    out = {}
+    for task, metrics in results[baseline][0].items():
+        for metric in table_metrics(metrics):
+            differences = np.array([(ours[task][metric] - theirs[task][metric]) * 100
+                                    for ours, theirs in zip(results[arm], results[baseline])])
+            out[task, metric] = differences.mean(), differences.std(ddof=1) if len(differences) > 1 else 0.
+    return out
+
+
+def plot_gap(results, labels, path):
+    """Each arm's difference from SigLIP per metric, mean over seeds with its spread (± sample std)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    arms = [arm for arm in results if arm != 'siglip']
+    per_arm = {arm: gaps(results, arm) for arm in arms}
+    keys = list(per_arm[arms[0]])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(arms)
+    for offset, arm in enumerate(arms):
+        means, spreads = zip(*(per_arm[arm][key] for key in keys))
+        positions = np.arange(len(keys)) + (offset - (len(arms) - 1) / 2) * width
+        ax.bar(positions, means, width, yerr=spreads, capsize=3, color=COLOURS[arm], label=labels[arm])
+    ax.axhline(0, color='black', linewidth=0.8)
+    ax.set_xticks(range(len(keys)), [f'{task}\n{metric.replace("image_to_text", "I→T").replace("text_to_image", "T→I")}'
+                                     for task, metric in keys], fontsize=7)
+    ax.set(ylabel='difference from SigLIP (points)',
+           title=f'Gain over the SigLIP twin, mean ± std over {len(results["siglip"])} seeds (paired by seed)')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_attention(model_name, found_as, checkpoint, retrieval_csv, path, num_images=3):
     """For a few held-out images: the mixing weights of each of their captions over the K tokens."""
     import matplotlib
     matplotlib.use('Agg')
@@ -262,8 +344,7 @@ def plot_attention(model_name, checkpoint, retrieval_csv, path, num_images=3):
 
     from open_clip_llip.eval_data import read_retrieval_set
 
-    model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=str(checkpoint))
-    tokenizer = open_clip.get_tokenizer(model_name)
+    model, transform, tokenizer = load_model(found_as, str(checkpoint))
     retrieval_set = read_retrieval_set(retrieval_csv)
     fig, axes = plt.subplots(num_images, 2, figsize=(10, 2.2 * num_images), gridspec_kw={'width_ratios': [1, 4]})
     for row, image_number in enumerate(range(num_images)):
@@ -289,54 +370,61 @@ def plot_attention(model_name, checkpoint, retrieval_csv, path, num_images=3):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s | %(message)s', datefmt='%H:%M:%S')
+    # This script's progress at INFO; OpenCLIP's (which logs on the root logger) only from warnings up.
+    logging.basicConfig(level=logging.WARNING, format='%(asctime)s | %(message)s', datefmt='%H:%M:%S')
+    LOG.setLevel(logging.INFO)
     start = time.time()
     written = prepare_output(args)
-    llip_name, llip_found_as, llip_config = llip_model(args, written)
+    name, config = llip_config(args)
     if args.train_data is None:
-        built_in_data(args, llip_config['vision_cfg']['image_size'])
-    baseline_name, baseline_found_as = baseline_model(args, written, llip_name, llip_config)
-    # label -> (config name, how open_clip_train finds it, extra training flags)
-    models = {llip_name: (llip_name, llip_found_as, ()),
-              f'SigLIP ({baseline_name})': (baseline_name, baseline_found_as, ('--siglip',))}
+        built_in_data(args, config['vision_cfg']['image_size'])
+    arm_specs = arms(args, name, config)
+    labels = {arm: label for arm, (label, *_) in arm_specs.items()}
+    results, curves, speeds = ({arm: [] for arm in arm_specs} for _ in range(3))
+    found, checkpoints = {}, {}
+    runs = [(seed, arm) for seed in args.seeds for arm in arm_specs]
+    for number, (seed, arm) in enumerate(runs, 1):
+        label, run_name, arm_config, extra = arm_specs[arm]
+        run = f'{run_name}-seed{seed}'
+        elapsed = time.time() - start
+        left = f', about {elapsed / (number - 1) * (len(runs) - number + 1):.0f} s to go' if number > 1 else ''
+        LOG.info(f'== [{number}/{len(runs)}] Training {label}, seed {seed} ({elapsed:.0f} s so far{left})')
+        found[arm, seed] = initial_weights(args, written, run, arm_config, seed)
+        checkpoints[arm, seed] = train(args, written, run, found[arm, seed], seed, extra)
+        points, speed = training_curve(args.output / 'runs' / run, args.batch_size)
+        curves[arm].append(points)
+        speeds[arm].append(speed)
+        LOG.info(f'== Evaluating {label}, seed {seed}')
+        results[arm].append(evaluate(args, found[arm, seed], checkpoints[arm, seed]))
 
-    results = {label: [] for label in models}
-    curves = {label: [] for label in models}
-    speeds = {label: [] for label in models}
-    checkpoints = {}
-    runs = [(seed, label) for seed in args.seeds for label in models]
-    for number, (seed, label) in enumerate(runs, 1):
-        config_name, train_model, extra = models[label]
-        name = f'{config_name}-seed{seed}'
-        logging.info(f'== [{number}/{len(runs)}] Training {label}, seed {seed} ({time.time() - start:.0f} s so far)')
-        checkpoint = train(args, written, name, train_model, seed, extra)
-        points, speed = training_curve(args.output / 'runs' / name, args.batch_size)
-        curves[label].append(points)
-        speeds[label].append(speed)
-        logging.info(f'== Evaluating {label}, seed {seed}')
-        results[label].append(evaluate(args, config_name, checkpoint))
-        checkpoints[label, seed] = checkpoint
-
-    labels, rows = summary_rows(results)
-    table = format_table(labels, rows)
-    print(f'\n{table}\n')
-    for label in labels:
-        ends = np.array([(points[0][1], points[-1][1]) for points in curves[label]])
-        print(f'{label}: training loss {ends[:, 0].mean():.2f} at the first step, {ends[:, 1].mean():.2f} at the last '
-              f'(mean over seeds); {np.mean(speeds[label]):.0f} samples/s')
-    written.write_text('results.md', format_table(labels, rows, markdown=True) + '\n')
+    rows = summary_rows(results)
+    columns = [labels[arm] for arm in results]
+    print(f'\n{format_table(columns, rows)}\n')
+    for arm in results:
+        ends = np.array([(points[0][1], points[-1][1]) for points in curves[arm]])
+        print(f'{labels[arm]}: training loss {ends[:, 0].mean():.2f} at the first step, {ends[:, 1].mean():.2f} at the '
+              f'last (mean over seeds); {np.mean(speeds[arm]):.0f} samples/s')
+    written.write_text('results.md', format_table(columns, rows, markdown=True) + '\n')
     written.write_text('results.json', json.dumps(dict(
-        seeds=args.seeds, results=results, samples_per_second=speeds,
-        loss_start_end={label: [(points[0][1], points[-1][1]) for points in runs] for label, runs in curves.items()},
+        seeds=args.seeds, labels=labels, results=results, samples_per_second=speeds,
+        loss_start_end={arm: [(points[0][1], points[-1][1]) for points in runs] for arm, runs in curves.items()},
+        gap_to_siglip={arm: {f'{task} {metric}': value for (task, metric), value in gaps(results, arm).items()}
+                       for arm in results if arm != 'siglip' and 'siglip' in results},
         wall_seconds=time.time() - start), indent=2))
-    plot_training_curves(curves, args.batch_size, written.path('training_curves.png'))
-    written.record('training_curves.png')
+    plots = ['training_curves.png']
+    plot_training_curves(curves, labels, args.batch_size, written.path('training_curves.png'))
+    if 'siglip' in results and len(results) > 1:
+        plot_gap(results, labels, written.path('gap.png'))
+        plots.append('gap.png')
     retrieval = next((task.path for task in args.tasks if isinstance(task, RetrievalTask)), '')
     if retrieval.endswith('.csv'):
-        plot_attention(llip_name, checkpoints[llip_name, args.seeds[0]], retrieval, written.path('attention.png'))
-        written.record('attention.png')
+        plot_attention(name, found['llip', args.seeds[0]], checkpoints['llip', args.seeds[0]], retrieval,
+                       written.path('attention.png'))
+        plots.append('attention.png')
+    for plot in plots:
+        written.record(plot)
     save_record(args, written)
-    logging.info(f'Done in {time.time() - start:.0f} s: {args.output}/results.md, training_curves.png, attention.png')
+    LOG.info(f'Done in {time.time() - start:.0f} s: {args.output}/results.md, {", ".join(plots)}')
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
 """The main job, shortened (--quick: tiny data, a few steps): every output it promises, from one command."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,21 +18,33 @@ def test_quick_main_job_trains_evaluates_and_plots(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = result.stdout
-    assert 'Llip-Tiny' in table and 'SigLIP (Twin-Llip-Tiny)' in table and 'big-colour' in table
-    assert 'samples/s' in table
+    assert 'Llip-Tiny' in table and 'SigLIP (Twin-Llip-Tiny)' in table and 'Llip-Tiny, uniform mixing' in table
+    assert 'big-colour' in table and 'samples/s' in table
+    assert '[6/6] Training' in result.stderr and 's to go' in result.stderr  # progress
 
     results = json.loads((output / 'results.json').read_text())
-    assert set(results['results']) == {'Llip-Tiny', 'SigLIP (Twin-Llip-Tiny)'}
+    assert results['labels'] == {'llip': 'Llip-Tiny', 'siglip': 'SigLIP (Twin-Llip-Tiny)',
+                                 'control': 'Llip-Tiny, uniform mixing'}
     for runs in results['results'].values():
         assert len(runs) == 2  # one per seed
         assert {'shape', 'left-colour', 'big-colour', 'big-shape', 'relation', 'unseen-pairs', 'retrieval'} <= set(runs[0])
         assert 0 <= runs[0]['retrieval']['text_to_image_R@1'] <= 1
+    llip, siglip = results['results']['llip'], results['results']['siglip']
+    gap = [(a['big-colour']['top1'] - b['big-colour']['top1']) * 100 for a, b in zip(llip, siglip)]
+    assert results['gap_to_siglip']['llip']['big-colour top1'][0] == pytest.approx(sum(gap) / 2)
     assert (output / 'results.md').read_text().startswith('| task | metric | Llip-Tiny |')
-    for plot in ('training_curves.png', 'attention.png'):
+    for plot in ('training_curves.png', 'gap.png', 'attention.png'):
         assert (output / plot).read_bytes()[:8] == PNG_SIGNATURE
-    # Both models trained through OpenCLIP's stock loop, the baseline with its SigLipLoss.
+    # Every arm trained through OpenCLIP's stock loop, the twin with its SigLipLoss, all from the same kind of start.
     assert 'training with LlipLoss' in (output / 'runs' / 'Llip-Tiny-seed0' / 'out.log').read_text()
+    assert 'training with LlipLoss' in (output / 'runs' / 'Llip-Tiny-uniform-seed0' / 'out.log').read_text()
     assert 'siglip: True' in (output / 'runs' / 'Twin-Llip-Tiny-seed0' / 'params.txt').read_text()
+    control = json.loads((output / 'init' / 'Llip-Tiny-uniform-seed1' / 'open_clip_config.json').read_text())
+    assert control['model_cfg']['llip_cfg']['contextual'] is False
+    for run in ('Llip-Tiny-seed1', 'Twin-Llip-Tiny-seed1', 'Llip-Tiny-uniform-seed1'):
+        initial = torch.load(output / 'init' / run / 'open_clip_pytorch_model.bin', weights_only=True)
+        assert initial['logit_bias'].item() == pytest.approx(-math.log(63)) and initial['logit_scale'].item() == \
+            pytest.approx(math.log(10))
 
 
 def test_main_job_keeps_what_is_already_in_its_output(tmp_path):
@@ -67,10 +80,10 @@ def test_main_job_takes_a_llip_config_file(tmp_path):
                              '--model', str(tmp_path / 'Llip-K3.json'), '--output', str(output)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert set(json.loads((output / 'results.json').read_text())['results']) == {'Llip-K3', 'SigLIP (Twin-Llip-K3)'}
+    assert json.loads((output / 'results.json').read_text())['labels']['siglip'] == 'SigLIP (Twin-Llip-K3)'
     state = torch.load(output / 'runs' / 'Llip-K3-seed0' / 'checkpoints' / 'epoch_1.pt', weights_only=True)['state_dict']
     assert state['visual.k_proj'].shape[0] == 3
-    twin = json.loads((output / 'Twin-Llip-K3.json').read_text())
+    twin = json.loads((output / 'init' / 'Twin-Llip-K3-seed0' / 'open_clip_config.json').read_text())['model_cfg']
     assert 'llip_cfg' not in twin and twin['vision_cfg'] == config['vision_cfg']
 
 
@@ -101,7 +114,7 @@ def test_main_job_on_given_shards_and_evaluation_sets(tmp_path):
         capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert not (output / 'data').exists()  # nothing built in was written
-    runs = json.loads((output / 'results.json').read_text())['results']['Llip-Tiny']
+    runs = json.loads((output / 'results.json').read_text())['results']['llip']
     assert set(runs[0]) == {'big-colour', 'retrieval'}
 
 

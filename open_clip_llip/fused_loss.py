@@ -687,8 +687,14 @@ def _chunk(head_dim: int) -> int:
 def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = False) -> _Plan:
     """Tiles for (H, K, d) on sm_``arch``: the largest that compile without spills within shared memory and without
     a warp duplicating another's MMA tile (checked by tests/test_fused_loss.py at the shipped shapes with
-    scripts/kernel_report.py, which prints what they issue). A warp group takes 64 rows: 4 warps for a 64-row
-    tile, 8 only for 128 rows (8 warps on 64 rows have Triton duplicate some products).
+    scripts/kernel_report.py, which prints what they issue). On sm_90 a warp group takes 64 rows: 4 warps for a
+    64-row tile, 8 only for 128 rows (8 warps on 64 rows have Triton duplicate some products).
+
+    There is no run-time autotuning: a plan is one of four, chosen by architecture, dtype and K (fp32; sm_80;
+    sm_90 with K ≤ 32; sm_90 with K = 64), with the heads per program and warps following from d and K as below.
+    Each is what the offline report passes (no duplicated tiles; no spills but 24 bytes, outside the loop, in
+    sm_80's ∂key/∂value at L/14); an autotuner choosing by time could pick a configuration that it rejects, and
+    no timing exists yet: a wider space waits for the GPU timings of scripts/device_check.py.
 
     sm_90, K ≤ 32 (B/16, L/14): text tiles of 64 rows; the ∂q/∂p program keeps its 128 texts on chip and takes two
     heads where d = 64. sm_90, K = 64 (B/32, H/14, G/14): [64, 64] fp32 tiles leave too few registers for 64 texts

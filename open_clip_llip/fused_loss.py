@@ -33,7 +33,8 @@ doing most of the work are wgmma on sm_90.
     b images): ∂q = Σ ∂logits·key, ∂p = Σ α·a·value.
   - ``_image_grad_kernel`` (image-stationary: a program owns an image and HG heads and loops over all B texts):
     ∂key = Σ ∂logitsᵀ·q, ∂value = Σ (α·a)ᵀ·p and ∂G = Σ (β/2)·a aᵀ over a circulant half (column head c takes the
-    row heads c … c+⌊H/2⌋ mod H: each pair of heads once), in products 64 rows tall.
+    row heads c … c+⌊H/2⌋ mod H: each pair of heads once), in products 64 rows tall (sm_90) or 2·KP columns
+    wide (sm_80).
 
   With α = g/|z| and β = −g·cos/|z|² per pair (from the stored cos, |z|²), ∂L/∂a = α·<value, p> + β·(G a). The
   heads' attention streams through the program (``_attention_pass``): each head's ``a`` is computed once and
@@ -73,9 +74,10 @@ and a clamped |z| has no gradient; −log σ uses log1p (Goldberg's form); every
 int64.
 
 Plans (``_plan``, keyed on (H, K, d, sm_arch)) are the largest tiles that compile without spills within shared
-memory and without duplicated MMA tiles: a warp group per 64 text rows; K = 64 shapes take 16 or 32 texts where
-all heads' attention is needed and mix token-major there; sm_80 (and fp32, which is for checking) take 16 texts
-on 4 warps. Nothing here has run on a GPU yet: ``scripts/device_check.py`` is the first thing to run on one.
+memory and without duplicated MMA tiles: on sm_90 a warp group per 64 text rows; K = 64 shapes take 16 or 32
+texts where all heads' attention is needed and mix token-major there; sm_80 takes 16 texts, every product wider
+than tall, on 4 warps (8 at K = 64); fp32 (for checking) 16 texts on 4 warps. Nothing here has run on a GPU
+yet: ``scripts/device_check.py`` is the first thing to run on one.
 
 On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is first
 imported), which is how the tests check them against float64; there ``_mm`` multiplies bf16 operands in fp32,
@@ -293,7 +295,8 @@ def _pair_coefficients(cos_ptr, sq_norm_ptr, pair_offset, rows, B, i, first_text
 def _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, first_head, query_scale, alpha, beta,
                     grad_g, COUNT: tl.constexpr, HG: tl.constexpr, LOGITS: tl.constexpr, GRAM: tl.constexpr,
                     ROWS: tl.constexpr, RP: tl.constexpr, H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr,
-                    BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr):
+                    BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr,
+                    GRAM_T: tl.constexpr = False):
     """Streams the attention of COUNT heads, each consumed as soon as it is computed, so that only one head's a is
     live besides the group's (heads first_head … first_head + HG − 1):
 
@@ -303,8 +306,9 @@ def _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, 
       memory (for text tiles of fewer than 64 rows); then the softmax backward, a ∘ (∂L/∂a − <a, ∂L/∂a>).
     * GRAM: the group's circulant ∂G columns, ``grad_g[c·NB + q] += A_qᵀ (β/2·a_c)`` with A_q the RP heads of
       positions q·RP … q·RP + RP − 1 side by side (zeros past COUNT), so that the product is 64 rows tall
-      (RP·KP; a [32, 32] MMA tile on 4 warps would be laid out with two warps duplicating the other two); the
-      blocks q that hold none of the column's rows c … c + ROWS − 1 (mod H) are skipped.
+      (RP·KP; a [32, 32] MMA tile on 4 warps would be laid out with two warps duplicating the other two); with
+      GRAM_T its transpose ``(β/2·a_c)ᵀ A_q``, [KP, RP·KP], wider than tall as sm_80's warp layout needs
+      (``_plan``). The blocks q that hold none of the column's rows c … c + ROWS − 1 (mod H) are skipped.
 
     When all H heads stream and GRAM is off, they stream in their natural order (static offsets, no registers for
     addresses) and the group's a are picked out as they pass; otherwise the order is rotated, head
@@ -362,12 +366,16 @@ def _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, 
             if r % RP == RP - 1 or r == COUNT - 1:
                 for _ in tl.static_range(RP - 1 - r % RP):  # pad the last block
                     pending = pending + (tl.zeros((BJ, KP), dtype=dtype),)
-                operand = tl.trans(_join_heads(pending, RP, BJ, KP))
+                joined = _join_heads(pending, RP, BJ, KP)
+                operand = joined if GRAM_T else tl.trans(joined)
                 pending = ()
                 updated = ()
                 for n in tl.static_range(HG * NB):
                     if n % NB == r // RP and _gram_block_used(n // NB, n % NB, RP, ROWS, COUNT, H):
-                        updated = updated + (_mm(operand, half_beta[n // NB], grad_g[n]),)
+                        if GRAM_T:  # (β/2·a_c)ᵀ A_q: [KP, RP·KP]
+                            updated = updated + (_mm(tl.trans(half_beta[n // NB]), operand, grad_g[n]),)
+                        else:
+                            updated = updated + (_mm(operand, half_beta[n // NB], grad_g[n]),)
                     else:
                         updated = updated + (grad_g[n],)
                 grad_g = updated
@@ -525,13 +533,14 @@ def _image_grad_step(grad_k, grad_v, grad_g, keys, values, gram, queries, target
                      query_scale, alpha, beta, H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr,
                      HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, KEY: tl.constexpr,
                      VALUE: tl.constexpr, GRAM: tl.constexpr, ROWS: tl.constexpr, RP: tl.constexpr,
-                     NEEDED: tl.constexpr, DK: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr):
+                     NEEDED: tl.constexpr, DK: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr,
+                     GRAM_T: tl.constexpr):
     """One text tile's contribution to the image's ∂key (KEY), ∂value (VALUE) and ∂G columns (GRAM) of the group's
-    heads; ∂key, ∂value in tiles of DK channels."""
+    heads; ∂key, ∂value in tiles [DK channels, KP]."""
     CHUNKS: tl.constexpr = (D_HEAD + DK - 1) // DK
     own, grad_logits, grad_g = _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, first_head,
                                                query_scale, alpha, beta, grad_g, NEEDED, HG, KEY, GRAM, ROWS, RP, H,
-                                               K, D_HEAD, BJ, KP, DC, MIX_T, VOL)
+                                               K, D_HEAD, BJ, KP, DC, MIX_T, VOL, GRAM_T)
     new_k = ()
     new_v = ()
     for c in tl.static_range(HG):
@@ -552,22 +561,21 @@ def _image_grad_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr
                        grad_keys, grad_values, grad_gram, B, image_stride, text_stride, first_text, query_scale,
                        H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr, HAS_POSITIVES: tl.constexpr,
                        HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, KEY: tl.constexpr,
-                       VALUE: tl.constexpr, GRAM: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr):
+                       VALUE: tl.constexpr, GRAM: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr,
+                       DK: tl.constexpr, GRAM_T: tl.constexpr, RP: tl.constexpr):
     """One image and HG heads (a group), summed over all B texts: ∂L/∂key (KEY), ∂L/∂value (VALUE) [b, H, K, d] and
     the group's columns of ∂L/∂G = Σ_j (β/2)·a aᵀ over a circulant half (GRAM): column head c takes the row heads
     c, c+1, …, c+⌊H/2⌋ (mod H), so that every pair of heads is computed once (twice only for the H/2-apart pairs
     when H is even; the larger c does not store them); each block is stored with its mirror.
 
-    ∂key, ∂value accumulate as [DK channels, K] tiles, products of M = DK = 64 rows (a 32-row MMA tile on 4 warps
-    would have two warps duplicate the other two): d = 96 or 160 pads to 128 or 192 there.
+    ∂key, ∂value accumulate as [DK channels, KP] tiles; ∂G in blocks [RP·KP, KP] (A_qᵀ · β/2 a_c) of RP row heads,
+    or with GRAM_T [KP, RP·KP] ((β/2 a_c)ᵀ A_q). The plan picks DK, RP and GRAM_T for the MMA's layout (``_plan``).
     """
-    DK: tl.constexpr = 64 if D_HEAD > 32 else DC
     CHUNKS: tl.constexpr = (D_HEAD + DK - 1) // DK
     ROWS: tl.constexpr = H // 2 + 1 if H // 2 + 1 < H else H  # row heads per ∂G column
     # Heads whose attention the program needs: all for ∂L/∂key (through G a); the group and ⌊H/2⌋ more for ∂G;
     # the group for ∂L/∂value.
     NEEDED: tl.constexpr = H if KEY else ((HG + ROWS - 1 if HG + ROWS - 1 < H else H) if GRAM else HG)
-    RP: tl.constexpr = 64 // KP if KP < 64 else 1  # row heads per ∂G block: 64 rows
     NB: tl.constexpr = (NEEDED + RP - 1) // RP
     i = tl.program_id(0)
     first_head = tl.program_id(1) * HG
@@ -581,14 +589,15 @@ def _image_grad_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr
     # Accumulators: tuples of tiles, empty when not computed.
     grad_k = _zeros(HG * CHUNKS if KEY else 0, DK, KP)
     grad_v = _zeros(HG * CHUNKS if VALUE else 0, DK, KP)
-    grad_g = _zeros(HG * NB if GRAM else 0, RP * KP, KP)
+    grad_g = _zeros(HG * NB if GRAM else 0, KP if GRAM_T else RP * KP, RP * KP if GRAM_T else KP)
     for start in range(0, B, BJ):
         rows = start + tl.arange(0, BJ)
         alpha, beta = _pair_coefficients(cos_ptr, sq_norm_ptr, pair_offset, rows, B, i, first_text,
                                          scale, bias, grad, HAS_POSITIVES)
         grad_k, grad_v, grad_g = _image_grad_step(
             grad_k, grad_v, grad_g, keys, values, gram, queries, targets, text_stride, start, B, first_head,
-            query_scale, alpha, beta, H, K, D_HEAD, HG, BJ, KP, DC, KEY, VALUE, GRAM, ROWS, RP, NEEDED, DK, MIX_T, VOL)
+            query_scale, alpha, beta, H, K, D_HEAD, HG, BJ, KP, DC, KEY, VALUE, GRAM, ROWS, RP, NEEDED, DK, MIX_T, VOL,
+            GRAM_T)
     tokens = tl.arange(0, KP)
     for c in tl.static_range(HG):
         head = first_head + c
@@ -613,9 +622,10 @@ def _image_grad_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr
                     keep = (position < NEEDED) & (offset < ROWS) & ((2 * offset != H) | (head < row_head))
                     keep = (keep & (token < K))[:, None] & (tokens < K)[None, :] & (head < H)
                     rows_at = (row_head * K + token)[:, None] * (H * K) + head * K + tokens[None, :]
-                    tl.store(base + rows_at, grad_g[c * NB + q], mask=keep)
                     mirror = (head * K + tokens[None, :]) * (H * K) + (row_head * K + token)[:, None]
-                    tl.store(base + mirror, grad_g[c * NB + q], mask=keep & (offset > 0)[:, None])
+                    block = tl.trans(grad_g[c * NB + q]) if GRAM_T else grad_g[c * NB + q]
+                    tl.store(base + rows_at, block, mask=keep)
+                    tl.store(base + mirror, block, mask=keep & (offset > 0)[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -636,6 +646,20 @@ class _Blocks(NamedTuple):
     # forward and ∂key/∂value/∂G kernels, the text tile in the ∂q/∂p kernel) may stay on chip for the whole loop,
     # as the compiler hoists it; else its loads are volatile, which keeps them in the loop (streamed from L2).
     resident: bool = True
+    # The image kernel: channels per ∂key, ∂value tile (channels; 0: 64, or DC where d ≤ 32), row heads per ∂G block
+    # (gram_heads; 0: 64 // KP, at least 1), and ∂G blocks as [KP, RP·KP] = (β/2 a_c)ᵀ A_q rather than its transpose
+    # (gram_t).
+    channels: int = 0
+    gram_heads: int = 0
+    gram_t: bool = False
+
+    def rp(self, kp: int) -> int:
+        """Row heads per ∂G block (RP)."""
+        return self.gram_heads or max(1, 64 // kp)
+
+    def dk(self, head_dim: int, dc: int) -> int:
+        """Channels per ∂key, ∂value tile (DK)."""
+        return self.channels or (64 if head_dim > 32 else dc)
 
 
 class _Part(NamedTuple):
@@ -663,23 +687,51 @@ def _chunk(head_dim: int) -> int:
 def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = False) -> _Plan:
     """Tiles for (H, K, d) on sm_``arch``: the largest that compile without spills within shared memory and without
     a warp duplicating another's MMA tile (checked by tests/test_fused_loss.py at the shipped shapes with
-    scripts/kernel_report.py, which prints what they issue). A warp group takes 64 rows: 4 warps for a 64-row
-    tile, 8 only for 128 rows (8 warps on 64 rows have Triton duplicate some products).
+    scripts/kernel_report.py, which prints what they issue). On sm_90 a warp group takes 64 rows: 4 warps for a
+    64-row tile, 8 only for 128 rows (8 warps on 64 rows have Triton duplicate some products).
+
+    There is no run-time autotuning: a plan is one of four, chosen by architecture, dtype and K (fp32; sm_80;
+    sm_90 with K ≤ 32; sm_90 with K = 64), with the heads per program and warps following from d and K as below.
+    Each is what the offline report passes (no duplicated tiles; no spills but 24 bytes, outside the loop, in
+    sm_80's ∂key/∂value at L/14); an autotuner choosing by time could pick a configuration that it rejects, and
+    no timing exists yet: a wider space waits for the GPU timings of scripts/device_check.py.
 
     sm_90, K ≤ 32 (B/16, L/14): text tiles of 64 rows; the ∂q/∂p program keeps its 128 texts on chip and takes two
     heads where d = 64. sm_90, K = 64 (B/32, H/14, G/14): [64, 64] fp32 tiles leave too few registers for 64 texts
     wherever every head's attention is needed (the forward, ∂q, ∂key), so those take 16 or 32 texts and mix
     token-major (A G as an MMA of K rows, on wgmma); what stays the same through a loop streams from L2.
-    sm_80 (no wgmma), and fp32 (products in fp32 FMAs, for checking; twice the bytes per operand): 16 texts on 4
-    warps (MMA tiles of 16 rows, warps side by side along the columns).
+
+    sm_80 (mma.sync, 16×8 tiles per warp): Triton gives every dot of a chain one warp arrangement, warps stacked
+    along the longer side of the first dot it lays out; a product narrower than that arrangement is computed by
+    several warps alike. So every product is kept wider than tall and the warps lie side by side along N, 8
+    columns each: 16 texts × KP for the logits, A G and the softmax backward; ∂key, ∂value as [DK, KP] tiles with
+    DK = KP/2 channels (16 at K ≤ 32: d = 96 and 160 need no padding); ∂G as (β/2·a_c)ᵀ A_q, [KP, 2·KP] (its
+    transpose, 2·KP tall, would stack the warps along M and replicate every [16, KP] product 4×). 4 warps where
+    a product is 32 columns wide (K ≤ 32, or ∂q/∂p in chunks of 32 channels), 8 where all are 64 wide (K = 64),
+    which halves each thread's share of the K = 64 tiles: no spills. At K = 64 ∂value has its own launch (it
+    needs only the group's attention; beside ∂key's it spills).
+
+    fp32 (products in fp32 FMAs, for checking; twice the bytes per operand): 16 texts on 4 warps.
     """
     kp = max(16, triton.next_power_of_2(tokens))
     two = min(2, heads)
-    if arch < 90 or fp32:
+    if fp32:
         tile = _Blocks(texts=16, heads=1, warps=4, stages=1, resident=False)
         forward = tile._replace(heads=heads)
         backward = (_Part('text', ('query', 'target'), tile), _Part('image', ('key', 'value'), tile),
                     _Part('image', ('gram',), tile._replace(texts=64) if kp <= 32 else tile))
+    elif arch < 90:
+        tile = _Blocks(texts=16, heads=1, warps=4, stages=1, resident=False)
+        wide = 8 if kp >= 64 else 4  # warps where every product is at least 64 columns wide
+        forward = tile._replace(heads=heads, warps=wide)
+        text = _Part('text', ('query', 'target'), tile._replace(warps=wide if _chunk(head_dim) >= 64 else 4))
+        image = tile._replace(channels=max(16, kp // 2))
+        gram = _Part('image', ('gram',), tile._replace(warps=wide, gram_t=True, gram_heads=2))
+        if kp <= 32:
+            backward = (text, _Part('image', ('key', 'value'), image), gram)
+        else:  # ∂value needs only the group's attention; beside ∂key's (every head's) it would spill
+            backward = (text, _Part('image', ('key',), image._replace(warps=wide)), _Part('image', ('value',), image),
+                        gram)
     elif kp <= 32:
         forward = _Blocks(texts=64, heads=heads, warps=4, stages=1)
         text = _Blocks(texts=128, heads=two if head_dim <= 64 else 1, warps=8, stages=1)
@@ -713,9 +765,9 @@ class _Launch(NamedTuple):
     macs: int  # multiply-adds the design does in this launch
 
 
-def _gram_blocks(heads: int, own: int, count: int, kp: int) -> int:
-    """∂G blocks (of 64 // KP row heads) a program computes: _gram_block_used over the group's columns."""
-    rows, rp = min(heads, heads // 2 + 1), 64 // kp if kp < 64 else 1
+def _gram_blocks(heads: int, own: int, count: int, rp: int) -> int:
+    """∂G blocks (of rp row heads) a program computes: _gram_block_used over the group's columns."""
+    rows = min(heads, heads // 2 + 1)
     return sum(_gram_block_used.fn(c, q, rp, rows, count, heads) for c in range(own) for q in range(triton.cdiv(count, rp)))
 
 
@@ -749,7 +801,6 @@ def _launches(stage: str, plan: _Plan, b: int, B: int, heads: int, tokens: int, 
                         macs)]
     launches = []
     rows = min(heads, heads // 2 + 1)  # row heads per ∂G column (_image_grad_kernel's ROWS)
-    rp = 64 // plan.KP if plan.KP < 64 else 1
     for part in plan.backward:
         wanted = [g for g in part.grads if g in grads]
         if not wanted:
@@ -760,6 +811,9 @@ def _launches(stage: str, plan: _Plan, b: int, B: int, heads: int, tokens: int, 
                           **{g.upper(): g in wanted for g in (('query', 'target') if part.kernel == 'text'
                                                               else ('key', 'value', 'gram'))})
         mixing = k * d + h * k * k  # <p, value> and G a for one head: the softmax backward's inputs
+        if part.kernel == 'image':
+            rp = blocks.rp(plan.KP)
+            constexprs.update(DK=blocks.dk(head_dim, plan.DC), GRAM_T=blocks.gram_t, RP=rp)
         if part.kernel == 'text':
             tiles = triton.cdiv(B, blocks.texts)
             streamed = h if constexprs['QUERY'] else own
@@ -771,7 +825,7 @@ def _launches(stage: str, plan: _Plan, b: int, B: int, heads: int, tokens: int, 
             tiles = triton.cdiv(B, blocks.texts)
             streamed = h if constexprs['KEY'] else min(h, own + rows - 1) if constexprs['GRAM'] else own
             per_pair = (streamed * k * d + own * (constexprs['KEY'] * (mixing + k * d) + constexprs['VALUE'] * k * d)
-                        + constexprs['GRAM'] * _gram_blocks(heads, own, streamed, plan.KP) * rp * k * k)
+                        + constexprs['GRAM'] * _gram_blocks(heads, own, streamed, rp) * rp * k * k)
             launches.append(_Launch('image', _image_grad_kernel, (b, groups), constexprs, options(blocks),
                                     dict(B=B, **strides), b * groups * tiles, b * tiles * blocks.texts * groups * per_pair))
     return launches

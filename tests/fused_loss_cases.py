@@ -116,6 +116,20 @@ def test_panels_of_two_heads_and_one_launch_for_all_image_gradients(monkeypatch)
     check_against_reference(make_inputs(2, 20, 4, 20, 16, torch.float32), 0, False, rtol=2e-5)
 
 
+@pytest.mark.parametrize('dtype, rtol', [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize('arch', [80, 90])
+@pytest.mark.parametrize('b, B, H, K, d', [
+    (2, 20, 4, 20, 24),  # K pads to 32; d to a chunk of 32, ∂key/∂value tiles of 16 channels (sm_80), the last partial
+    (2, 18, 3, 36, 40),  # K pads to 64: the K = 64 plans (several launches on sm_90); H odd
+])
+def test_the_gpus_plans_match_reference(monkeypatch, b, B, H, K, d, arch, dtype, rtol):
+    """The plan a GPU gets (sm_80: ∂G blocks transposed, ∂key/∂value tiles narrower than K; sm_90), whatever the
+    inputs' dtype: the interpreter takes the fp32 plan for fp32 inputs and sm_90's otherwise."""
+    plan = fused_loss._plan
+    monkeypatch.setattr(fused_loss, '_plan', lambda heads, tokens, head_dim, *_: plan(heads, tokens, head_dim, arch))
+    check_against_reference(make_inputs(b, B, H, K, d, dtype), 1, False, rtol=rtol)
+
+
 def test_raw_queries_with_a_temperature():
     """``temperature`` divides the raw queries' logits: the same loss as queries divided beforehand, and the
     gradient with respect to the raw queries."""

@@ -27,7 +27,7 @@ import torch
 from conftest import REPO
 from PIL import Image
 
-from open_clip_llip import build_zero_shot_classifier, zero_shot_cosine
+from open_clip_llip import benchmark, build_zero_shot_classifier, zero_shot_cosine
 from open_clip_llip.benchmark import METRICS_MODULES, REFUSED_TASKS, llip_support, main
 from open_clip_llip.eval import main as eval_main
 from open_clip_llip.eval_data import RetrievalImages, read_retrieval_set
@@ -288,6 +288,7 @@ def test_an_unexpected_clip_benchmark_is_left_alone_with_one_warning(monkeypatch
     def zero_shot_classifier(model, tokenizer, classnames, templates):  # no device, no amp
         pass
     monkeypatch.setattr(zeroshot_classification, 'zero_shot_classifier', zero_shot_classifier)
+    monkeypatch.setattr(benchmark, '_warned', set())
     run_classification, retrieval = zeroshot_classification.run_classification, zeroshot_retrieval.evaluate
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')

@@ -87,7 +87,8 @@ def describe_architecture(state_dict: StateDict) -> str:
     parts.append(f'{count("text.transformer.resblocks.")} text layers')
     if CONFIG_RECORD_KEY in state_dict:
         cfg = read_config_record(state_dict[CONFIG_RECORD_KEY])
-        parts.append(f"H = {cfg.get('heads')}, τ = {cfg.get('temperature')}, norm = {cfg.get('norm')}")
+        parts.append(f"H = {cfg.get('heads')}, τ = {cfg.get('temperature')}, norm = {cfg.get('norm')}"
+                     + ('' if cfg.get('contextual', True) else ', non-contextual'))
     return ', '.join(parts)
 
 

@@ -20,6 +20,9 @@ class LlipCfg:
     heads: int = 8  # H, the mixer's heads
     temperature: float = 5.0  # τ, divides the mixer's attention logits
     norm: bool = False  # LayerNorm on keys, values and queries (the "-norm" configs)
+    # False: every text mixes the K tokens with the same, uniform weights (no query head): the paper's control
+    # for "more image tokens" against "caption-conditioned mixing".
+    contextual: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,54 +1,85 @@
 """Llip's conditioned scores and sigmoid loss fused in Triton kernels, forward and backward (METHOD §4).
 
-``fused_sigmoid_loss`` has the semantics of ``open_clip_llip.loss._block_loss`` over all the
-texts it is given: ``Σ_{i,j} −log σ(y[i,j]·s[i,j])`` with ``s = logit_scale·cos + logit_bias``
-and ``cos = Σ_{h,k} a·<value, p> / sqrt(aᵀ G a)``, ``a = softmax_k(<q, key>)`` per head.
+``fused_sigmoid_loss`` has the semantics of ``open_clip_llip.loss._block_loss`` over all the texts a rank sees:
+``Σ_{i,j} −log σ(y[i,j]·s[i,j])``, ``s = logit_scale·cos + logit_bias``, ``cos = Σ_{h,k} a·<value, p> / |z|``,
+``|z|² = aᵀ G a``, ``a = softmax_k(<q, key>/τ)`` per head. Shapes (b images, B texts, H heads, K tokens, d = D/H):
 
-Shapes (b images, B texts, H heads, K mixture tokens, d = D / H)::
+    keys, values [b, H, K, d]   gram [b, H·K, H·K]   queries (raw q), targets (p = W_O t̂) [B, H, d]
 
-    keys, values [b, H, K, d]   gram [b, H·K, H·K]   queries, targets [B, H, d]
+Design
+======
 
-Between the forward and the backward pass only the inputs and two fp32 scalars per pair are
-kept (the cosine and 1/|z|: ``[b, B]`` each): the backward recomputes the attention, as
-FlashAttention and Inf-CL do. Nothing of size ``[b, B, H·K]`` or ``[b, B, D]`` ever exists.
+Per (image, text) pair the useful work is 2·K·D + (H·K)² multiply-adds forward (logits <q, key>, numerator
+<p, value>, ``A G``) and about twice that backward: 3·(2·K·D + (H·K)²) in all. Between forward and backward only
+the inputs and two fp32 numbers per pair are kept (cos and |z|², [b, B] each); nothing of size [b, B, H·K].
 
-Design (for Ampere/Hopper; every block size is a power of two, padded and masked):
+Every product is a 2-D ``tl.dot`` of one MMA tile per warp group (heads are unrolled statically, each head's
+tiles held in tuples): no warp computes another's tile. ``scripts/kernel_report.py`` reads the compiled code
+and checks that the tensor-core work issued equals this design's count (on sm_90: ×1.00, but ×1.05–1.3 where
+d = 96, 160 pads to 128, 192 for ∂key/∂value and for ∂key's 32-text tiles at K = 64), and that the products
+doing most of the work are wgmma on sm_90.
 
-* A program takes one image i and a tile of texts and works on ``[heads, texts, K]`` tiles:
-  3-D ``tl.dot`` calls (batched over heads) give the logits ``<q, key>`` and ``<value, p>`` of all
-  its heads at once, contracting d in chunks of DC (≤ 32) so that operands stay small for d up
-  to 160. Operands are loaded in the input dtype (bf16 in training), products accumulate in
-  fp32, the softmax is fp32, and probabilities are rounded to the input dtype only as MMA
-  operands (as FlashAttention does).
-* ``aᵀ G a``: ``A G`` (``[texts, H·K] × [H·K, H·K]`` per image, the largest term) accumulates one
-  *row* head h at a time: ``a_h`` (recomputed: one extra logits pass, K·D multiply-adds per pair)
-  times the ``[K, K]`` blocks ``G[h, heads of the program]``, a 3-D dot batched over the output
-  heads. One ``[heads, texts, K]`` accumulator is live and G (512 × 512 for G/14) is never
-  needed whole in shared memory; it streams from L2, where consecutive programs share it (the
-  forward grid runs texts fastest).
-* Forward, grid (text tiles, images): ``cos`` and ``1/|z|`` per pair to global memory, one
-  partial loss sum per program (summed by PyTorch: no atomics).
-* Backward, three kernels so that each gradient has one owner and nothing is atomic
-  (FlashAttention-2's split): ``_text_grad_kernel`` (a text tile × head group × block of
-  channels per program, looping over images: dq, dp, and partial sums for d logit_scale and
-  d logit_bias), ``_image_grad_kernel`` (an image × head group × block of channels, looping over
-  text tiles: dkey, dvalue) and ``_gram_grad_kernel`` (an image × two head groups:
-  ``dG = Σ_j (β/2)·a aᵀ``, upper blocks only, mirrored on store). Per pair, with ``g_s = ∂L/∂s``,
-  ``g_c = g_s·scale``, ``α = g_c/|z|``, ``β = −g_c·cos/|z|²``: ``∂L/∂a = α·<value, p> + β·(G a)``,
-  then the softmax backward per head, ``dq = Σ dl·key``, ``dkey = Σ dl·q``,
-  ``dvalue = Σ α·a·p``, ``dp = Σ α·a·value``.
-* Accumulators must stay in registers, so ``_blocks`` sizes head groups and channel blocks from
-  a budget of live fp32 values per program (``_LIVE_ELEMENTS``). A program of a head group still
-  recomputes the logits of every head for ``A G``; that recomputation, not the ``(H·K)²`` term,
-  is what grows as groups shrink. B/16 (H 8, K 32, d 64): forward all heads × 32 texts;
-  dq/dp 4 heads × 16 texts; dkey/dvalue 4 heads; dG 4-head blocks. Compiled offline for sm_90 and
-  sm_80 (``triton.compile`` with a ``GPUTarget``), these use ≤ 255 registers with no spills but
-  88 bytes in ``_image_grad_kernel``; the G/14 shapes (K 64, d 160 padded to 256) spill in the
-  backward kernels (up to ~3 KB a thread): tuning them needs a GPU.
+* Forward (``_forward_kernel``, image-stationary): a program takes one image and a run of text tiles. Per tile,
+  head by head: logits (wgmma, text tile × key tile), softmax with ``exp2`` and log2(e)/τ applied in its FFMA
+  (applying it to bf16 queries would round them again), <p, value>; then ``aᵀ G a`` over the symmetric half:
+  column head c takes Σ_{r<c} 2·a_r G[r, c] + a_c G[c, c], H(H+1)/2 of the H² blocks. The bf16 ``a`` of earlier
+  heads stay in registers (K ≤ 32) or, token-major (``mix_t``: (G Aᵀ)ᵀ, an MMA of K rows whose B operand Aᵀ is
+  in shared memory), at K = 64. Writes cos, |z|² and, per program, Σ loss, Σ g·cos, Σ g (g = ∂loss/∂s), so that
+  ∂scale and ∂bias cost nothing more.
+* Backward, two kernels and one pass each, as FlashAttention-2 splits its backward so that every gradient has one
+  owner and nothing is atomic:
 
-On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
-Triton is first imported), which is how the tests check them against PyTorch; there ``_dot``
-multiplies bf16 operands in fp32, which is exact, because the interpreter cannot multiply bf16.
+  - ``_text_grad_kernel`` (text-stationary: a program owns a text tile and a group of HG heads and loops over all
+    b images): ∂q = Σ ∂logits·key, ∂p = Σ α·a·value.
+  - ``_image_grad_kernel`` (image-stationary: a program owns an image and HG heads and loops over all B texts):
+    ∂key = Σ ∂logitsᵀ·q, ∂value = Σ (α·a)ᵀ·p and ∂G = Σ (β/2)·a aᵀ over a circulant half (column head c takes the
+    row heads c … c+⌊H/2⌋ mod H: each pair of heads once), in products 64 rows tall.
+
+  With α = g/|z| and β = −g·cos/|z|² per pair (from the stored cos, |z|²), ∂L/∂a = α·<value, p> + β·(G a). The
+  heads' attention streams through the program (``_attention_pass``): each head's ``a`` is computed once and
+  consumed at once: (β·a_r) G[r, c] into the group's ∂L/∂a (β scales the rows of the MMA's A operand), a_rᵀ (β/2
+  a_c) into the group's ∂G. Each gradient can be computed in its own launch or fused with others (``_Part``).
+
+Why the backward does not recompute once: one program would have to accumulate both an image's gradient
+(2·K·D + (H·K)²/2 fp32: 68 K values at B/16, 295 K at G/14) and its texts' (2·D per text: 64 K values for 64
+texts at B/16), far beyond a 64 K-register file; the alternative, partial sums per (image, text tile) through
+memory, moves 2·D fp32 per pair (4 KB at B/16). So each side has its own pass over the pairs, and where a
+group's accumulators do not fit with all heads, the heads split into groups (HG per program): ∂q and ∂key
+need every head's attention (through G a), so each group computes all H heads' logits (K·D per pair per group).
+Those recomputed logits are the design's main excess over the useful count. Per pair (sm_90 plans of ``_plan``):
+
+    shape  H  K    d | forward  ∂q,∂p      ∂key,∂value  ∂G        | design     useful     design/useful
+    B/16   8  32   64 | 69,632   180,224    245,760      131,072   | 626,688    294,912    2.1
+    L/14   8  32   96 | 86,016   335,872    335,872      172,032   | 929,792    344,064    2.7
+    H/14   8  64  128 | 278,528  1,048,576  1,048,576    491,520   | 2,867,200  1,179,648  2.4
+    G/14   8  64  160 | 311,296  1,245,184  1,245,184    573,440   | 3,375,104  1,277,952  2.6
+
+(``scripts/kernel_report.py`` prints these per launch, with what the compiled code issues.) Memory traffic per
+pair, bf16, from L2 (the image- or text-stationary side stays in shared memory only where the compiler keeps
+it): the forward reads a text tile (4·D bytes per text) and the image's keys, values and half of G per tile of
+64 texts (B/16: 2 + 2.2 KB per pair); ∂q/∂p reads per image and group the keys of every head, the group's
+values and G columns (B/16: 2.3 KB per pair over its 4 groups); the image kernels read per text tile and group
+the queries of every head (B/16: 2 KB per pair per group, 8 groups for ∂key/∂value, 5 heads' worth for ∂G).
+
+Call pattern: ``LlipLoss`` gathers the texts of a step (OpenCLIP's exchange helpers, for every
+``--loss-dist-impl``) and calls once per step over all B texts a rank sees, its b positives first. At b = 256,
+B = 32,768 (world size 128) the grids are ≥ 1,024 programs (forward: 4 programs per image; ∂q/∂p: 256 text tiles ×
+4 groups; image kernels: 256 images × 8 groups); the gradients are written once, in the inputs' dtypes.
+
+Precision: operands in the inputs' dtype (autocast's under autocast), fp32 accumulation and softmax; bf16 ``a``
+only as MMA operands. fp32 inputs multiply in IEEE fp32 (``input_precision='ieee'``: FMAs, not TF32). |z|² is
+clamped at 1e-24 exactly as the PyTorch path (the comparison is on |z|², stored, not on an approximate 1/|z|),
+and a clamped |z| has no gradient; −log σ uses log1p (Goldberg's form); every offset that grows with b·B is
+int64.
+
+Plans (``_plan``, keyed on (H, K, d, sm_arch)) are the largest tiles that compile without spills within shared
+memory and without duplicated MMA tiles: a warp group per 64 text rows; K = 64 shapes take 16 or 32 texts where
+all heads' attention is needed and mix token-major there; sm_80 (and fp32, which is for checking) take 16 texts
+on 4 warps. Nothing here has run on a GPU yet: ``scripts/device_check.py`` is the first thing to run on one.
+
+On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is first
+imported), which is how the tests check them against float64; there ``_mm`` multiplies bf16 operands in fp32,
+which is exact, because the interpreter cannot multiply bf16.
 """
 import contextlib
 import math
@@ -62,323 +93,695 @@ from .scoring import _EPS
 
 # Whether the kernels below were built for Triton's interpreter (the CPU) rather than a GPU.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
-# |z|² is clamped at _EPS², as in open_clip_llip.scoring; 1/|z| is then 1/_EPS.
+# |z|² at or below _EPS² is clamped there, as in open_clip_llip.scoring (the comparison is on |z|² itself).
 _EPS_SQUARED = tl.constexpr(_EPS * _EPS)
-_MAX_RNORM = tl.constexpr(1. / _EPS)
 _UPCAST_DOTS = tl.constexpr(INTERPRETED)
+_LOG2E = math.log2(math.e)
+_LN2 = tl.constexpr(math.log(2.))  # query_scale·ln 2 = 1/τ
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks. Every product is a 2-D tl.dot (one MMA tile per warp group: no warp computes another's tile).
+# Text tiles are [BJ texts, ·]; image tiles [KP tokens, ·] of one head; d is contracted in chunks of DC.
+# ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dot(a, b, acc):
-    """``tl.dot(a, b, acc)``. The interpreter multiplies bf16 operands as their raw bits, so there they go to
-    fp32 first: exact, like the GPU's bf16 MMA, which sums exact products in fp32."""
+def _mm(a, b, acc):
+    """acc + a @ b with fp32 accumulation. fp32 operands multiply in IEEE fp32, not TF32. The interpreter cannot
+    multiply bf16, so there bf16 operands go to fp32 first: exact, like the GPU's MMA, which sums exact products."""
     if _UPCAST_DOTS:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision='ieee')
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision='ieee')
     return tl.dot(a, b, acc)
 
 
-@triton.jit
-def _text_tile(ptr, text_stride, j, heads, dd, B, H: tl.constexpr, D_HEAD: tl.constexpr):
-    """[heads, texts, channels] tile of a text tensor [B, H, d] (rows ``text_stride`` apart); 0 outside."""
-    offsets = j[None, :, None].to(tl.int64) * text_stride + heads[:, None, None] * D_HEAD + dd[None, None, :]
-    mask = (j[None, :, None] < B) & (heads[:, None, None] < H) & (dd[None, None, :] < D_HEAD)
-    return tl.load(ptr + offsets, mask=mask, other=0.)
-
+# Tiles are loaded as (scalar base pointer) + (offsets that depend only on the tile's shape and text rows), so that
+# the offsets are computed once and shared by every head and image: per-head offset tensors, hoisted out of the
+# loops, would otherwise fill the registers.
 
 @triton.jit
-def _image_tile(ptr, image_offset, heads, kk, dd, H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr):
-    """[heads, tokens, channels] tile of one image's keys or values [H, K, d]; 0 outside."""
-    offsets = image_offset + (heads[:, None, None] * K + kk[None, :, None]) * D_HEAD + dd[None, None, :]
-    mask = (heads[:, None, None] < H) & (kk[None, :, None] < K) & (dd[None, None, :] < D_HEAD)
-    return tl.load(ptr + offsets, mask=mask, other=0.)
+def _text_tile(ptr, text_stride, row0, B, h, start: tl.constexpr, BJ: tl.constexpr, DC: tl.constexpr,
+               D_HEAD: tl.constexpr, VOL: tl.constexpr):
+    """Head h of the texts row0 … row0 + BJ − 1 of [B, H, d] (rows ``text_stride`` apart), channels
+    start … start + DC − 1: [BJ, DC]; 0 outside."""
+    base = ptr + tl.cast(row0, tl.int64) * text_stride + h * D_HEAD + start
+    rows = tl.arange(0, BJ)
+    cols = tl.arange(0, DC)
+    offsets = rows[:, None] * text_stride + cols[None, :]
+    if D_HEAD % DC == 0:
+        mask = (row0 + rows < B)[:, None]
+    else:
+        mask = (row0 + rows < B)[:, None] & (start + cols < D_HEAD)[None, :]
+    return tl.load(base + offsets, mask=mask, other=0., volatile=VOL)
 
 
 @triton.jit
-def _pair_products(text_ptr, text_stride, image_ptr, image_offset, j, heads, B,
-                   H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr,
-                   HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr):
-    """<text[j, h], image[h, k]> for the given heads -> [heads, texts, tokens] (fp32), d in chunks of DC."""
-    kk = tl.arange(0, KP)
-    acc = tl.zeros((HG, BJ, KP), dtype=tl.float32)
+def _image_tile(ptr, h, start: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr, KP: tl.constexpr,
+                DC: tl.constexpr, TRANSPOSED: tl.constexpr, VOL: tl.constexpr):
+    """Head h of one image's keys or values [H, K, d] (``ptr`` at the image), channels start … start + DC − 1:
+    [KP, DC], or [DC, KP] if TRANSPOSED; 0 outside."""
+    tokens = tl.arange(0, KP)
+    cols = tl.arange(0, DC)
+    base = ptr + h * (K * D_HEAD) + start
+    if TRANSPOSED:
+        offsets = tokens[None, :] * D_HEAD + cols[:, None]
+        mask = (tokens[None, :] < K) & (start + cols[:, None] < D_HEAD)
+    else:
+        offsets = tokens[:, None] * D_HEAD + cols[None, :]
+        mask = (tokens[:, None] < K) & (start + cols[None, :] < D_HEAD)
+    if K == KP and D_HEAD % DC == 0:
+        return tl.load(base + offsets, volatile=VOL)
+    return tl.load(base + offsets, mask=mask, other=0., volatile=VOL)
+
+
+@triton.jit
+def _head_products(text_ptr, text_stride, row0, B, image_ptr, h,
+                   K: tl.constexpr, D_HEAD: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr,
+                   VOL: tl.constexpr):
+    """<text[j, h], image[h, k]> for a text tile and one head -> [BJ, KP] fp32 (the logits <q, key>, or <p, value>)."""
+    acc = tl.zeros((BJ, KP), dtype=tl.float32)
     for start in tl.static_range(0, D_HEAD, DC):
-        dd = start + tl.arange(0, DC)
-        image = _image_tile(image_ptr, image_offset, heads, kk, dd, H, K, D_HEAD)
-        acc = _dot(_text_tile(text_ptr, text_stride, j, heads, dd, B, H, D_HEAD), tl.permute(image, (0, 2, 1)), acc)
+        acc = _mm(_text_tile(text_ptr, text_stride, row0, B, h, start, BJ, DC, D_HEAD, VOL),
+                  _image_tile(image_ptr, h, start, K, D_HEAD, KP, DC, True, VOL), acc)
     return acc
 
 
 @triton.jit
-def _attention(queries, text_stride, keys, image_offset, j, heads, B,
-               H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr,
-               HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr):
-    """a = softmax_k(<q, key>) -> [heads, texts, tokens] (fp32); 0 for padded heads and tokens."""
-    logits = _pair_products(queries, text_stride, keys, image_offset, j, heads, B, H, K, D_HEAD, HG, BJ, KP, DC)
-    kk = tl.arange(0, KP)
-    logits = tl.where(kk[None, None, :] < K, logits, -float('inf'))
-    weights = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
-    attention = weights / tl.sum(weights, axis=2)[:, :, None]
-    return tl.where(heads[:, None, None] < H, attention, 0.)
+def _softmax(logits, query_scale, K: tl.constexpr, KP: tl.constexpr):
+    """softmax_k(logits / τ) with ``query_scale`` = log2(e) / τ: one FFMA and one exp2 per logit."""
+    if K < KP:
+        logits = tl.where(tl.arange(0, KP)[None, :] < K, logits, -float('inf'))
+    top = tl.max(logits, axis=1)
+    weights = tl.exp2(logits * query_scale - (top * query_scale)[:, None])
+    return weights * (1. / tl.sum(weights, axis=1))[:, None]
 
 
 @triton.jit
-def _gram_product(queries, text_stride, keys, image_offset, gram, gram_offset, j, heads, B,
-                  H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr,
-                  HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr):
-    """(G a)[j] restricted to the given heads' columns -> [heads, texts, tokens] (fp32).
+def _gram_block(gram_ptr, row_head, col_head, DOUBLE: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                KP: tl.constexpr, PH: tl.constexpr, VOL: tl.constexpr):
+    """(2 if DOUBLE else 1) · G[rows of heads row_head … row_head + PH − 1, columns of col_head] -> [PH·KP, KP];
+    0 outside. ``gram_ptr`` is at the image."""
+    r = tl.arange(0, PH * KP)
+    c = tl.arange(0, KP)
+    offsets = ((r // KP) * K + r % KP)[:, None] * (H * K) + c[None, :]
+    base = gram_ptr + row_head * K * (H * K) + col_head * K
+    if K == KP:
+        block = tl.load(base + offsets, volatile=VOL)
+    else:
+        block = tl.load(base + offsets, mask=((r % KP) < K)[:, None] & (c < K)[None, :], other=0., volatile=VOL)
+    if DOUBLE:
+        if _UPCAST_DOTS:  # the interpreter has no bf16 arithmetic
+            block = block.to(tl.float32)
+        block = block * 2  # exact in any float format
+    return block
 
-    Accumulated over row heads h, each ``a_h`` recomputed, so that only ``[K, K]`` blocks of G
-    and one accumulator are live.
+
+@triton.jit
+def _split_panel(y, BJ: tl.constexpr, KP: tl.constexpr, PH: tl.constexpr):
+    """[BJ, PH·KP] (heads side by side) -> tuple of PH [BJ, KP]; PH is 1 or 2."""
+    if PH == 1:
+        out = (y,)
+    else:
+        first, second = tl.split(tl.permute(tl.reshape(y, (BJ, 2, KP)), (0, 2, 1)))
+        out = (first, second)
+    return out
+
+
+@triton.jit
+def _mix(attention, gram_ptr, first_head, panel, row_stop, double_stop,
+         H: tl.constexpr, K: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, PH: tl.constexpr,
+         MIX_T: tl.constexpr, VOL: tl.constexpr):
+    """(A G) for the PH column heads of ``panel`` -> tuple of PH [BJ, KP] fp32.
+
+    ``attention`` holds one tile per head (see ``_all_attention``), head ``(first_head + r) % H`` at position r
+    (positions are static, heads may be rotated); the sum runs over positions r < ``row_stop``, doubled for
+    r < ``double_stop`` (the forward's symmetric half). MIX_T: as (G Aᵀ)ᵀ, one [PH·KP, BJ] product whose A operand is
+    a panel of G rows and whose B operand is a tile Aᵀ [KP, BJ] (in shared memory, stored once however often it is
+    used); else PH products [BJ, KP] whose A operand, A [BJ, KP], is in registers.
     """
-    row = tl.arange(0, KP)
-    col = tl.arange(0, KP)
-    acc = tl.zeros((HG, BJ, KP), dtype=tl.float32)
-    for h in range(H):
-        head = h + tl.arange(0, 1)
-        attention = _attention(queries, text_stride, keys, image_offset, j, head, B, H, K, D_HEAD, 1, BJ, KP, DC)
-        offsets = gram_offset + (h * K + row[None, :, None]) * (H * K) + heads[:, None, None] * K + col[None, None, :]
-        mask = (row[None, :, None] < K) & (heads[:, None, None] < H) & (col[None, None, :] < K)
-        block = tl.load(gram + offsets, mask=mask, other=0.)  # G[h-rows, heads' columns] as [heads, K, K]
-        acc = _dot(tl.broadcast_to(attention, (HG, BJ, KP)).to(block.dtype), block, acc)
-    return acc
+    if MIX_T:
+        acc = tl.zeros((PH * KP, BJ), dtype=tl.float32)
+        for r in tl.static_range(row_stop):
+            # The panel's PH heads are consecutive (the plan makes PH divide the group, and groups divide H).
+            block = _gram_block(gram_ptr, (first_head + panel * PH) % H, (first_head + r) % H, r < double_stop,
+                                H, K, KP, PH, VOL)
+            acc = _mm(block, attention[r], acc)
+        return _split_panel(tl.trans(acc), BJ, KP, PH)
+    else:
+        out = ()
+        for p in tl.static_range(PH):
+            acc = tl.zeros((BJ, KP), dtype=tl.float32)
+            for r in tl.static_range(row_stop):
+                # G[head r rows, head c columns] = (G[c rows, r columns])ᵀ: G is symmetric.
+                block = _gram_block(gram_ptr, (first_head + r) % H, (first_head + panel * PH + p) % H, r < double_stop,
+                                    H, K, KP, 1, VOL)
+                acc = _mm(attention[r], block, acc)
+            out = out + (acc,)
+        return out
 
 
 @triton.jit
-def _signed_logits(scale_ptr, bias_ptr, cos, i, j, first_text, HAS_POSITIVES: tl.constexpr):
-    """(s = scale·cos + bias, whether (i, j) is a positive pair, scale)."""
-    scale = tl.load(scale_ptr).to(tl.float32)
-    logits = scale * cos + tl.load(bias_ptr).to(tl.float32)
-    positive = (j + first_text == i) & HAS_POSITIVES
-    return logits, positive, scale
+def _join_heads(tiles, RP: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr):
+    """RP tiles [BJ, KP] side by side -> [BJ, RP·KP]; RP is 1, 2 or 4."""
+    if RP == 1:
+        out = tiles[0]
+    elif RP == 2:
+        out = tl.reshape(tl.permute(tl.join(tiles[0], tiles[1]), (0, 2, 1)), (BJ, 2 * KP))
+    else:
+        first = tl.reshape(tl.permute(tl.join(tiles[0], tiles[1]), (0, 2, 1)), (BJ, 2 * KP))
+        second = tl.reshape(tl.permute(tl.join(tiles[2], tiles[3]), (0, 2, 1)), (BJ, 2 * KP))
+        out = tl.reshape(tl.permute(tl.join(first, second), (0, 2, 1)), (BJ, 4 * KP))
+    return out
+
+
+@triton.constexpr_function
+def _gram_block_used(c, q, RP, ROWS, COUNT, H):
+    """Whether the ∂G column of the group's c-th head takes a row of block q (positions q·RP … q·RP + RP − 1): a
+    position p < COUNT at circulant offset (p − c) mod H < ROWS. Evaluated when compiling."""
+    c, q, RP, ROWS, COUNT, H = (getattr(x, 'value', x) for x in (c, q, RP, ROWS, COUNT, H))
+    return any(q * RP + t < COUNT and (q * RP + t - c) % H < ROWS for t in range(RP))
 
 
 @triton.jit
-def _pair_coefficients(cos_ptr, rnorm_ptr, scale_ptr, bias_ptr, grad_ptr, i, j, B, first_text,
+def _log1p(x):
+    """log(1 + x) for x in [0, 1], accurate where 1 + x rounds (Goldberg's trick)."""
+    u = 1. + x
+    return tl.where(u == 1., x, tl.log(u) * (x / tl.where(u == 1., 1., u - 1.)))
+
+
+@triton.jit
+def _pair_coefficients(cos_ptr, sq_norm_ptr, pair_offset, rows, B, i, first_text, scale, bias, grad,
                        HAS_POSITIVES: tl.constexpr):
-    """Per pair: (∂L/∂s, cos, α = ∂L/∂numerator, β = 2·∂L/∂|z|²), each [texts], 0 for padded texts."""
-    valid = j < B
-    cos = tl.load(cos_ptr + i * B + j, mask=valid, other=0.)
-    rnorm = tl.load(rnorm_ptr + i * B + j, mask=valid, other=0.)
-    logits, positive, scale = _signed_logits(scale_ptr, bias_ptr, cos, i, j, first_text, HAS_POSITIVES)
-    grad_logits = tl.load(grad_ptr).to(tl.float32) * (tl.sigmoid(logits) - tl.where(positive, 1., 0.))
-    grad_logits = tl.where(valid, grad_logits, 0.)
-    grad_cos = grad_logits * scale
+    """Per pair (image i, texts ``rows``): α = ∂L/∂numerator and β = 2·∂L/∂|z|², [BJ] each, 0 for padded texts.
+
+    With g = ∂L/∂cos: α = g/|z|, β = −g·cos/|z|², and β = 0 where |z|² was clamped (as clamp_min in PyTorch).
+    """
+    valid = rows < B
+    cos = tl.load(cos_ptr + pair_offset + rows, mask=valid, other=0.)
+    sq_norm = tl.load(sq_norm_ptr + pair_offset + rows, mask=valid, other=1.)
+    positive = (rows + first_text == i) & HAS_POSITIVES
+    grad_logits = grad * (tl.sigmoid(scale * cos + bias) - tl.where(positive, 1., 0.))
+    grad_cos = tl.where(valid, grad_logits * scale, 0.)
+    rnorm = tl.div_rn(1., tl.sqrt_rn(tl.maximum(sq_norm, _EPS_SQUARED)))
     alpha = grad_cos * rnorm
-    # |z| clamped at _EPS (rnorm == 1/_EPS) has no gradient, as with clamp_min in PyTorch.
-    beta = tl.where(rnorm < _MAX_RNORM, -grad_cos * cos * rnorm * rnorm, 0.)
-    return grad_logits, cos, alpha, beta
+    beta = tl.where(sq_norm > _EPS_SQUARED, -grad_cos * cos * rnorm * rnorm, 0.)
+    return alpha, beta
 
 
 @triton.jit
-def _attention_grad(queries, targets, text_stride, keys, values, image_offset, gram, gram_offset, j, heads,
-                    alpha, beta, B, H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr,
-                    HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr):
-    """(a, ∂L/∂logits) for one image, a text tile and the given heads: [heads, texts, tokens] each."""
-    attention = _attention(queries, text_stride, keys, image_offset, j, heads, B, H, K, D_HEAD, HG, BJ, KP, DC)
-    products = _pair_products(targets, text_stride, values, image_offset, j, heads, B, H, K, D_HEAD, HG, BJ, KP, DC)
-    mixed = _gram_product(queries, text_stride, keys, image_offset, gram, gram_offset, j, heads, B,
-                          H, K, D_HEAD, HG, BJ, KP, DC)
-    grad_attention = alpha[None, :, None] * products + beta[None, :, None] * mixed
-    grad_logits = attention * (grad_attention - tl.sum(attention * grad_attention, axis=2)[:, :, None])
-    return attention, grad_logits
+def _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, first_head, query_scale, alpha, beta,
+                    grad_g, COUNT: tl.constexpr, HG: tl.constexpr, LOGITS: tl.constexpr, GRAM: tl.constexpr,
+                    ROWS: tl.constexpr, RP: tl.constexpr, H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr,
+                    BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr):
+    """Streams the attention of COUNT heads, each consumed as soon as it is computed, so that only one head's a is
+    live besides the group's (heads first_head … first_head + HG − 1):
+
+    * LOGITS: ∂L/∂logits of the group's heads. ∂L/∂a = α·<value, p> + β·(G a) (G symmetric), with
+      β·(G a)[c] = Σ_r (β·a_r) G[r, c] (scaling a's rows by β scales the product's rows): text-major with A from
+      registers, or with MIX_T token-major, Σ_r G[c, r] (β·a_r)ᵀ, an MMA of KP rows whose B operand is in shared
+      memory (for text tiles of fewer than 64 rows); then the softmax backward, a ∘ (∂L/∂a − <a, ∂L/∂a>).
+    * GRAM: the group's circulant ∂G columns, ``grad_g[c·NB + q] += A_qᵀ (β/2·a_c)`` with A_q the RP heads of
+      positions q·RP … q·RP + RP − 1 side by side (zeros past COUNT), so that the product is 64 rows tall
+      (RP·KP; a [32, 32] MMA tile on 4 warps would be laid out with two warps duplicating the other two); the
+      blocks q that hold none of the column's rows c … c + ROWS − 1 (mod H) are skipped.
+
+    When all H heads stream and GRAM is off, they stream in their natural order (static offsets, no registers for
+    addresses) and the group's a are picked out as they pass; otherwise the order is rotated, head
+    ``(first_head + r) % H`` at position r, so that the group comes first (GRAM needs its a from the start).
+
+    Returns (the group's a, in the operands' dtype; the group's ∂L/∂logits, fp32; grad_g).
+    """
+    ROTATE: tl.constexpr = GRAM or COUNT < H
+    NB: tl.constexpr = (COUNT + RP - 1) // RP  # ∂G row blocks
+    dtype = keys.dtype.element_ty
+    pending = ()
+    own = ()
+    half_beta = ()
+    grad_a = ()
+    for c in tl.static_range(HG):
+        if ROTATE:
+            a = _softmax(_head_products(queries, text_stride, row0, B, keys, (first_head + c) % H,
+                                        K, D_HEAD, BJ, KP, DC, VOL), query_scale, K, KP)
+            own = own + (a.to(dtype),)
+            if GRAM:
+                half_beta = half_beta + (((0.5 * beta)[:, None] * a).to(dtype),)
+        else:
+            own = own + (tl.zeros((BJ, KP), dtype=dtype),)
+        if LOGITS:
+            grad_a = grad_a + (tl.zeros((KP, BJ) if MIX_T else (BJ, KP), dtype=tl.float32),)
+    for r in tl.static_range(COUNT):
+        if ROTATE:
+            head = (first_head + r) % H
+            if r < HG:
+                a = own[r].to(tl.float32)
+            else:
+                a = _softmax(_head_products(queries, text_stride, row0, B, keys, head, K, D_HEAD, BJ, KP, DC, VOL),
+                             query_scale, K, KP)
+        else:
+            head = r
+            a = _softmax(_head_products(queries, text_stride, row0, B, keys, r, K, D_HEAD, BJ, KP, DC, VOL),
+                         query_scale, K, KP)
+            picked = ()
+            for c in tl.static_range(HG):
+                picked = picked + (tl.where(first_head + c == r, a.to(dtype), own[c]),)
+            own = picked
+        if LOGITS:
+            weighted = (beta[:, None] * a).to(dtype)
+            updated = ()
+            for c in tl.static_range(HG):
+                if MIX_T:
+                    block = _gram_block(gram, (first_head + c) % H, head, False, H, K, KP, 1, VOL)  # G[c, r]
+                    updated = updated + (_mm(block, tl.trans(weighted), grad_a[c]),)
+                else:
+                    block = _gram_block(gram, head, (first_head + c) % H, False, H, K, KP, 1, VOL)  # G[r, c]
+                    updated = updated + (_mm(weighted, block, grad_a[c]),)
+            grad_a = updated
+        if GRAM:
+            pending = pending + (a.to(dtype),)
+            if r % RP == RP - 1 or r == COUNT - 1:
+                for _ in tl.static_range(RP - 1 - r % RP):  # pad the last block
+                    pending = pending + (tl.zeros((BJ, KP), dtype=dtype),)
+                operand = tl.trans(_join_heads(pending, RP, BJ, KP))
+                pending = ()
+                updated = ()
+                for n in tl.static_range(HG * NB):
+                    if n % NB == r // RP and _gram_block_used(n // NB, n % NB, RP, ROWS, COUNT, H):
+                        updated = updated + (_mm(operand, half_beta[n // NB], grad_g[n]),)
+                    else:
+                        updated = updated + (grad_g[n],)
+                grad_g = updated
+    grad_logits = ()
+    if LOGITS:
+        for c in tl.static_range(HG):
+            a = own[c].to(tl.float32)
+            products = _head_products(targets, text_stride, row0, B, values, (first_head + c) % H,
+                                      K, D_HEAD, BJ, KP, DC, VOL)
+            mixed = tl.trans(grad_a[c]) if MIX_T else grad_a[c]
+            grad = alpha[:, None] * products + mixed
+            grad_logits = grad_logits + (a * (grad - tl.sum(a * grad, axis=1)[:, None]),)
+    return own, grad_logits, grad_g
 
 
 @triton.jit
-def _forward_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr, cos_ptr, rnorm_ptr, loss_ptr,
-                    B, image_stride, text_stride, first_text,
+def _zeros(COUNT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """A tuple of COUNT fp32 accumulators [ROWS, COLS]."""
+    out = ()
+    for _ in tl.static_range(COUNT):
+        out = out + (tl.zeros((ROWS, COLS), dtype=tl.float32),)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _forward_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr, cos_ptr, sq_norm_ptr, partial_ptr,
+                    B, image_stride, text_stride, first_text, query_scale, tiles_per_split,
                     H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr, HAS_POSITIVES: tl.constexpr,
-                    HP: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr):
-    tile = tl.program_id(0)
+                    BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, PH: tl.constexpr, MIX_T: tl.constexpr,
+                    VOL: tl.constexpr):
+    """One image against ``tiles_per_split`` text tiles: cos and |z|² per pair; Σ loss, Σ g·cos, Σ g per program,
+    g = ∂(−log σ(y·s))/∂s."""
+    split = tl.program_id(0)
     i = tl.program_id(1)
-    j = tile * BJ + tl.arange(0, BJ)
-    heads = tl.arange(0, HP)
-    image_offset = tl.cast(i, tl.int64) * image_stride
-    gram_offset = tl.cast(i, tl.int64) * (H * K) * (H * K)
-
-    attention = _attention(queries, text_stride, keys, image_offset, j, heads, B, H, K, D_HEAD, HP, BJ, KP, DC)
-    products = _pair_products(targets, text_stride, values, image_offset, j, heads, B, H, K, D_HEAD, HP, BJ, KP, DC)
-    mixed = _gram_product(queries, text_stride, keys, image_offset, gram, gram_offset, j, heads, B,
-                          H, K, D_HEAD, HP, BJ, KP, DC)
-    numerator = tl.sum(tl.sum(attention * products, axis=2), axis=0)
-    rnorm = 1. / tl.sqrt(tl.maximum(tl.sum(tl.sum(attention * mixed, axis=2), axis=0), _EPS_SQUARED))
-    cos = numerator * rnorm
-
-    logits, positive, _ = _signed_logits(scale_ptr, bias_ptr, cos, i, j, first_text, HAS_POSITIVES)
-    signed = tl.where(positive, logits, -logits)
-    loss = tl.maximum(-signed, 0.) + tl.log(1. + tl.exp(-tl.abs(signed)))  # −log σ(y·s), stable
-    valid = j < B
-    tl.store(cos_ptr + i * B + j, cos, mask=valid)
-    tl.store(rnorm_ptr + i * B + j, rnorm, mask=valid)
-    tl.store(loss_ptr + i * tl.num_programs(0) + tile, tl.sum(tl.where(valid, loss, 0.)))
+    keys += tl.cast(i, tl.int64) * image_stride
+    values += tl.cast(i, tl.int64) * image_stride
+    gram += tl.cast(i, tl.int64) * (H * K) * (H * K)
+    pair_offset = tl.cast(i, tl.int64) * B
+    scale = tl.load(scale_ptr)
+    bias = tl.load(bias_ptr)
+    loss_sum = tl.zeros((BJ,), dtype=tl.float32)
+    grad_cos_sum = tl.zeros((BJ,), dtype=tl.float32)
+    grad_sum = tl.zeros((BJ,), dtype=tl.float32)
+    for t in range(tiles_per_split):
+        row0 = (split * tiles_per_split + t) * BJ
+        rows = row0 + tl.arange(0, BJ)
+        numerator = tl.zeros((BJ,), dtype=tl.float32)
+        sq_norm = tl.zeros((BJ,), dtype=tl.float32)
+        attention = ()
+        for panel in tl.static_range(H // PH):
+            rounded = ()  # the panel's a as the products see it (rounded to the input dtype)
+            for p in tl.static_range(PH):
+                head = panel * PH + p
+                a = _softmax(_head_products(queries, text_stride, row0, B, keys, head, K, D_HEAD, BJ, KP, DC, VOL),
+                             query_scale, K, KP)
+                products = _head_products(targets, text_stride, row0, B, values, head, K, D_HEAD, BJ, KP, DC, VOL)
+                numerator += tl.sum(a * products, axis=1)
+                operand = a.to(keys.dtype.element_ty)
+                attention = attention + ((tl.trans(operand) if MIX_T else operand),)
+                rounded = rounded + (operand.to(tl.float32),)
+            # aᵀ G a over the symmetric half: earlier panels' rows doubled, the panel's own diagonal block once.
+            mixed = _mix(attention, gram, 0, panel, (panel + 1) * PH, panel * PH, H, K, BJ, KP, PH, MIX_T, VOL)
+            for p in tl.static_range(PH):
+                sq_norm += tl.sum(rounded[p] * mixed[p], axis=1)
+        rnorm = tl.div_rn(1., tl.sqrt_rn(tl.maximum(sq_norm, _EPS_SQUARED)))
+        cos = numerator * rnorm
+        logits = scale * cos + bias
+        valid = rows < B
+        positive = (rows + first_text == i) & HAS_POSITIVES
+        signed = tl.where(positive, logits, -logits)
+        loss = tl.maximum(-signed, 0.) + _log1p(tl.exp(-tl.abs(signed)))  # −log σ(y·s), stable
+        grad = tl.where(valid, tl.sigmoid(logits) - tl.where(positive, 1., 0.), 0.)
+        tl.store(cos_ptr + pair_offset + rows, cos, mask=valid)
+        tl.store(sq_norm_ptr + pair_offset + rows, sq_norm, mask=valid)
+        loss_sum += tl.where(valid, loss, 0.)
+        grad_cos_sum += grad * cos
+        grad_sum += grad
+    out = partial_ptr + (i * tl.num_programs(0) + split) * 3
+    tl.store(out, tl.sum(loss_sum))
+    tl.store(out + 1, tl.sum(grad_cos_sum))
+    tl.store(out + 2, tl.sum(grad_sum))
 
 
 @triton.jit
-def _text_grad_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr, cos_ptr, rnorm_ptr, grad_ptr,
-                      grad_queries, grad_targets, grad_scale_ptr, grad_bias_ptr,
-                      b, B, image_stride, text_stride, first_text,
+def _text_grad_step(grad_q, grad_p, keys, values, gram, queries, targets, text_stride, row0, B, first_head, query_scale,
+                    alpha, beta, H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr, HG: tl.constexpr,
+                    BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, QUERY: tl.constexpr, TARGET: tl.constexpr,
+                    MIX_T: tl.constexpr, VOL: tl.constexpr):
+    """One image's contribution to the text tile's ∂q = Σ ∂(logits)·key (QUERY) and ∂p = Σ α·a·value (TARGET)
+    for the group's heads. ∂q needs every head's attention (through G a); ∂p only the group's."""
+    CHUNKS: tl.constexpr = (D_HEAD + DC - 1) // DC
+    own, grad_logits, _ = _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, first_head,
+                                          query_scale, alpha, beta, (), H if QUERY else HG, HG, QUERY, False, 1, 1, H,
+                                          K, D_HEAD, BJ, KP, DC, MIX_T, VOL)
+    new_q = ()
+    new_p = ()
+    for c in tl.static_range(HG):
+        head = (first_head + c) % H
+        weighted = (alpha[:, None] * own[c].to(tl.float32)).to(own[c].dtype)
+        for start in tl.static_range(0, D_HEAD, DC):
+            if QUERY:
+                key = _image_tile(keys, head, start, K, D_HEAD, KP, DC, False, VOL)
+                new_q = new_q + (_mm(grad_logits[c].to(key.dtype), key, grad_q[c * CHUNKS + start // DC]),)
+            if TARGET:
+                value = _image_tile(values, head, start, K, D_HEAD, KP, DC, False, VOL)
+                new_p = new_p + (_mm(weighted, value, grad_p[c * CHUNKS + start // DC]),)
+    return new_q, new_p
+
+
+@triton.jit
+def _text_grad_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr, grad_ptr, cos_ptr, sq_norm_ptr,
+                      grad_queries, grad_targets, b, B, image_stride, text_stride, first_text, query_scale,
                       H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr, HAS_POSITIVES: tl.constexpr,
-                      HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DB: tl.constexpr, DC: tl.constexpr):
-    """dq, dp [B, H, d] (fp32) for one text tile, head group and block of DB channels; partial sums
-    for d scale and d bias."""
+                      HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, QUERY: tl.constexpr,
+                      TARGET: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr):
+    """∂L/∂q (QUERY), ∂L/∂p (TARGET) [B, H, d] of one text tile and HG heads (a group), summed over all b images.
+
+    ∂L/∂q is with respect to the raw queries (logits <q, key>/τ).
+    """
+    CHUNKS: tl.constexpr = (D_HEAD + DC - 1) // DC
     tile = tl.program_id(0)
-    group = tl.program_id(1)
-    channels = tl.program_id(2)
-    j = tile * BJ + tl.arange(0, BJ)
-    heads = group * HG + tl.arange(0, HG)
-    kk = tl.arange(0, KP)
-    dd = channels * DB + tl.arange(0, DB)
-    grad_q = tl.zeros((HG, BJ, DB), dtype=tl.float32)
-    grad_p = tl.zeros((HG, BJ, DB), dtype=tl.float32)
-    grad_scale = tl.zeros((BJ,), dtype=tl.float32)
-    grad_bias = tl.zeros((BJ,), dtype=tl.float32)
+    first_head = tl.program_id(1) * HG
+    row0 = tile * BJ
+    rows = row0 + tl.arange(0, BJ)
+    scale = tl.load(scale_ptr)
+    bias = tl.load(bias_ptr)
+    grad = tl.load(grad_ptr)
+    grad_q = _zeros(HG * CHUNKS if QUERY else 0, BJ, DC)
+    grad_p = _zeros(HG * CHUNKS if TARGET else 0, BJ, DC)
     for i in range(b):
-        image_offset = tl.cast(i, tl.int64) * image_stride
-        gram_offset = tl.cast(i, tl.int64) * (H * K) * (H * K)
-        grad_logits, cos, alpha, beta = _pair_coefficients(
-            cos_ptr, rnorm_ptr, scale_ptr, bias_ptr, grad_ptr, i, j, B, first_text, HAS_POSITIVES)
-        attention, grad_attn_logits = _attention_grad(
-            queries, targets, text_stride, keys, values, image_offset, gram, gram_offset, j, heads, alpha, beta, B,
-            H, K, D_HEAD, HG, BJ, KP, DC)
-        key = _image_tile(keys, image_offset, heads, kk, dd, H, K, D_HEAD)
-        value = _image_tile(values, image_offset, heads, kk, dd, H, K, D_HEAD)
-        grad_q = _dot(grad_attn_logits.to(key.dtype), key, grad_q)
-        grad_p = _dot((alpha[None, :, None] * attention).to(value.dtype), value, grad_p)
-        grad_scale += grad_logits * cos
-        grad_bias += grad_logits
-    offsets = (j[None, :, None].to(tl.int64) * H + heads[:, None, None]) * D_HEAD + dd[None, None, :]
-    mask = (j[None, :, None] < B) & (heads[:, None, None] < H) & (dd[None, None, :] < D_HEAD)
-    tl.store(grad_queries + offsets, grad_q, mask=mask)
-    tl.store(grad_targets + offsets, grad_p, mask=mask)
-    if (group == 0) & (channels == 0):
-        tl.store(grad_scale_ptr + tile, tl.sum(grad_scale))
-        tl.store(grad_bias_ptr + tile, tl.sum(grad_bias))
+        alpha, beta = _pair_coefficients(cos_ptr, sq_norm_ptr, tl.cast(i, tl.int64) * B, rows, B, i, first_text,
+                                         scale, bias, grad, HAS_POSITIVES)
+        grad_q, grad_p = _text_grad_step(
+            grad_q, grad_p, keys + tl.cast(i, tl.int64) * image_stride, values + tl.cast(i, tl.int64) * image_stride,
+            gram + tl.cast(i, tl.int64) * (H * K) * (H * K), queries, targets, text_stride, row0, B, first_head,
+            query_scale, alpha, beta, H, K, D_HEAD, HG, BJ, KP, DC, QUERY, TARGET, MIX_T, VOL)
+    for c in tl.static_range(HG):
+        head = first_head + c
+        for start in tl.static_range(0, D_HEAD, DC):
+            cols = start + tl.arange(0, DC)
+            offsets = (rows[:, None].to(tl.int64) * H + head) * D_HEAD + cols[None, :]
+            mask = (rows[:, None] < B) & (cols[None, :] < D_HEAD) & (head < H)
+            if QUERY:
+                tl.store(grad_queries + offsets, grad_q[c * CHUNKS + start // DC] * (query_scale * _LN2), mask=mask)
+            if TARGET:
+                tl.store(grad_targets + offsets, grad_p[c * CHUNKS + start // DC], mask=mask)
 
 
 @triton.jit
-def _image_grad_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr, cos_ptr, rnorm_ptr, grad_ptr,
-                       grad_keys, grad_values, B, image_stride, text_stride, first_text,
+def _image_grad_step(grad_k, grad_v, grad_g, keys, values, gram, queries, targets, text_stride, row0, B, first_head,
+                     query_scale, alpha, beta, H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr,
+                     HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, KEY: tl.constexpr,
+                     VALUE: tl.constexpr, GRAM: tl.constexpr, ROWS: tl.constexpr, RP: tl.constexpr,
+                     NEEDED: tl.constexpr, DK: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr):
+    """One text tile's contribution to the image's ∂key (KEY), ∂value (VALUE) and ∂G columns (GRAM) of the group's
+    heads; ∂key, ∂value in tiles of DK channels."""
+    CHUNKS: tl.constexpr = (D_HEAD + DK - 1) // DK
+    own, grad_logits, grad_g = _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, first_head,
+                                               query_scale, alpha, beta, grad_g, NEEDED, HG, KEY, GRAM, ROWS, RP, H,
+                                               K, D_HEAD, BJ, KP, DC, MIX_T, VOL)
+    new_k = ()
+    new_v = ()
+    for c in tl.static_range(HG):
+        head = (first_head + c) % H
+        weighted = (alpha[:, None] * own[c].to(tl.float32)).to(own[c].dtype)
+        for start in tl.static_range(0, D_HEAD, DK):
+            if KEY:
+                query = tl.trans(_text_tile(queries, text_stride, row0, B, head, start, BJ, DK, D_HEAD, VOL))
+                new_k = new_k + (_mm(query, grad_logits[c].to(query.dtype), grad_k[c * CHUNKS + start // DK]),)
+            if VALUE:
+                target = tl.trans(_text_tile(targets, text_stride, row0, B, head, start, BJ, DK, D_HEAD, VOL))
+                new_v = new_v + (_mm(target, weighted, grad_v[c * CHUNKS + start // DK]),)
+    return new_k, new_v, grad_g
+
+
+@triton.jit
+def _image_grad_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr, grad_ptr, cos_ptr, sq_norm_ptr,
+                       grad_keys, grad_values, grad_gram, B, image_stride, text_stride, first_text, query_scale,
                        H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr, HAS_POSITIVES: tl.constexpr,
-                       HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DB: tl.constexpr, DC: tl.constexpr):
-    """dkey, dvalue [b, H, K, d] (fp32) for one image, head group and block of DB channels, looping
-    over all texts."""
+                       HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, KEY: tl.constexpr,
+                       VALUE: tl.constexpr, GRAM: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr):
+    """One image and HG heads (a group), summed over all B texts: ∂L/∂key (KEY), ∂L/∂value (VALUE) [b, H, K, d] and
+    the group's columns of ∂L/∂G = Σ_j (β/2)·a aᵀ over a circulant half (GRAM): column head c takes the row heads
+    c, c+1, …, c+⌊H/2⌋ (mod H), so that every pair of heads is computed once (twice only for the H/2-apart pairs
+    when H is even; the larger c does not store them); each block is stored with its mirror.
+
+    ∂key, ∂value accumulate as [DK channels, K] tiles, products of M = DK = 64 rows (a 32-row MMA tile on 4 warps
+    would have two warps duplicate the other two): d = 96 or 160 pads to 128 or 192 there.
+    """
+    DK: tl.constexpr = 64 if D_HEAD > 32 else DC
+    CHUNKS: tl.constexpr = (D_HEAD + DK - 1) // DK
+    ROWS: tl.constexpr = H // 2 + 1 if H // 2 + 1 < H else H  # row heads per ∂G column
+    # Heads whose attention the program needs: all for ∂L/∂key (through G a); the group and ⌊H/2⌋ more for ∂G;
+    # the group for ∂L/∂value.
+    NEEDED: tl.constexpr = H if KEY else ((HG + ROWS - 1 if HG + ROWS - 1 < H else H) if GRAM else HG)
+    RP: tl.constexpr = 64 // KP if KP < 64 else 1  # row heads per ∂G block: 64 rows
+    NB: tl.constexpr = (NEEDED + RP - 1) // RP
     i = tl.program_id(0)
-    group = tl.program_id(1)
-    heads = group * HG + tl.arange(0, HG)
-    kk = tl.arange(0, KP)
-    dd = tl.program_id(2) * DB + tl.arange(0, DB)
-    image_offset = tl.cast(i, tl.int64) * image_stride
-    gram_offset = tl.cast(i, tl.int64) * (H * K) * (H * K)
-    grad_k = tl.zeros((HG, KP, DB), dtype=tl.float32)
-    grad_v = tl.zeros((HG, KP, DB), dtype=tl.float32)
+    first_head = tl.program_id(1) * HG
+    keys += tl.cast(i, tl.int64) * image_stride
+    values += tl.cast(i, tl.int64) * image_stride
+    gram += tl.cast(i, tl.int64) * (H * K) * (H * K)
+    pair_offset = tl.cast(i, tl.int64) * B
+    scale = tl.load(scale_ptr)
+    bias = tl.load(bias_ptr)
+    grad = tl.load(grad_ptr)
+    # Accumulators: tuples of tiles, empty when not computed.
+    grad_k = _zeros(HG * CHUNKS if KEY else 0, DK, KP)
+    grad_v = _zeros(HG * CHUNKS if VALUE else 0, DK, KP)
+    grad_g = _zeros(HG * NB if GRAM else 0, RP * KP, KP)
     for start in range(0, B, BJ):
-        j = start + tl.arange(0, BJ)
-        _, _, alpha, beta = _pair_coefficients(
-            cos_ptr, rnorm_ptr, scale_ptr, bias_ptr, grad_ptr, i, j, B, first_text, HAS_POSITIVES)
-        attention, grad_attn_logits = _attention_grad(
-            queries, targets, text_stride, keys, values, image_offset, gram, gram_offset, j, heads, alpha, beta, B,
-            H, K, D_HEAD, HG, BJ, KP, DC)
-        query = _text_tile(queries, text_stride, j, heads, dd, B, H, D_HEAD)
-        target = _text_tile(targets, text_stride, j, heads, dd, B, H, D_HEAD)
-        grad_k = _dot(tl.permute(grad_attn_logits.to(query.dtype), (0, 2, 1)), query, grad_k)
-        grad_v = _dot(tl.permute((alpha[None, :, None] * attention).to(target.dtype), (0, 2, 1)), target, grad_v)
-    offsets = tl.cast(i, tl.int64) * (H * K * D_HEAD) + (heads[:, None, None] * K + kk[None, :, None]) * D_HEAD + dd[None, None, :]
-    mask = (heads[:, None, None] < H) & (kk[None, :, None] < K) & (dd[None, None, :] < D_HEAD)
-    tl.store(grad_keys + offsets, grad_k, mask=mask)
-    tl.store(grad_values + offsets, grad_v, mask=mask)
+        rows = start + tl.arange(0, BJ)
+        alpha, beta = _pair_coefficients(cos_ptr, sq_norm_ptr, pair_offset, rows, B, i, first_text,
+                                         scale, bias, grad, HAS_POSITIVES)
+        grad_k, grad_v, grad_g = _image_grad_step(
+            grad_k, grad_v, grad_g, keys, values, gram, queries, targets, text_stride, start, B, first_head,
+            query_scale, alpha, beta, H, K, D_HEAD, HG, BJ, KP, DC, KEY, VALUE, GRAM, ROWS, RP, NEEDED, DK, MIX_T, VOL)
+    tokens = tl.arange(0, KP)
+    for c in tl.static_range(HG):
+        head = first_head + c
+        for start_c in tl.static_range(0, D_HEAD, DK):
+            cols = start_c + tl.arange(0, DK)
+            offsets = (tl.cast(i, tl.int64) * H + head) * (K * D_HEAD) + tokens[None, :] * D_HEAD + cols[:, None]
+            mask = (tokens[None, :] < K) & (cols[:, None] < D_HEAD) & (head < H)
+            if KEY:
+                tl.store(grad_keys + offsets, grad_k[c * CHUNKS + start_c // DK] * (query_scale * _LN2), mask=mask)
+            if VALUE:
+                tl.store(grad_values + offsets, grad_v[c * CHUNKS + start_c // DK], mask=mask)
+        if GRAM:
+            base = grad_gram + tl.cast(i, tl.int64) * (H * K) * (H * K)
+            t = tl.arange(0, RP * KP)
+            token = t % KP
+            for q in tl.static_range(NB):
+                if _gram_block_used(c, q, RP, ROWS, NEEDED, H):
+                    position = q * RP + t // KP
+                    offset = (position - c + H) % H  # circulant offset of the row head from the column head
+                    row_head = (head + offset) % H
+                    # Rows of the column's half; the H/2-apart pair is computed by both heads, the smaller stores it.
+                    keep = (position < NEEDED) & (offset < ROWS) & ((2 * offset != H) | (head < row_head))
+                    keep = (keep & (token < K))[:, None] & (tokens < K)[None, :] & (head < H)
+                    rows_at = (row_head * K + token)[:, None] * (H * K) + head * K + tokens[None, :]
+                    tl.store(base + rows_at, grad_g[c * NB + q], mask=keep)
+                    mirror = (head * K + tokens[None, :]) * (H * K) + (row_head * K + token)[:, None]
+                    tl.store(base + mirror, grad_g[c * NB + q], mask=keep & (offset > 0)[:, None])
 
 
-@triton.jit
-def _gram_grad_kernel(keys, gram, queries, scale_ptr, bias_ptr, cos_ptr, rnorm_ptr, grad_ptr, grad_gram,
-                      B, image_stride, text_stride, first_text,
-                      H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr, HAS_POSITIVES: tl.constexpr,
-                      HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr):
-    """dG[i] = Σ_j (β/2)·a aᵀ [b, H·K, H·K] (fp32): rows of head group ``row_group``, columns of ``col_group``."""
-    i = tl.program_id(0)
-    row_group = tl.program_id(1)
-    col_group = tl.program_id(2)
-    if row_group <= col_group:  # dG is symmetric: the upper blocks, mirrored on store
-        row_heads = row_group * HG + tl.arange(0, HG)
-        col_heads = col_group * HG + tl.arange(0, HG)
-        image_offset = tl.cast(i, tl.int64) * image_stride
-        acc = tl.zeros((HG * KP, HG * KP), dtype=tl.float32)
-        for start in range(0, B, BJ):
-            j = start + tl.arange(0, BJ)
-            _, _, _, beta = _pair_coefficients(
-                cos_ptr, rnorm_ptr, scale_ptr, bias_ptr, grad_ptr, i, j, B, first_text, HAS_POSITIVES)
-            rows = _attention(queries, text_stride, keys, image_offset, j, row_heads, B, H, K, D_HEAD, HG, BJ, KP, DC)
-            cols = _attention(queries, text_stride, keys, image_offset, j, col_heads, B, H, K, D_HEAD, HG, BJ, KP, DC)
-            cols = cols * (0.5 * beta)[None, :, None]
-            rows = tl.reshape(tl.permute(rows, (1, 0, 2)), (BJ, HG * KP)).to(gram.dtype.element_ty)
-            cols = tl.reshape(tl.permute(cols, (1, 0, 2)), (BJ, HG * KP)).to(gram.dtype.element_ty)
-            acc = _dot(tl.trans(rows), cols, acc)
-        r = tl.arange(0, HG * KP)
-        row_head, row_token = row_group * HG + r // KP, r % KP
-        col_head, col_token = col_group * HG + r // KP, r % KP
-        row_index = (row_head * K + row_token)[:, None]
-        col_index = (col_head * K + col_token)[None, :]
-        mask = ((row_head < H) & (row_token < K))[:, None] & ((col_head < H) & (col_token < K))[None, :]
-        base = grad_gram + tl.cast(i, tl.int64) * (H * K) * (H * K)
-        tl.store(base + row_index * (H * K) + col_index, acc, mask=mask)
-        if row_group != col_group:
-            tl.store(base + col_index * (H * K) + row_index, acc, mask=mask)
-
+# ----------------------------------------------------------------------------------------------------------------
+# Plans and launches
+# ----------------------------------------------------------------------------------------------------------------
 
 class _Blocks(NamedTuple):
-    """Block sizes and head groups (powers of two) for given H, K, d."""
-    KP: int  # tokens, padded
-    DP: int  # channels, padded
-    DC: int  # channels contracted per dot in the logits
-    HP: int  # heads, padded (the forward takes all heads at once)
-    forward_texts: int
-    text_heads: int  # heads per group of _text_grad_kernel
-    text_channels: int  # channels per program of _text_grad_kernel
-    text_texts: int
-    image_heads: int  # heads per group of _image_grad_kernel
-    image_channels: int
-    gram_heads: int  # heads per group (on each side) of _gram_grad_kernel
-    gram_texts: int
+    """One kernel's tile sizes and launch options."""
+    texts: int  # BJ: texts per tile, the M of the text-major products (64 per warp group for wgmma)
+    heads: int  # HG: heads per program (the forward: all H)
+    warps: int
+    stages: int
+    panel: int = 1  # forward: heads per row panel of G when mixing token-major (2 when K pads to 32)
+    # A G as (G Aᵀ)ᵀ, Aᵀ in shared memory, an MMA of KP·panel rows, rather than with A in registers (the forward:
+    # A of every head kept; the backward: text tiles of fewer than 64 rows)
+    mix_t: bool = False
+    # Whether the side that stays the same through the kernel's loop (the image's keys, values and G in the
+    # forward and ∂key/∂value/∂G kernels, the text tile in the ∂q/∂p kernel) may stay on chip for the whole loop,
+    # as the compiler hoists it; else its loads are volatile, which keeps them in the loop (streamed from L2).
+    resident: bool = True
 
 
-# fp32 values one program keeps live (accumulators and [heads, texts, K] temporaries): with 8 warps
-# about 64 registers a thread, which leaves room for operands (checked without spills for B/16 and
-# G/14 shapes on sm_80 and sm_90 with triton.compile).
-_LIVE_ELEMENTS = 24576
-# tl.dot needs every dimension to be at least 16.
-_MIN_DOT = 16
-_TEXTS = 16  # texts per tile in the backward kernels
-_WARPS = 8
+class _Part(NamedTuple):
+    """One backward launch: a kernel ('text' or 'image'), the gradients it computes and its blocks."""
+    kernel: str
+    grads: tuple  # of 'query', 'target' (text) or 'key', 'value', 'gram' (image)
+    blocks: _Blocks
 
 
-def _pow2_at_most(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
+class _Plan(NamedTuple):
+    KP: int  # tokens per head, padded to a power of two ≥ 16
+    DC: int  # channels per chunk of d
+    forward: _Blocks
+    backward: tuple  # of _Part: every gradient in one part
 
 
-def _blocks(heads: int, tokens: int, head_dim: int, live_elements: int = None) -> _Blocks:
-    """Largest tiles whose live fp32 values stay within ``live_elements`` (default ``_LIVE_ELEMENTS``)."""
-    budget = live_elements or _LIVE_ELEMENTS
-    kp = max(_MIN_DOT, triton.next_power_of_2(tokens))
-    dp = max(_MIN_DOT, triton.next_power_of_2(head_dim))
-    hp = triton.next_power_of_2(heads)
+def _chunk(head_dim: int) -> int:
+    """Channels per chunk: the largest of 64, 32 dividing d (no padding at the shipped d = 64, 96, 128, 160)."""
+    for size in (64, 32):
+        if head_dim % size == 0:
+            return size
+    return min(64, max(16, triton.next_power_of_2(head_dim)))
 
-    def most(live, largest):  # largest power of two n <= largest with live(n) within the budget
-        n = largest
-        while n > 1 and live(n) > budget:
-            n //= 2
-        return n
 
-    # dq, dp [heads, texts, channels]; attention, products, G a, their gradient [heads, texts, K]
-    text_channels = most(lambda c: _TEXTS * (2 * c + 4 * kp), dp)
-    text_heads = most(lambda g: g * _TEXTS * (2 * text_channels + 4 * kp), hp)
-    # dkey, dvalue [heads, K, channels]; the same four [heads, texts, K]
-    image_channels = most(lambda c: 2 * kp * c + 4 * _TEXTS * kp, dp)
-    image_heads = most(lambda g: g * (2 * kp * image_channels + 4 * _TEXTS * kp), hp)
-    return _Blocks(
-        KP=kp, DP=dp, DC=min(dp, 32), HP=hp,
-        forward_texts=max(_MIN_DOT, _pow2_at_most(budget // (3 * hp * kp))),  # attention, products, G a
-        text_heads=text_heads, text_channels=text_channels, text_texts=_TEXTS,
-        image_heads=image_heads, image_channels=image_channels,
-        # dG block [heads·K, heads·K]; two attentions [heads, texts, K]
-        gram_heads=most(lambda g: (g * kp) ** 2 + 2 * g * 2 * _TEXTS * kp, hp), gram_texts=2 * _TEXTS,
-    )
+def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = False) -> _Plan:
+    """Tiles for (H, K, d) on sm_``arch``: the largest that compile without spills within shared memory and without
+    a warp duplicating another's MMA tile (checked by tests/test_fused_loss.py at the shipped shapes with
+    scripts/kernel_report.py, which prints what they issue). A warp group takes 64 rows: 4 warps for a 64-row
+    tile, 8 only for 128 rows (8 warps on 64 rows have Triton duplicate some products).
+
+    sm_90, K ≤ 32 (B/16, L/14): text tiles of 64 rows; the ∂q/∂p program keeps its 128 texts on chip and takes two
+    heads where d = 64. sm_90, K = 64 (B/32, H/14, G/14): [64, 64] fp32 tiles leave too few registers for 64 texts
+    wherever every head's attention is needed (the forward, ∂q, ∂key), so those take 16 or 32 texts and mix
+    token-major (A G as an MMA of K rows, on wgmma); what stays the same through a loop streams from L2.
+    sm_80 (no wgmma), and fp32 (products in fp32 FMAs, for checking; twice the bytes per operand): 16 texts on 4
+    warps (MMA tiles of 16 rows, warps side by side along the columns).
+    """
+    kp = max(16, triton.next_power_of_2(tokens))
+    two = min(2, heads)
+    if arch < 90 or fp32:
+        tile = _Blocks(texts=16, heads=1, warps=4, stages=1, resident=False)
+        forward = tile._replace(heads=heads)
+        backward = (_Part('text', ('query', 'target'), tile), _Part('image', ('key', 'value'), tile),
+                    _Part('image', ('gram',), tile._replace(texts=64) if kp <= 32 else tile))
+    elif kp <= 32:
+        forward = _Blocks(texts=64, heads=heads, warps=4, stages=1)
+        text = _Blocks(texts=128, heads=two if head_dim <= 64 else 1, warps=8, stages=1)
+        backward = (_Part('text', ('query', 'target'), text),
+                    _Part('image', ('key', 'value'), _Blocks(texts=64, heads=1, warps=4, stages=1, resident=False)),
+                    _Part('image', ('gram',), _Blocks(texts=64, heads=1, warps=4, stages=1)))
+    else:
+        forward = _Blocks(texts=16, heads=heads, warps=4, stages=1, mix_t=True, resident=False)
+        backward = (
+            _Part('text', ('query',), _Blocks(texts=16, heads=1, warps=4, stages=1, mix_t=True, resident=False)),
+            _Part('text', ('target',), _Blocks(texts=64, heads=1, warps=4, stages=1, resident=False)),
+            _Part('image', ('key',), _Blocks(texts=32, heads=1, warps=8, stages=1, mix_t=True, resident=False)),
+            _Part('image', ('value',), _Blocks(texts=128, heads=two, warps=8, stages=1, resident=False)),
+            _Part('image', ('gram',), _Blocks(texts=128, heads=1, warps=8, stages=1, resident=False)))
+    return _Plan(KP=kp, DC=_chunk(head_dim), forward=forward, backward=backward)
+
+
+# Programs the forward aims for: an image's text tiles are split among programs until about this many.
+_FORWARD_PROGRAMS = 1024
+
+
+class _Launch(NamedTuple):
+    """One kernel launch, as the autograd function makes it and scripts/kernel_report.py compiles it."""
+    name: str
+    kernel: object
+    grid: tuple
+    constexprs: dict
+    options: dict  # num_warps, num_stages
+    ints: dict  # the kernel's integer arguments
+    trips: int  # iterations of the kernel's one dynamic loop, summed over its programs
+    macs: int  # multiply-adds the design does in this launch
+
+
+def _gram_blocks(heads: int, own: int, count: int, kp: int) -> int:
+    """∂G blocks (of 64 // KP row heads) a program computes: _gram_block_used over the group's columns."""
+    rows, rp = min(heads, heads // 2 + 1), 64 // kp if kp < 64 else 1
+    return sum(_gram_block_used.fn(c, q, rp, rows, count, heads) for c in range(own) for q in range(triton.cdiv(count, rp)))
+
+
+GRADIENTS = ('key', 'value', 'gram', 'query', 'target')
+
+
+def _launches(stage: str, plan: _Plan, b: int, B: int, heads: int, tokens: int, head_dim: int, image_stride: int,
+              text_stride: int, first_text: int, negative_only: bool, grads=GRADIENTS):
+    """The launches of ``stage`` ('forward', or 'backward' for the gradients named in ``grads``), with the
+    multiply-adds each does by design (K and d unpadded, text tiles past B included)."""
+    k, d, h = tokens, head_dim, heads
+    common = dict(H=heads, K=tokens, D_HEAD=head_dim, HAS_POSITIVES=not negative_only, KP=plan.KP, DC=plan.DC)
+    strides = dict(image_stride=image_stride, text_stride=text_stride, first_text=first_text)
+
+    def options(blocks):
+        return dict(num_warps=blocks.warps, num_stages=blocks.stages)
+
+    if stage == 'forward':
+        blocks = plan.forward
+        tiles = triton.cdiv(B, blocks.texts)
+        splits = min(tiles, triton.cdiv(_FORWARD_PROGRAMS, b))
+        per_split = triton.cdiv(tiles, splits)
+        splits = triton.cdiv(tiles, per_split)
+        texts = b * splits * per_split * blocks.texts
+        panels = heads // blocks.panel
+        # logits and <p, value> of every head; aᵀ G a over the symmetric half, at panel granularity
+        macs = texts * (2 * h * k * d + (blocks.panel * k) ** 2 * panels * (panels + 1) // 2)
+        return [_Launch('forward', _forward_kernel, (splits, b),
+                        dict(common, BJ=blocks.texts, PH=blocks.panel, MIX_T=blocks.mix_t, VOL=not blocks.resident),
+                        options(blocks), dict(B=B, tiles_per_split=per_split, **strides), b * splits * per_split,
+                        macs)]
+    launches = []
+    rows = min(heads, heads // 2 + 1)  # row heads per ∂G column (_image_grad_kernel's ROWS)
+    rp = 64 // plan.KP if plan.KP < 64 else 1
+    for part in plan.backward:
+        wanted = [g for g in part.grads if g in grads]
+        if not wanted:
+            continue
+        blocks = part.blocks
+        own, groups = blocks.heads, triton.cdiv(heads, blocks.heads)
+        constexprs = dict(common, BJ=blocks.texts, HG=own, MIX_T=blocks.mix_t, VOL=not blocks.resident,
+                          **{g.upper(): g in wanted for g in (('query', 'target') if part.kernel == 'text'
+                                                              else ('key', 'value', 'gram'))})
+        mixing = k * d + h * k * k  # <p, value> and G a for one head: the softmax backward's inputs
+        if part.kernel == 'text':
+            tiles = triton.cdiv(B, blocks.texts)
+            streamed = h if constexprs['QUERY'] else own
+            per_pair = streamed * k * d + own * (constexprs['QUERY'] * (mixing + k * d) + constexprs['TARGET'] * k * d)
+            launches.append(_Launch('text', _text_grad_kernel, (tiles, groups), constexprs, options(blocks),
+                                    dict(b=b, B=B, **strides), tiles * groups * b,
+                                    b * tiles * blocks.texts * groups * per_pair))
+        else:
+            tiles = triton.cdiv(B, blocks.texts)
+            streamed = h if constexprs['KEY'] else min(h, own + rows - 1) if constexprs['GRAM'] else own
+            per_pair = (streamed * k * d + own * (constexprs['KEY'] * (mixing + k * d) + constexprs['VALUE'] * k * d)
+                        + constexprs['GRAM'] * _gram_blocks(heads, own, streamed, plan.KP) * rp * k * k)
+            launches.append(_Launch('image', _image_grad_kernel, (b, groups), constexprs, options(blocks),
+                                    dict(B=B, **strides), b * groups * tiles, b * tiles * blocks.texts * groups * per_pair))
+    return launches
+
+
+def _run(launch: _Launch, args: dict):
+    """Launch with ``args`` (tensors and floats by name) and the launch's integers."""
+    values = [args[name] if name in args else launch.ints[name]
+              for name in launch.kernel.arg_names if name not in launch.constexprs]
+    launch.kernel[launch.grid](*values, **launch.constexprs, **launch.options)
 
 
 def _launch_args(keys, values, gram, queries, targets):
@@ -412,70 +815,12 @@ def _launch_args(keys, values, gram, queries, targets):
     return tuple(rows(x) for x in (keys, values, queries, targets)) + (gram.to(dtype).contiguous(),)
 
 
-class _FusedSigmoidLoss(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, keys, values, gram, queries, targets, logit_scale, logit_bias, first_text, negative_only):
-        keys_, values_, queries_, targets_, gram_ = _launch_args(keys, values, gram, queries, targets)
-        b, heads, tokens, head_dim = keys.shape
-        num_texts = queries.shape[0]
-        blocks = _blocks(heads, tokens, head_dim)
-        scale = logit_scale.detach().float().reshape(1)
-        bias = logit_bias.detach().float().reshape(1)
-        cos = torch.empty(b, num_texts, device=keys.device, dtype=torch.float32)
-        rnorm = torch.empty_like(cos)
-        tiles = triton.cdiv(num_texts, blocks.forward_texts)
-        partial = torch.empty(b, tiles, device=keys.device, dtype=torch.float32)
-        with _on_device(keys):
-            _forward_kernel[(tiles, b)](
-                keys_, values_, gram_, queries_, targets_, scale, bias, cos, rnorm, partial,
-                num_texts, keys_.stride(0), queries_.stride(0), first_text,
-                H=heads, K=tokens, D_HEAD=head_dim, HAS_POSITIVES=not negative_only,
-                HP=blocks.HP, BJ=blocks.forward_texts, KP=blocks.KP, DC=blocks.DC, num_warps=_WARPS)
-        ctx.save_for_backward(keys_, values_, gram_, queries_, targets_, scale, bias, cos, rnorm)
-        ctx.first_text, ctx.negative_only = first_text, negative_only
-        ctx.dtypes = tuple(x.dtype for x in (keys, values, gram, queries, targets, logit_scale, logit_bias))
-        ctx.scalar_shapes = (logit_scale.shape, logit_bias.shape)
-        return partial.sum()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        keys, values, gram, queries, targets, scale, bias, cos, rnorm = ctx.saved_tensors
-        b, heads, tokens, head_dim = keys.shape
-        num_texts = queries.shape[0]
-        blocks = _blocks(heads, tokens, head_dim)
-        grad = grad_loss.detach().float().reshape(1)
-        common = dict(H=heads, K=tokens, D_HEAD=head_dim, HAS_POSITIVES=not ctx.negative_only, KP=blocks.KP,
-                      DC=blocks.DC)
-        strides = (keys.stride(0), queries.stride(0), ctx.first_text)
-        grad_keys = torch.empty(b, heads, tokens, head_dim, device=keys.device, dtype=torch.float32)
-        grad_values = torch.empty_like(grad_keys)
-        grad_gram = torch.empty(gram.shape, device=keys.device, dtype=torch.float32)
-        grad_queries = torch.empty(num_texts, heads, head_dim, device=keys.device, dtype=torch.float32)
-        grad_targets = torch.empty_like(grad_queries)
-        tiles = triton.cdiv(num_texts, blocks.text_texts)
-        grad_scale = torch.empty(tiles, device=keys.device, dtype=torch.float32)
-        grad_bias = torch.empty_like(grad_scale)
-        pair_args = (scale, bias, cos, rnorm, grad)
-        with _on_device(keys):
-            _text_grad_kernel[(tiles, triton.cdiv(heads, blocks.text_heads), triton.cdiv(head_dim, blocks.text_channels))](
-                keys, values, gram, queries, targets, *pair_args, grad_queries, grad_targets, grad_scale, grad_bias,
-                b, num_texts, *strides, HG=blocks.text_heads, BJ=blocks.text_texts, DB=blocks.text_channels, **common,
-                num_warps=_WARPS)
-            _image_grad_kernel[(b, triton.cdiv(heads, blocks.image_heads), triton.cdiv(head_dim, blocks.image_channels))](
-                keys, values, gram, queries, targets, *pair_args, grad_keys, grad_values,
-                num_texts, *strides, HG=blocks.image_heads, BJ=blocks.text_texts, DB=blocks.image_channels, **common,
-                num_warps=_WARPS)
-            groups = triton.cdiv(heads, blocks.gram_heads)
-            _gram_grad_kernel[(b, groups, groups)](
-                keys, gram, queries, *pair_args, grad_gram, num_texts, *strides,
-                HG=blocks.gram_heads, BJ=blocks.gram_texts, **common, num_warps=_WARPS)
-        dtypes = ctx.dtypes
-        scale_shape, bias_shape = ctx.scalar_shapes
-        return (grad_keys.to(dtypes[0]), grad_values.to(dtypes[1]), grad_gram.to(dtypes[2]),
-                grad_queries.to(dtypes[3]), grad_targets.to(dtypes[4]),
-                grad_scale.sum().reshape(scale_shape).to(dtypes[5]), grad_bias.sum().reshape(bias_shape).to(dtypes[6]),
-                None, None)
+def _arch(tensor) -> int:
+    """The tensor's GPU as 10·major + minor (90 for an H100/H200); 90 under the interpreter."""
+    if not tensor.is_cuda:
+        return 90
+    major, minor = torch.cuda.get_device_capability(tensor.device)
+    return 10 * major + minor
 
 
 def _on_device(tensor):
@@ -483,20 +828,77 @@ def _on_device(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def fused_sigmoid_loss(keys, values, gram, queries, targets, logit_scale, logit_bias,
+class _FusedSigmoidLoss(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, keys, values, gram, queries, targets, logit_scale, logit_bias, temperature, first_text,
+                negative_only):
+        keys_, values_, queries_, targets_, gram_ = _launch_args(keys, values, gram, queries, targets)
+        b, heads, tokens, head_dim = keys.shape
+        num_texts = queries.shape[0]
+        plan = _plan(heads, tokens, head_dim, _arch(keys), keys_.dtype == torch.float32)
+        shape = (plan, b, num_texts, heads, tokens, head_dim, keys_.stride(0), queries_.stride(0), first_text,
+                 negative_only)
+        (launch,) = _launches('forward', *shape)
+        query_scale = _LOG2E / temperature
+        scale = logit_scale.detach().float().reshape(1)
+        bias = logit_bias.detach().float().reshape(1)
+        cos = torch.empty(b, num_texts, device=keys.device, dtype=torch.float32)
+        sq_norm = torch.empty_like(cos)
+        partial = torch.empty(b, launch.grid[0], 3, device=keys.device, dtype=torch.float32)
+        with _on_device(keys):
+            _run(launch, dict(keys=keys_, values=values_, gram=gram_, queries=queries_, targets=targets_,
+                              scale_ptr=scale, bias_ptr=bias, cos_ptr=cos, sq_norm_ptr=sq_norm, partial_ptr=partial,
+                              query_scale=query_scale))
+        ctx.save_for_backward(keys_, values_, gram_, queries_, targets_, scale, bias, cos, sq_norm, partial)
+        ctx.shape, ctx.query_scale = shape, query_scale
+        ctx.dtypes = tuple(x.dtype for x in (keys, values, gram, queries, targets, logit_scale, logit_bias))
+        ctx.scalar_shapes = (logit_scale.shape, logit_bias.shape)
+        return partial[..., 0].sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        keys, values, gram, queries, targets, scale, bias, cos, sq_norm, partial = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dtypes = ctx.dtypes
+        grad = grad_loss.detach().float().reshape(1)
+
+        def empty(shape, dtype):
+            return torch.empty(shape, device=keys.device, dtype=dtype)
+
+        args = dict(keys=keys, values=values, gram=gram, queries=queries, targets=targets, scale_ptr=scale,
+                    bias_ptr=bias, grad_ptr=grad, cos_ptr=cos, sq_norm_ptr=sq_norm, query_scale=ctx.query_scale,
+                    grad_queries=empty(queries.shape, dtypes[3]), grad_targets=empty(targets.shape, dtypes[4]),
+                    grad_keys=empty(keys.shape, dtypes[0]), grad_values=empty(values.shape, dtypes[1]),
+                    grad_gram=empty(gram.shape, dtypes[2]))
+        with _on_device(keys):
+            for launch in _launches('backward', *ctx.shape, grads=[g for g, need in zip(GRADIENTS, needs) if need]):
+                _run(launch, args)
+        sums = partial[..., 1:].sum(dim=(0, 1)) * grad  # Σ ∂L/∂s·cos, Σ ∂L/∂s
+        scale_shape, bias_shape = ctx.scalar_shapes
+        grads = (args['grad_keys'], args['grad_values'], args['grad_gram'], args['grad_queries'], args['grad_targets'],
+                 sums[0].reshape(scale_shape).to(dtypes[5]), sums[1].reshape(bias_shape).to(dtypes[6]))
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
+
+
+def fused_sigmoid_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, temperature: float = 1.0,
                        first_text: int = 0, negative_only: bool = False) -> torch.Tensor:
     """Σ_{i,j} −log σ(y[i,j]·s[i,j]) over b images and all B texts given -> 0-d fp32 tensor.
 
-    ``s = logit_scale·cos(z[i|j], t[j]) + logit_bias``; ``y = +1`` where ``j + first_text == i``
-    (unless ``negative_only``), else −1: the semantics of ``open_clip_llip.loss._block_loss``.
+    ``s = logit_scale·cos(z[i|j], t[j]) + logit_bias`` with the attention ``a = softmax_k(<q, key>/τ)``;
+    ``y = +1`` where ``j + first_text == i`` (unless ``negative_only``), else −1: the semantics of
+    ``open_clip_llip.loss._block_loss``.
 
     Args:
         keys, values: [b, H, K, d] (rows may be strided, as the unbound ``[b, 2, H, K, d]`` features are).
-        gram: [b, H·K, H·K].
-        queries, targets: [B, H, d] (q / τ and p = W_O t̂).
+        gram: [b, H·K, H·K], symmetric (G = Ṽ Ṽᵀ).
+        queries, targets: [B, H, d]: the raw queries q (divided by ``temperature`` here) and p = W_O t̂.
         logit_scale, logit_bias: 0-d or [1] tensors (the scale already exponentiated).
+        temperature: τ (1 for queries already divided by τ).
 
     Differentiable in all seven tensors; inputs may be bf16 (computed with fp32 accumulation).
     """
+    if not temperature > 0:
+        raise ValueError(f'temperature must be positive, got {temperature}')
     return _FusedSigmoidLoss.apply(keys, values, gram, queries, targets, logit_scale, logit_bias,
-                                   int(first_text), bool(negative_only))
+                                   float(temperature), int(first_text), bool(negative_only))

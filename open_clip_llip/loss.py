@@ -5,9 +5,10 @@
 
 b local images, B texts in all. Images (keys, values, Gram) stay on their rank; each text's
 features (``open_clip_llip.features``: its raw query and target in one ``[M, 2, H, d]`` tensor)
-travel exactly as text features do in OpenCLIP's ``SigLipLoss``, whose four distributed
-implementations (``bidir``, ``shift``, ``reduce``, ``gather``) this class inherits unchanged.
-The mixer temperature τ, a constant of the model, is given to the loss when it is built.
+travel exactly as text features do in OpenCLIP's ``SigLipLoss`` (its four distributed
+implementations, ``bidir``, ``shift``, ``reduce``, ``gather``, with its own exchange helpers);
+then one loss call takes all the texts a rank has seen, rather than one call per chunk. The mixer
+temperature τ, a constant of the model, is given to the loss when it is built.
 
 Memory: the scores are computed in blocks of images (all texts at once: on the CPU, products with
 many texts run near matmul speed), each recomputed in the backward pass (activation
@@ -25,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from open_clip.loss import SigLipLoss
+from open_clip.loss import SigLipLoss, neighbour_exchange_bidir_with_grad, neighbour_exchange_with_grad
 
 from .scoring import pair_block_size, pair_cosine
 
@@ -156,26 +157,66 @@ class LlipLoss(SigLipLoss):
         features, gram = image_features
         keys, values = features.unbind(dim=1)
         queries, targets = text_features.unbind(dim=1)
-        # Queries divided by τ, packed again: the kernels read queries and targets with one row stride.
-        text_features = torch.stack([queries / self.temperature, targets], dim=1)
         num_images, heads, tokens, _ = keys.shape
         if self.uses_kernels(keys):
             from .fused_loss import fused_sigmoid_loss  # imports Triton only when used
-            loss = fused_sigmoid_loss(keys, values, gram, *text_features.unbind(dim=1), logit_scale, logit_bias,
-                                      negative_only=negative_only)
+            loss = fused_sigmoid_loss(keys, values, gram, queries, targets, logit_scale, logit_bias,
+                                      temperature=self.temperature, negative_only=negative_only)
             return loss / num_images
         block_size = self.block_size or pair_block_size(queries.shape[0], heads, tokens)
+        text_features = torch.stack([queries / self.temperature, targets], dim=1)
         loss = _ImageBlocksLoss.apply(features, gram, text_features, logit_scale, logit_bias, block_size, negative_only)
         return loss / num_images
+
+    def _all_texts(self, text_features):
+        """This rank's texts, then every other rank's, [W·b, 2, H, d], gathered with gradients through the exchange
+        of ``dist_impl`` (OpenCLIP's own helpers, as ``SigLipLoss.forward`` uses them).
+
+        The loss is then one call over all the texts a rank sees, its positives the first b, instead of one call
+        per chunk of b texts: one launch per step whose grid has W times the texts to spread over the GPU.
+        """
+        if self.world_size == 1:
+            return text_features
+        chunks = [text_features]
+        right, left = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+        if self.dist_impl == 'bidir':
+            to_right = to_left = text_features
+            num_bidir, remainder = divmod(self.world_size - 1, 2)
+            for _ in range(num_bidir):
+                from_right, from_left = neighbour_exchange_bidir_with_grad(left, right, to_left, to_right)
+                chunks += [from_right, from_left]
+                to_left, to_right = from_right, from_left
+            if remainder:
+                chunks.append(neighbour_exchange_with_grad(left, right, to_right))
+        elif self.dist_impl == 'shift':
+            to_right = text_features
+            for _ in range(self.world_size - 1):
+                to_right = neighbour_exchange_with_grad(left, right, to_right)
+                chunks.append(to_right)
+        elif self.dist_impl == 'reduce':
+            # This rank's own chunk comes back through its all_reduce too, and is used from there: every
+            # all_reduce then has a gradient on every rank, so that their backward all_reduces pair up.
+            received = [torch.distributed.nn.all_reduce(text_features * (self.rank == other),
+                                                        torch.distributed.ReduceOp.SUM)
+                        for other in range(self.world_size)]
+            chunks = [received[self.rank]] + [x for other, x in enumerate(received) if other != self.rank]
+        else:  # 'gather'
+            gathered = torch.distributed.nn.all_gather(text_features)
+            chunks += [x for other, x in enumerate(gathered) if other != self.rank]
+        return torch.cat(chunks)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, image_gram, output_dict: bool = False):
         """``LlipModel.forward``'s outputs -> the loss of b local images against all texts.
 
         Image features [b, 2, H, K, d] and their Gram matrices [b, H·K, H·K] stay on this rank;
-        text features [b, 2, H, d] (``open_clip_llip.features``) travel as SigLipLoss's text features do.
+        text features [b, 2, H, d] (``open_clip_llip.features``) travel as SigLipLoss's text features
+        do, and the loss is one call over all of them (``_all_texts``): the same sum as SigLipLoss's
+        one call per chunk.
         """
         _check_batch(image_features, image_gram, text_features)
-        loss = super().forward((image_features, image_gram), text_features, logit_scale, logit_bias, output_dict)
+        texts = self._all_texts(text_features)
+        loss = self._loss((image_features, image_gram), texts, logit_scale, logit_bias)
+        loss = {'contrastive_loss': loss} if output_dict else loss
         self.calls += 1
         value = loss['contrastive_loss'] if output_dict else loss
         if not torch.isfinite(value).item():  # one host sync per step: cheaper than training on NaNs

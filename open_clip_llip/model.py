@@ -26,8 +26,18 @@ _GRAM_BLOCK_ELEMENTS = 1 << 22
 
 
 def _describe_llip_cfg(cfg: dict) -> str:
-    return (f"K = {cfg.get('mixture_tokens')}, H = {cfg.get('heads')}, τ = {cfg.get('temperature')}, "
-            f"norm = {cfg.get('norm')}")
+    described = (f"K = {cfg['mixture_tokens']}, H = {cfg['heads']}, τ = {cfg['temperature']}, "
+                 f"norm = {cfg['norm']}")
+    return described if cfg['contextual'] else described + ', non-contextual'
+
+
+def _recorded_llip_cfg(record) -> dict:
+    """The ``LlipCfg`` a state dict records, fields added since it was saved taking their defaults."""
+    recorded = read_config_record(record)
+    try:
+        return asdict(LlipCfg(**recorded))
+    except TypeError:
+        raise ValueError(f'{CONFIG_RECORD_KEY} records a Llip config this version does not know: {recorded}.') from None
 
 
 def _check_state_dict(model, state_dict, prefix, *args):
@@ -39,7 +49,7 @@ def _check_state_dict(model, state_dict, prefix, *args):
     """
     key = prefix + CONFIG_RECORD_KEY
     if key in state_dict:
-        recorded, expected = read_config_record(state_dict[key]), model.llip_cfg.to_dict()
+        recorded, expected = _recorded_llip_cfg(state_dict[key]), model.llip_cfg.to_dict()
         if recorded != expected:
             raise ValueError(
                 f'These weights were made for a Llip model with {_describe_llip_cfg(recorded)}, but this model has '
@@ -67,6 +77,9 @@ class LlipModel(nn.Module):
     The constructor takes an OpenCLIP model config with one more key, ``llip_cfg`` (``LlipCfg``).
     ``forward`` always returns a dict (``output_dict`` is accepted for OpenCLIP's factory).
     """
+    # What loading a saved LlipModel needs besides open_clip_torch (written to its Hub config and card).
+    hub_requirements = ('open_clip_llip',)
+
     def __init__(
             self,
             embed_dim: int,
@@ -96,7 +109,8 @@ class LlipModel(nn.Module):
         self.text = build_text_tower(embed_dim, text_cfg, quick_gelu, cast_dtype)
         self.context_length = self.text.context_length
         self.vocab_size = self.text.vocab_size
-        self.query_head = TextQueryHead(text_cfg.width, embed_dim, llip_cfg.heads, llip_cfg.norm, norm_layer)
+        self.query_head = (TextQueryHead(text_cfg.width, embed_dim, llip_cfg.heads, llip_cfg.norm, norm_layer)
+                           if llip_cfg.contextual else None)
         self.mixer = LlipMixer(embed_dim, llip_cfg.heads, llip_cfg.temperature)
 
         lshape = [1] if nonscalar_logit_scale else []
@@ -119,7 +133,8 @@ class LlipModel(nn.Module):
             self.text.lock(unlocked_layers, freeze_layer_norm=True, pooler_in_head=pooler_in_head)
         else:
             self.text.lock(unlocked_layers, freeze_layer_norm=True)
-        self.query_head.requires_grad_(unlocked_layers > 0)
+        if self.query_head is not None:
+            self.query_head.requires_grad_(unlocked_layers > 0)
         if not freeze_layer_norm:
             for module in self.text.modules():
                 if isinstance(module, nn.LayerNorm):
@@ -186,6 +201,9 @@ class LlipModel(nn.Module):
         """Token ids [M, L] -> the text tower's two outputs: embeddings t [M, D] and raw queries q [M, H, d]."""
         self.check_text(text)
         embeddings, tokens = self.text(text)
+        if self.query_head is None:  # non-contextual: zero queries, so every text attends uniformly
+            heads = self.mixer.heads
+            return embeddings, embeddings.new_zeros(len(embeddings), heads, embeddings.shape[-1] // heads)
         pooled = text_global_pool(tokens, text, self.text.pool_type, eos_token_id=self.text.eos_id)
         return embeddings, self.query_head(pooled)
 

@@ -2,7 +2,8 @@
 
 Each piece goes through OpenCLIP's public API where it has one (``add_model_config``) and,
 where it does not yet, through the API that a patch in ``patches/`` adds (``register_model_class``,
-``register_loss``, ``register_task``, ``pairwise_similarity``), which an adapter of
+``register_loss``, ``register_task``, ``pairwise_similarity``, ``register_pretrained``,
+``hub_requirements``), which an adapter of
 ``open_clip_llip.adapters`` stands in for on a stock OpenCLIP. This module itself touches no
 OpenCLIP internals. An OpenCLIP with the patches calls ``register`` itself (entry point group
 ``open_clip.plugins``); otherwise the package's import hook does (see ``autoload``).
@@ -35,7 +36,7 @@ def register():
     import open_clip
 
     from . import training
-    from .adapters import accuracy, losses, model_classes, similarity, tasks
+    from .adapters import accuracy, hub, losses, model_classes, similarity, tasks
     from .autoload import call_after_import
     from .model import LlipModel
 
@@ -49,4 +50,25 @@ def register():
             register_hook(MODEL_CLASS_NAME, hook)
     similarity.install()
     call_after_import('open_clip_train.zero_shot', accuracy.adapt)
+    hub.install()
+    register_pretrained_tags()
     _registered = True
+
+
+def register_pretrained_tags():
+    """The authors' released weights, and every CLIP tag each Llip config can start from (``open_clip_llip.pretrained``).
+
+    Called once at registration; call it again after adding CLIP tags or Llip configs to OpenCLIP.
+    """
+    import open_clip
+
+    from .adapters import pretrained_tags
+    from .pretrained import RELEASED, clip_starting_points
+    register_tag = pretrained_tags.install()
+    if register_tag is None:
+        return
+    for (model_name, tag), cfg in RELEASED.items():
+        register_tag(model_name, tag, cfg)
+    for model_name in llip_model_names():
+        for tag, cfg in clip_starting_points(open_clip.get_model_config(model_name)).items():
+            register_tag(model_name, tag, cfg)

@@ -97,6 +97,21 @@ def remove_written(root: Union[str, Path], files: Dict[str, str], check: bool = 
             os.rmdir(folder)
 
 
+def add_json_output(parser, what: str = 'the figures'):
+    """``--json PATH`` and ``--overwrite``, as every command and script here takes them."""
+    parser.add_argument('--json', type=Path, metavar='PATH', help=f'Also write {what} here, as JSON.')
+    parser.add_argument('--overwrite', action='store_true', help='Replace an existing --json file.')
+
+
+def check_json_output(parser, args):
+    """Before any work: ``args.json`` (if given) must be a new file path, unless ``--overwrite``; else a usage error."""
+    if args.json is not None:
+        try:
+            check_output_file(args.json, args.overwrite)
+        except OSError as error:
+            parser.error(str(error))
+
+
 def check_output_file(path: Path, overwrite: bool, option: str = '--json'):
     """Before any work: ``path`` must be a file path, and new unless ``overwrite``."""
     if path.is_dir():

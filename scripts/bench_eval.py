@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import time
-from pathlib import Path
 
 import open_clip
 import torch
@@ -30,7 +29,7 @@ from open_clip_llip import (
     unpack_text,
     zero_shot_cosine,
 )
-from open_clip_llip.written_files import check_output_file, write_json
+from open_clip_llip.written_files import add_json_output, check_json_output, write_json
 
 
 def timed(function, repeats: int) -> float:
@@ -56,17 +55,12 @@ def main(argv=None):
     parser.add_argument('--batch-size', type=int, default=256, help='Images per batch.')
     parser.add_argument('--repeats', type=int, default=10, help='Timed batches (the fastest counts), after one warm-up.')
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--json', type=Path, help='Also write the figures here.')
-    parser.add_argument('--overwrite', action='store_true', help='Replace an existing --json file.')
+    add_json_output(parser)
     args = parser.parse_args(argv)
     if not 1 <= args.classes <= len(IMAGENET_CLASSNAMES) or not 1 <= args.templates <= len(OPENAI_IMAGENET_TEMPLATES):
         parser.error(f'--classes must be in [1, {len(IMAGENET_CLASSNAMES)}] and --templates in '
                      f'[1, {len(OPENAI_IMAGENET_TEMPLATES)}]')
-    if args.json is not None:
-        try:
-            check_output_file(args.json, args.overwrite)
-        except OSError as error:
-            parser.error(str(error))
+    check_json_output(parser, args)
     logging.basicConfig(level=logging.WARNING)
 
     torch.manual_seed(0)

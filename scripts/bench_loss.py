@@ -20,7 +20,8 @@ Peak memory is what forward+backward allocates beyond the inputs (input gradient
 CUDA ``torch.cuda.max_memory_allocated``; on the CPU the peak of live tensor bytes, tracked with a
 ``TorchDispatchMode`` that counts each storage an op creates until the last tensor using it is freed,
 over forward+backward traced under ``FakeTensorMode`` (the same ops as the timed run, no arithmetic;
-tracking a real run gives the same bytes). Every size is traced first; one whose peak exceeds
+tracking a real run gives the same bytes; the Triton kernels cannot run on fake tensors, so the fused loss is
+measured by running it). Every size is traced first; one whose peak exceeds
 ``--memory-fraction`` of the free memory (or every one, with ``--memory-only``) is reported with its
 traced peak and no time.
 
@@ -32,7 +33,6 @@ Example: python scripts/bench_loss.py --shape b16 --batch 256 512 1024 2048 --js
 """
 import argparse
 import contextlib
-import json
 import logging
 import os
 import statistics
@@ -48,6 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from open_clip_llip import LlipLoss, LlipMixer, pack_image, pack_text
+from open_clip_llip.written_files import add_json_output, check_json_output, write_json
 
 SHAPES = {  # mixer shapes of the released configs (METHOD §5): K mixture tokens, D width, H heads
     'b16': dict(K=32, D=512, H=8),
@@ -216,7 +217,9 @@ def measure(impl, size, args, device):
     b, B, K, D, H = size
     record = dict(impl=impl, b=b, B=B, D=D, K=K, H=H, chunk=args.chunk if impl == 'direct' else None,
                   device=str(device), dtype=str(args.dtype).replace('torch.', ''))
-    traced_peak = fake_peak_bytes(impl, size, args, device)
+    # Triton kernels cannot run on fake tensors: the fused loss is measured by running it (its memory is two fp32
+    # numbers per pair beside the inputs and their gradients).
+    traced_peak = 0 if impl == 'triton' else fake_peak_bytes(impl, size, args, device)
     if args.memory_only or traced_peak > args.memory_fraction * free_bytes(device):
         why = 'not run' if args.memory_only else 'too large to run'
         return dict(record, time_ms=None, peak_mem_mb=traced_peak / 2 ** 20,
@@ -289,8 +292,9 @@ def parse_args(argv=None):
                         help='run for real only if the traced peak is below this fraction of free memory')
     parser.add_argument('--memory-only', action='store_true',
                         help='only trace the peak memory with fake tensors (any size, in seconds); no timing')
-    parser.add_argument('--json', help='write the records to this file')
+    add_json_output(parser, 'the records')
     args = parser.parse_args(argv)
+    check_json_output(parser, args)
     if (args.b is None) != (args.B is None) or (args.b is not None and args.batch):
         parser.error('give --batch, or both --b and --B')
     args.device = torch.device(args.device)
@@ -301,6 +305,8 @@ def parse_args(argv=None):
         args.impl = [impl for impl in IMPLS if cuda or impl != 'triton']
     if 'triton' in args.impl and not cuda:
         parser.error('--impl triton needs --device cuda')
+    if 'triton' in args.impl and args.memory_only:
+        parser.error('--memory-only traces fake tensors, which Triton kernels cannot run on: leave out --impl triton')
     sizes = [(args.b, args.B)] if args.b is not None else [(n, n) for n in (args.batch or [256])]
     if 'siglip' in args.impl and any(B % b for b, B in sizes):
         parser.error('SigLipLoss takes texts in chunks of b (one per rank): B must be a multiple of b')
@@ -322,8 +328,7 @@ def main(argv=None):
             records.append(record)
     print(table(records))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(records, f, indent=1)
+        write_json(args.json, records, args.overwrite)
     return records
 
 

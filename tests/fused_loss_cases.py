@@ -87,14 +87,59 @@ def test_autocast_sets_the_operand_dtype():
     assert all(grad.dtype == torch.float32 for grad in grads)
 
 
-def test_split_heads_channels_and_text_tiles_match_reference(monkeypatch):
-    """Small tiles force every split the kernels have: several text tiles (the last partial), head groups
-    (the last partial), channel blocks, and the mirrored off-diagonal blocks of dG."""
-    blocks = fused_loss._Blocks(
-        KP=16, DP=64, DC=32, HP=4, forward_texts=16, text_heads=2, text_channels=32, text_texts=16,
-        image_heads=2, image_channels=16, gram_heads=2, gram_texts=16)
-    monkeypatch.setattr(fused_loss, '_blocks', lambda *shape: blocks)
-    check_against_reference(make_inputs(2, 20, 3, 5, 40, torch.float32), 1, False, rtol=2e-5)
+def test_every_split_matches_reference(monkeypatch):
+    """Small tiles force every split the kernels have: several text tiles (the last partial) and forward programs
+    per image, head groups (the last partial, H not a multiple), channel chunks (d = 40 in chunks of 16, the last
+    partial), token-major mixing in panels of two heads, and each gradient in its own launch or fused with others."""
+    blocks = fused_loss._Blocks
+    part = fused_loss._Part
+    plan = fused_loss._Plan(
+        KP=16, DC=16, forward=blocks(texts=16, heads=3, warps=4, stages=1),
+        backward=(part('text', ('query',), blocks(16, 2, 4, 1)), part('text', ('target',), blocks(16, 1, 4, 1)),
+                  part('image', ('key', 'value'), blocks(16, 2, 4, 1, resident=False)),
+                  part('image', ('gram',), blocks(16, 2, 4, 1))))
+    monkeypatch.setattr(fused_loss, '_plan', lambda *shape: plan)
+    monkeypatch.setattr(fused_loss, '_FORWARD_PROGRAMS', 4)  # 2 images: 2 programs each, 2 of the 3 tiles each
+    check_against_reference(make_inputs(2, 40, 3, 5, 40, torch.float32), 1, False, rtol=2e-5)
+
+
+def test_panels_of_two_heads_and_one_launch_for_all_image_gradients(monkeypatch):
+    """Token-major mixing ((G Aᵀ)ᵀ, Aᵀ in shared memory): the forward's in panels of two heads of K = 20 padded
+    to 32, and the backward's (∂q, ∂key); ∂key, ∂value, ∂G in one launch."""
+    blocks = fused_loss._Blocks
+    part = fused_loss._Part
+    plan = fused_loss._Plan(
+        KP=32, DC=16, forward=blocks(texts=16, heads=4, warps=4, stages=1, panel=2, mix_t=True),
+        backward=(part('text', ('query', 'target'), blocks(16, 4, 4, 1, mix_t=True)),
+                  part('image', ('key', 'value', 'gram'), blocks(16, 1, 4, 1, mix_t=True))))
+    monkeypatch.setattr(fused_loss, '_plan', lambda *shape: plan)
+    check_against_reference(make_inputs(2, 20, 4, 20, 16, torch.float32), 0, False, rtol=2e-5)
+
+
+def test_raw_queries_with_a_temperature():
+    """``temperature`` divides the raw queries' logits: the same loss as queries divided beforehand, and the
+    gradient with respect to the raw queries."""
+    inputs = make_inputs(3, 5, 2, 5, 6, torch.float32)
+    loss = fused_loss.fused_sigmoid_loss(*inputs, temperature=5., first_text=1)
+    grads = torch.autograd.grad(loss, inputs)
+    keys, values, gram, queries, targets, scale, bias = inputs
+    ref = reference_loss(keys, values, gram, queries / 5., targets, scale, bias, 1, False)
+    ref_grads = torch.autograd.grad(ref, inputs)
+    assert_close(loss, ref, 2e-5, 'loss')
+    for name, grad, ref_grad in zip(NAMES, grads, ref_grads):
+        assert_close(grad, ref_grad, 2e-5, name)
+
+
+def test_tiny_losses_keep_their_precision():
+    """Every pair far on the right side (s ≈ −25 for negatives): −log σ(−s) ≈ e^s ≈ 1e-11 per pair, which
+    log(1 + e^s) would round to 0 in fp32."""
+    keys, values, gram, queries, targets, scale, _ = make_inputs(3, 4, 2, 5, 6, torch.float32)
+    bias = torch.tensor(-25., requires_grad=True)
+    inputs = [keys, values, gram, queries, targets, scale, bias]
+    loss = fused_loss.fused_sigmoid_loss(*inputs, negative_only=True)
+    ref = reference_loss(*inputs, 0, True)
+    assert 0 < ref.item() < 1e-8
+    assert_close(loss, ref, 1e-5, 'loss')
 
 
 def test_strided_packed_features_and_tiny_norms():

@@ -16,6 +16,7 @@ REPLACED = {
                    'open_clip_train.zero_shot.' + ('run_zero_shot_classifier' if hasattr(open_clip, 'create_task')
                                                    else 'run')],
 }
+REPLACED['hub'] = ['open_clip.push_to_hf_hub', 'open_clip.push_to_hf_hub.save_config_for_hf']
 if hasattr(open_clip, 'create_task'):
     REPLACED['tasks'] = ['open_clip.create_task']
 
@@ -32,7 +33,7 @@ SHOW_MODULES = """
     import open_clip_train.train, open_clip_train.zero_shot
     def module_of(path):
         owner, _, name = path.rpartition('.')
-        return getattr(importlib.import_module(owner), name).__module__
+        return getattr(importlib.import_module(owner), name).__module__  # sys.modules: open_clip.push_to_hf_hub
     print(json.dumps({path: module_of(path) for paths in REPLACED.values() for path in paths}))
 """
 

@@ -1,8 +1,9 @@
 """LlipLoss across processes equals one process computing the whole batch, for every --loss-dist-impl.
 
-Each rank keeps its images and exchanges texts as OpenCLIP's SigLipLoss does. With b images per
-rank and W ranks, every rank's loss is normalised by b, so the ranks' losses sum to W times the
-single-process loss over B = W·b, and DDP's gradient average equals the single-process gradient.
+Each rank keeps its images and exchanges texts as OpenCLIP's SigLipLoss does, then computes its loss in one
+call over all W·b texts. With b images per rank and W ranks, every rank's loss is normalised by b, so the ranks'
+losses sum to W times the single-process loss over B = W·b, and DDP's gradient average equals the
+single-process gradient.
 """
 import open_clip
 import pytest
@@ -30,6 +31,18 @@ def tiny_model():
     return open_clip.create_model('Llip-Tiny')
 
 
+def count_texts_per_call(loss_fn):
+    """The number of texts of each call of ``loss_fn._loss``, as a list that fills as it is called."""
+    counts, one_call = [], loss_fn._loss
+
+    def counted(image_features, text_features, *args, **kwargs):
+        counts.append(text_features.shape[0])
+        return one_call(image_features, text_features, *args, **kwargs)
+
+    loss_fn._loss = counted
+    return counts
+
+
 def run_rank(rank, world_size, init_method, out_path):
     dist.init_process_group('gloo', init_method=init_method, rank=rank, world_size=world_size)
     model = tiny_model()
@@ -39,12 +52,14 @@ def run_rank(rank, world_size, init_method, out_path):
     results = {}
     for impl in IMPLS:
         model.zero_grad()
-        loss = LlipLoss(model.mixer.temperature, rank=rank, world_size=world_size, dist_impl=impl)(
-            **ddp_model(images[local], texts[local]))
+        loss_fn = LlipLoss(model.mixer.temperature, rank=rank, world_size=world_size, dist_impl=impl)
+        texts_per_call = count_texts_per_call(loss_fn)
+        loss = loss_fn(**ddp_model(images[local], texts[local]))
         loss.backward()
         losses = [None] * world_size
         dist.all_gather_object(losses, loss.item())
-        results[impl] = {'losses': losses, 'grads': {n: p.grad.clone() for n, p in model.named_parameters()}}
+        results[impl] = {'losses': losses, 'grads': {n: p.grad.clone() for n, p in model.named_parameters()},
+                         'texts_per_call': texts_per_call}
     if rank == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
@@ -61,6 +76,7 @@ def test_distributed_loss_and_gradients_equal_single_process(world_size, tmp_pat
     loss.backward()
     for impl in IMPLS:
         ranks = results[impl]
+        assert ranks['texts_per_call'] == [world_size * PER_RANK], impl  # one loss call over all texts
         assert sum(ranks['losses']) == pytest.approx(world_size * loss.item(), rel=1e-5), impl
         for name, param in model.named_parameters():
             error = (ranks['grads'][name] - param.grad).abs().max().item()

@@ -237,3 +237,28 @@ def test_normalize_has_a_clear_answer(model, encode):
     images, texts = batch(model, 2, 2)
     with pytest.raises(ValueError, match=r'model.similarity\(.*get_logits|get_logits.*similarity'):
         getattr(model, encode)(images if encode == 'encode_image' else texts, normalize=True)
+
+
+def test_non_contextual_mixing_weighs_every_token_alike_for_every_text():
+    """The paper's control: llip_cfg.contextual = false, no query head, uniform mixing in every scoring path."""
+    from test_bad_input import tiny_config
+    torch.manual_seed(0)
+    model = LlipModel(**tiny_config(llip_cfg__contextual=False)).eval()
+    assert model.query_head is None and not any(name.startswith('query_head') for name, _ in model.named_parameters())
+    images, texts = batch(model, 5, 4)
+    with torch.no_grad():
+        keys, values = unpack_image(model.encode_image(images))
+        features, queries = model.embed_text(texts)
+        assert not queries.any()
+        weights = model.mixer.attention(keys, queries)
+        torch.testing.assert_close(weights, torch.full_like(weights, 1 / model.visual.num_prefix_tokens))
+        z = (values.mean(dim=2).flatten(1) @ model.mixer.out_proj)[:, None]  # the same embedding for every text
+        expected = F.cosine_similarity(z, features[None], dim=-1)
+        scores = model.similarity(model.encode_image(images), model.encode_text(texts), temperature=(1., 5.))
+    torch.testing.assert_close(scores[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores[1], expected, rtol=1e-5, atol=1e-6)  # τ changes nothing
+    images, texts = batch(model, 4, 4)
+    loss = LlipLoss(model.mixer.temperature)(**model.train()(images, texts))
+    loss.backward()
+    assert torch.isfinite(loss) and model.mixer.out_proj.grad.abs().sum() > 0
+    assert model.visual.k_proj.grad is None or not model.visual.k_proj.grad.any()  # the keys no longer matter

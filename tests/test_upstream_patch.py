@@ -53,10 +53,14 @@ def test_patched_open_clip_discovers_llip_through_its_entry_point(patched_open_c
         from open_clip.model import CLIP
         import open_clip_train.train, open_clip_train.zero_shot
         assert open_clip.factory.CLIP is CLIP  # no stand-ins: the patches do the work
+        import importlib
+        hub = importlib.import_module('open_clip.push_to_hf_hub')
         for function in (open_clip.create_model, open_clip.load_checkpoint, open_clip.create_loss,
                          open_clip.build_zero_shot_classifier, open_clip_train.train.evaluate,
-                         open_clip_train.zero_shot.{run_name}, getattr(open_clip, 'create_task', open_clip.create_loss)):
+                         open_clip_train.zero_shot.{run_name}, getattr(open_clip, 'create_task', open_clip.create_loss),
+                         open_clip.push_to_hf_hub, hub.save_config_for_hf):
             assert not function.__module__.startswith('open_clip_llip'), function
+        assert ('Llip-ViT-B-16', 'llip_b16_k32') in open_clip.list_pretrained()  # through register_pretrained
         from types import SimpleNamespace
         model = open_clip.create_model('Llip-Tiny')
         args = SimpleNamespace(model='Llip-Tiny', distill=False, siglip=False, rank=0, world_size=1, loss_dist_impl=None)

@@ -7,11 +7,14 @@
 | ``tasks`` | — | 0002 | ``register_task``: ``create_task`` asks the model class's training task |
 | ``accuracy`` | 0003 | (fixed) | zero-shot accuracy that numpy ≥ 2.4 accepts |
 | ``similarity`` | 0004 | 0003 | ``pairwise_similarity``: evaluation scores with a model's own ``similarity`` |
+| ``pretrained_tags`` | 0005 | 0004 | ``register_pretrained``: a plugin's configs get pretrained tags |
+| ``hub`` | 0006 | 0005 | a model's ``hub_requirements`` in its Hub config and card |
 
 (patches/open_clip-3.3.0 and patches/open_clip-main; see patches/README.md.)
 
 Each adapter is detected on its own: it does nothing where OpenCLIP already has what its patch
-adds (the public name above; for ``accuracy``, an ``accuracy`` that works), and where something it
+adds (the public name above; for ``accuracy``, an ``accuracy`` that works; for ``hub``, a
+``generate_readme`` that takes ``requirements``), and where something it
 would adapt is missing or has another shape, it leaves OpenCLIP alone and warns once. These
 modules are the only ones that replace names inside OpenCLIP; delete one when its patch lands.
 """

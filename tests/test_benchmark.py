@@ -11,6 +11,7 @@ for retrieval) and the same images, captions, class names and templates in ours.
 Ties rank differently (CLIP_benchmark's ``topk`` picks any order, ours counts ties against the model), so
 the tests check that the data has none.
 """
+import importlib.util
 import io
 import json
 import subprocess
@@ -29,6 +30,7 @@ from PIL import Image
 
 from open_clip_llip import benchmark, build_zero_shot_classifier, zero_shot_cosine
 from open_clip_llip.benchmark import METRICS_MODULES, REFUSED_TASKS, llip_support, main
+from open_clip_llip.data.tasks import ZERO_SHOT_TASKS
 from open_clip_llip.eval import main as eval_main
 from open_clip_llip.eval_data import RetrievalImages, read_retrieval_set
 
@@ -340,3 +342,21 @@ def test_importing_open_clip_adapts_nothing_of_clip_benchmark():
             assert function.__module__.startswith('clip_benchmark.'), function
         """], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_compare_script_finds_the_same_numbers(checkpoint, tmp_path, capsys):
+    """scripts/compare_clip_benchmark.py (the README's numbers) on a given checkpoint; it keeps an existing --json."""
+    spec = importlib.util.spec_from_file_location('compare_clip_benchmark', REPO / 'scripts' / 'compare_clip_benchmark.py')
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    output = tmp_path / 'compare.json'
+    compare.main(['--pretrained', str(checkpoint), '--json', str(output)])
+    results = json.loads(output.read_text())
+    assert results['differing'] == 0
+    assert {row['task'] for row in results['rows']} == {task.name for task in ZERO_SHOT_TASKS} | {'retrieval'}
+    assert len(results['rows']) == 14  # acc1 of every task, acc5 of those with 5 classes or more, 6 recalls
+    assert '14 metrics, 0 different.' in capsys.readouterr().out
+    output.write_text('kept')
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(['--pretrained', str(checkpoint), '--json', str(output)])
+    assert exit_info.value.code == 2 and output.read_text() == 'kept'

@@ -1,9 +1,11 @@
-"""The patches in patches/ apply to the installed OpenCLIP, pass their own tests, and make OpenCLIP find us.
+"""The patches in patches/ apply to the installed OpenCLIP, pass their own tests, and make OpenCLIP find us;
+those for CLIP_benchmark apply to the installed CLIP_benchmark, pass their own tests, and make it score Llip itself.
 
 ``patches/open_clip-3.3.0`` is made against OpenCLIP 3.3.0, ``patches/open_clip-main`` against its
 main branch at 89fb801 (the wheel in ../shared/upstream, 4.2.0.dev0); the test takes the series of
 the installed version. With a patched OpenCLIP, none of our adapters may replace anything.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -84,3 +86,66 @@ def test_patched_open_clip_trains_and_evaluates_llip_with_its_similarity(patched
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'training with LlipLoss' in (tmp_path / 'logs' / 'run' / 'out.log').read_text()
     assert 'image_to_text_R@1' in (tmp_path / 'logs' / 'run' / 'checkpoints' / 'results.jsonl').read_text()
+
+
+# CLIP_benchmark: patches/clip_benchmark-1.6.1 against its v1.6.1 tag, patches/clip_benchmark-main against its main
+# branch at 48de38c (identical to the 1.6.2 wheel); the test takes the series of the installed version.
+CLIP_BENCHMARK_SERIES = {'1.6.1': 'clip_benchmark-1.6.1', '1.6.2': 'clip_benchmark-main'}
+
+
+@pytest.fixture(scope='module')
+def patched_clip_benchmark(tmp_path_factory):
+    """A copy of the installed CLIP_benchmark in its repository's layout (clip_benchmark/, tests/), patched."""
+    from importlib.metadata import version
+    clip_benchmark = pytest.importorskip('clip_benchmark', reason="CLIP_benchmark is not installed (the 'benchmark' extra)")
+    installed = version('clip_benchmark')
+    if installed not in CLIP_BENCHMARK_SERIES:
+        pytest.skip(f'patches/ has series for CLIP_benchmark {sorted(CLIP_BENCHMARK_SERIES)}, installed is {installed}')
+    root = tmp_path_factory.mktemp('clip_benchmark')
+    shutil.copytree(Path(clip_benchmark.__file__).parent, root / 'clip_benchmark',
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    for patch in sorted((PATCHES / CLIP_BENCHMARK_SERIES[installed]).glob('*.patch')):
+        subprocess.run(['git', 'apply', '--whitespace=nowarn', str(patch)], cwd=root, check=True)
+    return root
+
+
+def run_with_clip_benchmark(root, *command):
+    """Python with the patched CLIP_benchmark first on the path (and Llip activated as usual)."""
+    return subprocess.run([sys.executable, *command], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+                          capture_output=True, text=True)
+
+
+def test_clip_benchmark_patches_pass_their_own_tests(patched_clip_benchmark):
+    result = run_with_clip_benchmark(patched_clip_benchmark, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', 'tests')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '8 passed' in result.stdout
+
+
+def test_patched_clip_benchmark_scores_llip_itself(patched_clip_benchmark, checkpoint, tmp_path):
+    """No scoring adaptation inside llip_support(), and CLIP_benchmark's own command gives open_clip_llip_eval's numbers."""
+    from test_benchmark import REFUSED_TASKS, assert_same_numbers, clip_benchmark_args, open_clip_llip_eval, write_data
+    data = write_data(tmp_path / 'data')
+    runs = {dataset: clip_benchmark_args(data, checkpoint, dataset, tmp_path / f'{dataset}.json')
+            for dataset in ('zeroshot', 'wds')}
+    result = run_with_clip_benchmark(patched_clip_benchmark, '-c', f"""if True:
+        import json, sys
+        from clip_benchmark.cli import main
+        from clip_benchmark.metrics import {', '.join(REFUSED_TASKS)}, zeroshot_classification, zeroshot_retrieval
+        from open_clip_llip.benchmark import llip_support
+        assert zeroshot_classification.__file__.startswith({str(patched_clip_benchmark)!r})
+        modules = [{', '.join(REFUSED_TASKS)}, zeroshot_classification, zeroshot_retrieval]
+        before = [dict(vars(module)) for module in modules]
+        with llip_support():  # only the tasks without Llip scores are changed (to refuse Llip)
+            changed = sorted(f'{{module.__name__}}.{{name}}' for module, names in zip(modules, before)
+                             for name, value in vars(module).items() if names.get(name) is not value)
+        print(json.dumps(changed))
+        for args in {list(runs.values())!r}:  # CLIP_benchmark's own command, no llip_support()
+            sys.argv = ['clip_benchmark', *args]
+            main()
+        """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[0]) == [f'clip_benchmark.metrics.{task}.evaluate'
+                                                          for task in sorted(REFUSED_TASKS)]
+    for dataset in runs:
+        theirs = json.loads((tmp_path / f'{dataset}.json').read_text())['metrics']
+        assert_same_numbers(theirs, open_clip_llip_eval(data, checkpoint, dataset, tmp_path), dataset)

@@ -338,3 +338,10 @@ def test_command_in_a_subprocess(checkpoint, tmp_path):
     lines = queried.stdout.splitlines()
     assert lines[0] == 'a red circle' and [line.split('\t')[0].strip() for line in lines[1:]] == ['1', '2']
     assert all(line.split('\t')[3].startswith(str(images)) for line in lines[1:])
+
+
+def test_rows_are_read_as_stored(index):
+    ids = np.array([36, 0, 5, 5, 17])  # any order, repeats allowed
+    rows = index.read_rows(ids)
+    assert rows.flags.writeable and np.array_equal(rows, index.features[ids])
+    assert index.read_rows(ids[:0]).shape == (0, 2, 4, 8, 16)

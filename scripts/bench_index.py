@@ -12,9 +12,9 @@
    - the index is written with ``write_index`` for ``--stored-images`` random images (fp16); the
      first stage holds ``--images`` random vectors (FAISS ``IndexFlatIP``, in memory), and candidate
      i is read from stored row i mod ``--stored-images``: the first stage is timed at full size, the
-     re-scoring reads C rows of a memory-mapped file for each query as it would at full size, from a
-     smaller file (what full size changes is whether rows are in the page cache: both ends are timed,
-     warm, and cold — the file's pages evicted before every call);
+     re-scoring reads C rows of the stored features for each query (``LlipIndex.read_rows``) as it would
+     at full size, from a smaller file (what full size changes is whether rows are in the page cache: both
+     ends are timed, warm, and cold — the file's pages evicted before every call);
    - latency: one query at a time, and per query in a batch of ``--queries``: first stage + re-scoring
      of C = ``--speed-candidates`` candidates (text encoding excluded);
    - bytes per image: the stored features and the first-stage vector, from the files' sizes;
@@ -24,7 +24,7 @@
      keeping the top 10; the time per query is **extrapolated** linearly to ``--images`` images.
 
    Measured: recall; the first stage over ``--images`` vectors; the re-scoring of C candidates read from a
-   memory-mapped file of ``--stored-images`` rows (warm and cold); the exhaustive scan of a slice. Not measured:
+   features file of ``--stored-images`` rows (warm and cold); the exhaustive scan of a slice. Not measured:
    the exhaustive scan of all ``--images`` images (extrapolated), and a features file of 1M rows (64 GiB, larger
    than this machine's disk): its total is computed from the bytes per image.
 
@@ -201,7 +201,7 @@ def speed(args, work: Path) -> dict:
           f'first stage (float32, in memory) = {per_image:,.0f}; at {args.images:,} images: '
           f'{per_image * args.images / 2 ** 30:,.1f} GiB (computed: {features_bytes * args.images / 2 ** 30:,.1f} GiB on '
           f'disk, {first_stage_bytes * args.images / 2 ** 30:,.1f} GiB in memory)')
-    print(f'  measured: first stage over {args.images:,} vectors; re-scoring from a memory-mapped file of {stored:,} '
+    print(f'  measured: first stage over {args.images:,} vectors; re-scoring from a features file of {stored:,} '
           f'rows ({stored * features_bytes / 2 ** 30:.1f} GiB), candidates spread over it')
     for mode in ('warm', 'cold'):
         print(f'  two-stage, page cache {mode}: {timings[f"two_stage_{mode}_single_s"] * 1e3:8.1f} ms for one query, '

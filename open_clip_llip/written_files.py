@@ -55,6 +55,13 @@ class WrittenFiles:
     def write_text(self, relative: str, text: str) -> Path:
         return self.write_bytes(relative, text.encode('utf-8'))
 
+    def claim(self, relative: str) -> Path:
+        """``path``, for a file that other code writes (a memory map, a FAISS index): recorded as ours at once, so
+        that a failure before ``record`` removes it too."""
+        path = self.path(relative)
+        self.files[relative] = ''  # no content yet: ``record`` it once written
+        return path
+
     def record(self, relative: str):
         """Record a file that was written under ``root`` by other code (a tar writer, a training run)."""
         self.files[relative] = file_digest(self.root / relative)
@@ -134,3 +141,30 @@ def write_json(path: Path, data: dict, overwrite: bool):
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def prepare_folder(folder: Path, manifest: str, generator: str, overwrite: bool):
+    """Make ``folder`` ready to write into: new or empty, or, with ``overwrite``, holding what ``generator`` wrote.
+
+    ``generator``'s earlier output is recognised by its ``manifest`` file (JSON with ``"generator"`` and the
+    ``files`` it wrote, with their SHA-256): those files, if unchanged, and the manifest are removed, and nothing
+    else. Anything else in a non-empty folder is refused (FileExistsError), before anything is removed.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f'{folder} exists and is not a folder; choose a folder to write into.')
+    if folder.is_dir() and any(folder.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f'{folder} is not empty; choose a new or empty folder, or pass --overwrite '
+                                  f'(overwrite=True) to replace what {generator} wrote there.')
+        try:
+            previous = json.loads((folder / manifest).read_text(encoding='utf-8'))
+            files = previous['files'] if previous.get('generator') == generator else None
+        except (OSError, ValueError, AttributeError, KeyError):
+            files = None
+        if not isinstance(files, dict):
+            raise FileExistsError(f'{folder} is not empty and holds nothing that {generator} wrote (no {manifest} listing '
+                                  'its files); not overwriting it: choose a new or empty folder.')
+        remove_written(folder, files)  # only what the manifest lists, if unchanged
+        (folder / manifest).unlink()
+    folder.mkdir(parents=True, exist_ok=True)

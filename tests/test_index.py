@@ -1,0 +1,347 @@
+"""``open_clip_llip.index``: exact re-scoring against ``LlipModel.similarity``, build/persist/reload/search, folders
+that are not ours, bad input, and the command."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO
+from PIL import Image
+
+from open_clip_llip import unpack_image, unpack_text
+from open_clip_llip.index import (
+    FEATURES,
+    FIRST_STAGE,
+    MANIFEST,
+    NAMES,
+    LlipIndex,
+    build_index,
+    first_stage_queries,
+    first_stage_vectors,
+    main,
+    mixed_cosine,
+    paired_cosine,
+    write_index,
+)
+
+TEXTS = ['a red circle', 'two blue squares left of a green triangle', 'a big yellow star', 'nothing at all']
+NUM_IMAGES = 37  # not a multiple of the batch size
+
+
+class RandomImages(torch.utils.data.Dataset):
+    def __init__(self, count, seed=0):
+        self.images = torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index]
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return open_clip.create_model('Llip-Tiny').eval()
+
+
+@pytest.fixture(scope='module')
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope='module')
+def tokenizer():
+    return open_clip.get_tokenizer('Llip-Tiny')
+
+
+@pytest.fixture(scope='module')
+def index(model, tokenizer, tmp_path_factory):
+    """An index of NUM_IMAGES random images, features stored in float32, with names."""
+    folder = tmp_path_factory.mktemp('index') / 'gallery'
+    names = [f'image-{i}.png' for i in range(NUM_IMAGES)]
+    return build_index(folder, model, RandomImages(NUM_IMAGES), names, batch_size=8, workers=0, dtype='float32',
+                       model_name='Llip-Tiny', tokenizer=tokenizer)
+
+
+def stored(index):
+    return torch.from_numpy(np.array(index.features))
+
+
+def test_scoring_by_mixing_equals_similarity(model, tokenizer):
+    with torch.no_grad():
+        image_features = model.encode_image(RandomImages(9).images)
+        text_features = model.encode_text(tokenizer(TEXTS))
+        for tau in (None, 0.5):
+            reference = model.similarity(image_features, text_features, tau)  # [N, M], Gram route
+            torch.testing.assert_close(mixed_cosine(model, image_features, text_features, tau), reference)
+            chosen = torch.tensor([[3, 0, 8], [1, 1, 5], [7, 2, 4], [6, 0, 3]])  # each text's own images
+            torch.testing.assert_close(paired_cosine(model, image_features[chosen], text_features, tau),
+                                       reference.T.gather(1, chosen))
+        # The first stage: <x, p> is the cosine of the uniformly mixed embedding and the text embedding.
+        keys, values = unpack_image(image_features)
+        embeddings, _ = model.embed_text(tokenizer(TEXTS))
+        uniform = model.mixer(keys, values, torch.zeros(1, *values.shape[1:2], values.shape[-1]))[:, 0]  # [N, D]
+        torch.testing.assert_close(first_stage_vectors(model, image_features) @ first_stage_queries(text_features).T,
+                                   F.normalize(uniform, dim=-1) @ F.normalize(embeddings, dim=-1).T)
+        torch.testing.assert_close(first_stage_queries(text_features), unpack_text(text_features)[1].flatten(1))
+
+
+def test_build_persist_reload_search(index, model, tokenizer):
+    folder = index.folder
+    assert sorted(path.name for path in folder.iterdir()) == sorted([MANIFEST, FEATURES, FIRST_STAGE, NAMES])
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert (manifest['count'], manifest['model'], manifest['temperature']) == (NUM_IMAGES, 'Llip-Tiny', 5.0)
+    assert manifest['image_features'] == dict(file=FEATURES, shape=[NUM_IMAGES, 2, 4, 8, 16], dtype='float32')
+    assert set(manifest['files']) == {FEATURES, FIRST_STAGE, NAMES}
+    with torch.no_grad():
+        torch.testing.assert_close(stored(index), model.encode_image(RandomImages(NUM_IMAGES).images))
+    assert isinstance(index.features, np.memmap)
+
+    reopened = LlipIndex.open(folder, model, tokenizer)
+    assert len(reopened) == NUM_IMAGES and reopened.names[5] == 'image-5.png'
+    by_strings = reopened.search(TEXTS, k=5, candidates=12)
+    by_ids = reopened.search(tokenizer(TEXTS), k=5, candidates=12)
+    assert torch.equal(by_strings.ids, by_ids.ids) and torch.equal(by_strings.scores, by_ids.scores)
+    assert by_strings.ids.shape == by_strings.scores.shape == (len(TEXTS), 5)
+    assert (by_strings.scores[:, :-1] >= by_strings.scores[:, 1:]).all()
+    one = reopened.search('a red circle', k=5, candidates=12)
+    assert torch.equal(one.ids, by_strings.ids[:1])
+
+
+def test_rescoring_is_exact_on_the_candidates(index, model, tokenizer):
+    """The results are the k best of the first stage's candidates by conditioned cosine, scored as similarity does."""
+    text_features = model.encode_text(tokenizer(TEXTS)).detach()
+    with torch.no_grad():
+        reference = model.similarity(stored(index), text_features).T  # [Q, N]
+    candidates = index.first_stage_candidates(text_features, 10)
+    assert candidates.shape == (len(TEXTS), 10) and all(len(set(row.tolist())) == 10 for row in candidates)
+    # The first stage ranks by <x, p>, computed here from the stored features.
+    first = first_stage_queries(text_features) @ first_stage_vectors(model, stored(index)).T
+    assert torch.equal(candidates.sort(1).values, first.topk(10).indices.sort(1).values)
+    results = index.search_features(text_features, k=4, candidates=10)
+    restricted = reference.gather(1, candidates)
+    best = restricted.topk(4)
+    assert torch.equal(results.ids, candidates.gather(1, best.indices))
+    torch.testing.assert_close(results.scores, best.values)
+    torch.testing.assert_close(results.scores, reference.gather(1, results.ids))
+
+
+def test_all_candidates_give_the_exhaustive_results(index, model, tokenizer):
+    text_features = model.encode_text(tokenizer(TEXTS)).detach()
+    with torch.no_grad():
+        exact = model.similarity(stored(index), text_features).T.topk(6)
+    for results in (index.search_features(text_features, k=6, candidates=NUM_IMAGES),
+                    index.search_features(text_features, k=6, candidates=10 * NUM_IMAGES),
+                    index.exhaustive_search(text_features, k=6)):
+        assert torch.equal(results.ids, exact.indices)
+        torch.testing.assert_close(results.scores, exact.values)
+
+
+def test_float16_storage_scores_the_stored_features(model, tokenizer, tmp_path):
+    """fp16 keeps the features rounded; the scores are exact for what is stored, within fp16's rounding of the model's."""
+    with torch.no_grad():
+        image_features = model.encode_image(RandomImages(20, seed=3).images)
+        text_features = model.encode_text(tokenizer(TEXTS))
+    write_index(tmp_path / 'half', model, image_features.split(6), 20)
+    index = LlipIndex.open(tmp_path / 'half', model)
+    assert index.features.dtype == np.float16 and index.names is None
+    torch.testing.assert_close(stored(index).float(), image_features, rtol=1e-3, atol=1e-3)
+    results = index.search_features(text_features, k=5, candidates=20)
+    with torch.no_grad():
+        exact = model.similarity(stored(index), text_features).T.topk(5)
+        unrounded = model.similarity(image_features, text_features).T
+    assert torch.equal(results.ids, exact.indices)
+    torch.testing.assert_close(results.scores, exact.values)
+    torch.testing.assert_close(results.scores, unrounded.gather(1, results.ids), rtol=0, atol=2e-3)
+
+
+def test_folders_that_are_not_ours_are_kept(model, tmp_path):
+    features = torch.randn(5, 2, 4, 8, 16)
+    user = tmp_path / 'user'
+    user.mkdir()
+    (user / 'notes.txt').write_text('mine')
+    with pytest.raises(FileExistsError, match='not empty'):
+        write_index(user, model, [features], 5)
+    with pytest.raises(FileExistsError, match='holds nothing that open_clip_llip.index wrote'):
+        write_index(user, model, [features], 5, overwrite=True)
+    assert os.listdir(user) == ['notes.txt'] and (user / 'notes.txt').read_text() == 'mine'
+    with pytest.raises(NotADirectoryError):
+        write_index(user / 'notes.txt', model, [features], 5)
+
+    ours = tmp_path / 'ours'
+    write_index(ours, model, [features], 5)
+    with pytest.raises(FileExistsError, match='not empty'):
+        write_index(ours, model, [features], 5)
+    (ours / 'notes.txt').write_text('mine')  # a user's file beside an index survives its replacement
+    write_index(ours, model, [features[:3]], 3, overwrite=True)
+    assert (ours / 'notes.txt').read_text() == 'mine' and len(LlipIndex.open(ours, model)) == 3
+    (ours / FIRST_STAGE).write_bytes(b'changed by the user')
+    with pytest.raises(FileExistsError, match='changed after'):
+        write_index(ours, model, [features], 5, overwrite=True)
+    assert (ours / FIRST_STAGE).read_bytes() == b'changed by the user' and (ours / FEATURES).is_file()
+
+    # A failed build removes what it wrote, and nothing else.
+    failed = tmp_path / 'failed'
+    with pytest.raises(ValueError, match='expected 5'):
+        write_index(failed, model, [features[:2]], 5)
+    assert os.listdir(failed) == []
+
+
+def test_bad_input(index, model, tokenizer, tmp_path):
+    features = torch.randn(5, 2, 4, 8, 16)
+    text_features = model.encode_text(tokenizer(TEXTS)).detach()
+    with pytest.raises(FileNotFoundError, match='not found'):
+        LlipIndex.open(tmp_path / 'missing', model)
+    with pytest.raises(FileNotFoundError, match='holds no Llip index'):
+        LlipIndex.open(tmp_path, model)
+    with pytest.raises(ValueError, match='other weights'):
+        LlipIndex.open(index.folder, tiny_model(seed=1))
+    config = open_clip.get_model_config('Llip-Tiny')
+    other = open_clip_llip_model(dict(config, llip_cfg=dict(config['llip_cfg'], temperature=2.0)))
+    with pytest.raises(ValueError, match="'temperature': 5.0"):
+        LlipIndex.open(index.folder, other)
+    with pytest.raises(ValueError, match=r'k must be an integer in \[1, 37\]'):
+        index.search_features(text_features, k=NUM_IMAGES + 1)
+    with pytest.raises(ValueError, match='k must be'):
+        index.search_features(text_features, k=0)
+    with pytest.raises(ValueError, match='candidates must be an integer of at least k = 10'):
+        index.search_features(text_features, k=10, candidates=5)
+    with pytest.raises(ValueError, match=r'Text features must be \[Q ≥ 1, 2, 4, 16\]'):
+        index.search_features(text_features[:, :, :2])
+    with pytest.raises(ValueError, match='needs a tokenizer'):
+        LlipIndex.open(index.folder, model).search(TEXTS)
+    with pytest.raises(ValueError, match=r'Image ids must lie in \[0, 37\)'):
+        index.rescore(text_features, torch.full((len(TEXTS), 3), NUM_IMAGES), k=2)
+    with pytest.raises(ValueError, match='dtype must be one of'):
+        write_index(tmp_path / 'a', model, [features], 5, dtype='int8')
+    with pytest.raises(ValueError, match='2 names for 5 images'):
+        write_index(tmp_path / 'b', model, [features], 5, names=['x', 'y'])
+    with pytest.raises(ValueError, match=r'expected batches \[n, 2, 4, 8, 16\]'):
+        write_index(tmp_path / 'c', model, [features[:, :, :2]], 5)
+    with pytest.raises(ValueError, match='too large for float16'):
+        write_index(tmp_path / 'd', model, [features * 1e6], 5)
+    with pytest.raises(TypeError, match='LlipModel'):
+        write_index(tmp_path / 'e', torch.nn.Linear(2, 2), [features], 5)
+    (index.folder / 'not-an-index').mkdir()
+    (index.folder / 'not-an-index' / MANIFEST).write_text('{"generator": "someone else"}')
+    with pytest.raises(ValueError, match='not written by open_clip_llip.index'):
+        LlipIndex.open(index.folder / 'not-an-index', model)
+
+
+def open_clip_llip_model(config):
+    from open_clip_llip import LlipModel
+    config = {key: value for key, value in config.items() if key != 'model_class'}
+    torch.manual_seed(0)
+    return LlipModel(**config).eval()
+
+
+def write_images(folder, count):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for number in range(count):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f'{number:02d}.png')
+
+
+def test_command(checkpoint, tmp_path, capsys):
+    images, output = tmp_path / 'images', tmp_path / 'index'
+    write_images(images / 'nested', 11)
+    (images / 'readme.txt').write_text('not an image')
+    main(['build', str(output), '--images', str(images), '--model', 'Llip-Tiny', '--pretrained', str(checkpoint),
+          '--workers', '0', '--batch-size', '4', '--device', 'cpu'])
+    assert 'Indexed 11 images' in capsys.readouterr().out
+    manifest = json.loads((output / MANIFEST).read_text())
+    assert manifest['pretrained'] == str(checkpoint.resolve()) and manifest['image_features']['dtype'] == 'float16'
+
+    main(['query', str(output), 'a red circle', 'a blue square', '--k', '3', '--candidates', '5', '--device', 'cpu'])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == 'a red circle' and lines[4] == 'a blue square' and len(lines) == 8
+    # The same as from Python, with the same model.
+    from open_clip_llip.evaluation import load_model
+    model, _, tokenizer = load_model('Llip-Tiny', str(checkpoint))
+    results = LlipIndex.open(output, model, tokenizer).search(['a red circle'], k=3, candidates=5)
+    for line, score, image in zip(lines[1:4], results.scores[0].tolist(), results.ids[0].tolist()):
+        rank, printed_score, printed_id, name = line.split('\t')
+        assert (int(printed_id), name) == (image, str(images / 'nested' / f'{image:02d}.png'))
+        assert float(printed_score) == pytest.approx(score, abs=1e-4)
+
+    def fails(argv, message):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert message in str(exit_info.value.code), exit_info.value.code
+
+    fails(['query', str(tmp_path / 'missing'), 'a'], 'not found')
+    fails(['query', str(output), 'a', '--k', '12', '--device', 'cpu'], 'k must be an integer in [1, 11]')
+    fails(['query', str(output), 'a', '--model', 'Llip-Tiny', '--pretrained', str(tmp_path / 'none.pt')], 'not found')
+    other = tmp_path / 'other.pt'
+    torch.save(tiny_model(seed=5).state_dict(), other)
+    fails(['query', str(output), 'a', '--pretrained', str(other), '--device', 'cpu'], 'other weights')
+    fails(['build', str(output), '--images', str(images), '--model', 'Llip-Tiny', '--pretrained', str(checkpoint),
+           '--workers', '0', '--device', 'cpu'], 'is not empty')
+    fails(['build', str(tmp_path / 'x'), '--images', str(tmp_path / 'nothing.csv'), '--model', 'Llip-Tiny',
+           '--pretrained', str(checkpoint)], 'not found')
+
+
+def test_command_exit_status_without_traceback(tmp_path):
+    process = subprocess.run([sys.executable, '-m', 'open_clip_llip.index', 'query', str(tmp_path), 'a red circle'],
+                             capture_output=True, text=True, cwd=REPO)
+    assert process.returncode == 1
+    assert 'open_clip_llip_index query: error:' in process.stderr and 'Traceback' not in process.stderr
+
+
+def test_empty_queries_are_refused(index, model, tokenizer):
+    with pytest.raises(ValueError, match='at least one text'):
+        index.search([])
+    with pytest.raises(ValueError, match=r'Text features must be \[Q ≥ 1, 2, 4, 16\]'):
+        index.search_features(model.encode_text(tokenizer(TEXTS)).detach()[:0])
+
+
+def test_models_that_are_not_llip_are_refused(index, monkeypatch, tmp_path):
+    with pytest.raises(TypeError, match='searched with a LlipModel; got Linear'):
+        LlipIndex.open(index.folder, torch.nn.Linear(2, 2))
+    import open_clip_llip.evaluation
+    monkeypatch.setattr(open_clip_llip.evaluation, 'load_model', lambda *args: (torch.nn.Linear(2, 2), None, None))
+    with pytest.raises(SystemExit) as exit_info:
+        main(['query', str(index.folder), 'a red circle', '--model', 'ViT-B-32', '--device', 'cpu'])
+    assert '--model ViT-B-32 is not a Llip model' in str(exit_info.value.code)
+
+
+def test_encode_image_points_to_get_logits_and_the_index(model):
+    with pytest.raises(ValueError, match=r'get_logits.*open_clip_llip\.index'):
+        model.encode_image(RandomImages(1).images, normalize=True)
+
+
+def test_missing_faiss_is_named(model, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, 'faiss', None)  # what `import faiss` meets where faiss-cpu is not installed
+    with pytest.raises(ImportError, match=r"needs FAISS: pip install 'open_clip_llip\[index\]' \(faiss-cpu\)"):
+        write_index(tmp_path / 'index', model, [torch.randn(2, 2, 4, 8, 16)], 2)
+    assert not (tmp_path / 'index').exists()
+
+
+def test_command_in_a_subprocess(checkpoint, tmp_path):
+    """``python -m open_clip_llip.index`` builds and queries, as the console script ``open_clip_llip_index`` does."""
+    images, output = tmp_path / 'images', tmp_path / 'index'
+    write_images(images, 6)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
+    command = [sys.executable, '-m', 'open_clip_llip.index']
+    built = subprocess.run([*command, 'build', str(output), '--images', str(images), '--model', 'Llip-Tiny',
+                            '--pretrained', str(checkpoint), '--workers', '0'], capture_output=True, text=True, env=env)
+    assert built.returncode == 0, built.stderr
+    assert 'Indexed 6 images' in built.stdout and 'Images: 100%' in built.stderr  # progress shown
+    queried = subprocess.run([*command, 'query', str(output), 'a red circle', '--k', '2', '--candidates', '3'],
+                             capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert queried.returncode == 0, queried.stderr
+    lines = queried.stdout.splitlines()
+    assert lines[0] == 'a red circle' and [line.split('\t')[0].strip() for line in lines[1:]] == ['1', '2']
+    assert all(line.split('\t')[3].startswith(str(images)) for line in lines[1:])
+
+
+def test_rows_are_read_as_stored(index):
+    ids = np.array([36, 0, 5, 5, 17])  # any order, repeats allowed
+    rows = index.read_rows(ids)
+    assert rows.flags.writeable and np.array_equal(rows, index.features[ids])
+    assert index.read_rows(ids[:0]).shape == (0, 2, 4, 8, 16)

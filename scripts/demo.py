@@ -1,6 +1,6 @@
 """The main job: Llip against its SigLIP twin and a non-contextual control, trained and evaluated on one machine.
 
-Three arms, alike in everything but what is compared — the towers, width and depth, the data and its order,
+Up to three arms, alike in everything but what is compared — the towers, width and depth, the data and its order,
 the steps, batch and learning-rate schedule, and the initialisation (seeded weights, logit scale 10 and
 logit bias −log(B − 1), the prior of one positive among B: OpenCLIP's SigLIP value, −10, is the prior for
 batches of 32k):
@@ -12,11 +12,18 @@ batches of 32k):
   mixture tokens with the same, uniform weights (the paper's control: "more image tokens" without
   "caption-conditioned mixing").
 
+By default ``llip`` and ``siglip`` (3 seeds × 2 arms fit 15 minutes on 2 CPU cores); ``--arms llip siglip
+control`` adds the control. Runs go ``--parallel`` at a time (default: one per CPU core), each with
+``--threads`` torch threads (default 1): a model this small gains little from a second thread.
+
 1. Writes the built-in scenes data (``open_clip_llip.data``: images of several coloured shapes, several
    captions each, each naming part of the scene) with its training set as OpenCLIP's CSV, whose order
    ``--seed`` fixes (webdataset's sample shuffle is not seeded); or takes ``--train-data``.
-2. For each seed and arm: the initial weights (``init/``), then OpenCLIP's stock loop
-   (``python -m open_clip_train.main --pretrained <initial weights>``), its log lines streamed.
+2. For each seed and arm: the initial weights (``init/<run>/``), then OpenCLIP's stock loop
+   (``python -m open_clip_train.main --model local-dir:init/<run>``), its log lines streamed. On the
+   built-in data, whose captions use a few dozen of the tokenizer's 49,408 tokens, the text tower's token
+   and position embeddings keep their initial values (OpenCLIP's ``--lock-text`` with every layer above
+   them unlocked; ``--train-text-embedding`` trains them too).
 3. Evaluates every checkpoint with ``open_clip_llip.evaluation`` (zero-shot tasks, retrieval), prints the
    table (mean ± standard deviation over seeds) and writes ``results.json``, ``results.md`` and plots:
    ``training_curves.png`` (from the loop's tensorboard scalars), ``gap.png`` (each arm's difference from
@@ -35,7 +42,9 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,7 +74,7 @@ def parse_args(argv=None):
     parser.add_argument('--overwrite', action='store_true', help='replace an earlier run of this script in --output')
     parser.add_argument('--model', default='Llip-Tiny',
                         help='a Llip config: a name OpenCLIP knows or a JSON file; the twin drops its mixer')
-    parser.add_argument('--arms', nargs='+', choices=ARMS, default=list(ARMS),
+    parser.add_argument('--arms', nargs='+', choices=ARMS, default=['llip', 'siglip'],
                         help='llip: the model; siglip: its twin without the mixer; control: the model mixing uniformly')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (then torchrun-free, one GPU)")
@@ -77,12 +86,18 @@ def parse_args(argv=None):
     data.add_argument('--train-images', type=int, default=4000, help='built-in scenes: training images')
     data.add_argument('--eval-images', type=int, default=50, help='built-in scenes: images per zero-shot class')
     train = parser.add_argument_group('training (the same for every arm)')
-    train.add_argument('--epochs', type=int, default=3)
+    train.add_argument('--epochs', type=int, default=9)
     train.add_argument('--batch-size', type=int, default=64)
     train.add_argument('--lr', type=float, default=2e-3)
     train.add_argument('--warmup', type=int, default=100)
     train.add_argument('--precision', default='fp32')
-    train.add_argument('--workers', type=int, default=1)
+    train.add_argument('--workers', type=int, default=1, help='data loading processes per run')
+    train.add_argument('--train-text-embedding', action='store_true',
+                       help='built-in data: train the token and position embeddings too (by default they keep their '
+                            'initial values there; with --train-data they always train)')
+    parser.add_argument('--parallel', type=int, default=os.cpu_count() or 1,
+                        help='runs trained at once (each a process of its own)')
+    parser.add_argument('--threads', type=int, default=1, help='torch threads of each run')
     parser.add_argument('--quick', action='store_true', help='a smoke test: tiny data, one short epoch')
     args = parser.parse_args(argv)
     if args.quick:
@@ -101,6 +116,7 @@ def parse_args(argv=None):
     args.tasks = [replace(task, name=Path(task.images).name if isinstance(task, ZeroShotTask) else 'retrieval')
                   for task in tasks]
     args.train_cwd = None  # where open_clip_train runs: a built-in CSV's paths are relative to its folder
+    args.frozen_text_embedding = False  # set for the built-in data (``built_in_data``)
     return args
 
 
@@ -146,6 +162,9 @@ def built_in_data(args, image_size):
     train_csv = folder / manifest['train']['data']
     args.train_data, args.dataset_type, args.train_cwd = train_csv.name, 'csv', train_csv.parent
     args.train_num_samples = manifest['train']['num_samples']
+    # Its captions use a few dozen of the tokenizer's 49,408 tokens: the token (and position) embeddings stay at
+    # their random initialisation, every arm alike, which spares each step the optimizer's pass over the table.
+    args.frozen_text_embedding = not args.train_text_embedding
     args.tasks = [ZeroShotTask.from_files(folder / task['folder'], folder / task['classnames'], folder / task['templates'],
                                           name=name) for name, task in manifest['zeroshot'].items()]
     args.tasks.append(RetrievalTask(str(folder / manifest['retrieval']['csv']), name='retrieval'))
@@ -204,7 +223,7 @@ def initial_weights(args, written, run, config, seed) -> str:
     return f'local-dir:{(args.output / folder).resolve()}'
 
 
-def train(args, written, name, model, seed, extra=()):
+def train(args, written, name, model, seed, config, extra, lock):
     """One run of OpenCLIP's stock training loop; returns its final checkpoint. Its log lines stream through."""
     runs = (args.output / 'runs').resolve()
     command = [
@@ -214,7 +233,12 @@ def train(args, written, name, model, seed, extra=()):
         '--warmup', str(args.warmup), '--precision', args.precision, '--workers', str(args.workers),
         '--seed', str(seed), '--device', args.device, '--logs', str(runs),
         '--name', name, '--log-every-n-steps', '10', '--save-frequency', '0', '--report-to', 'tensorboard', *extra]
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    if args.frozen_text_embedding:  # OpenCLIP's text-tower lock with every group above the embeddings left trainable
+        command += ['--lock-text', '--lock-text-unlocked-layers', str(config['text_cfg'].get('layers', 12) + 1),
+                    '--lock-text-freeze-layer-norm']
+    # Threads: a model this small gains little from a second thread, and several runs' threads on few cores
+    # would wait on each other.
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=str(args.threads))
     if args.device == 'cpu':
         env['CUDA_VISIBLE_DEVICES'] = ''
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -224,8 +248,9 @@ def train(args, written, name, model, seed, extra=()):
             print(f'  {name} | {line.split(" | ")[-1].rstrip()}', flush=True)
     status = process.wait()
     if (runs / name).is_dir():
-        written.record_tree(f'runs/{name}')
-        save_record(args, written)
+        with lock:
+            written.record_tree(f'runs/{name}')
+            save_record(args, written)
     if status:
         sys.exit(f'training {name} failed; its log: {runs / name / "out.log"}')
     return runs / name / 'checkpoints' / f'epoch_{args.epochs}.pt'
@@ -368,11 +393,43 @@ def plot_attention(model_name, found_as, checkpoint, retrieval_csv, path, num_im
     plt.close(fig)
 
 
+def run_all(args, written, arm_specs, found, runs, start):
+    """Train and evaluate every (seed, arm), ``--parallel`` at a time; returns (seed, arm) -> its checkpoint,
+    metrics, training curve and samples/s. Each run is a process of its own with ``--threads`` threads, so its
+    numbers do not depend on what runs beside it."""
+    lock = threading.Lock()  # the record of written files, and the progress count
+    done = []
+
+    def one(seed, arm):
+        label, run_name, _, extra = arm_specs[arm]
+        run = f'{run_name}-seed{seed}'
+        LOG.info(f'== Training {label}, seed {seed}')
+        checkpoint = train(args, written, run, found[seed, arm], seed, arm_specs[arm][2], extra, lock)
+        curve, speed = training_curve(args.output / 'runs' / run, args.batch_size)
+        metrics = evaluate(args, found[seed, arm], checkpoint)
+        with lock:
+            done.append(run)
+            elapsed = time.time() - start
+            LOG.info(f'== [{len(done)}/{len(runs)}] {label}, seed {seed}: trained and evaluated ({elapsed:.0f} s so '
+                     f'far, about {elapsed / len(done) * (len(runs) - len(done)):.0f} s to go)')
+        return dict(checkpoint=checkpoint, metrics=metrics, curve=curve, speed=speed)
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        futures = {key: pool.submit(one, *key) for key in runs}
+        try:
+            return {key: future.result() for key, future in futures.items()}
+        except BaseException:  # a failed run: start no more (the ones running finish, their files recorded)
+            for future in futures.values():
+                future.cancel()
+            raise
+
+
 def main(argv=None):
     args = parse_args(argv)
     # This script's progress at INFO; OpenCLIP's (which logs on the root logger) only from warnings up.
     logging.basicConfig(level=logging.WARNING, format='%(asctime)s | %(message)s', datefmt='%H:%M:%S')
     LOG.setLevel(logging.INFO)
+    torch.set_num_threads(args.threads)  # evaluation, here, one run per thread
     start = time.time()
     written = prepare_output(args)
     name, config = llip_config(args)
@@ -380,22 +437,13 @@ def main(argv=None):
         built_in_data(args, config['vision_cfg']['image_size'])
     arm_specs = arms(args, name, config)
     labels = {arm: label for arm, (label, *_) in arm_specs.items()}
-    results, curves, speeds = ({arm: [] for arm in arm_specs} for _ in range(3))
-    found, checkpoints = {}, {}
     runs = [(seed, arm) for seed in args.seeds for arm in arm_specs]
-    for number, (seed, arm) in enumerate(runs, 1):
-        label, run_name, arm_config, extra = arm_specs[arm]
-        run = f'{run_name}-seed{seed}'
-        elapsed = time.time() - start
-        left = f', about {elapsed / (number - 1) * (len(runs) - number + 1):.0f} s to go' if number > 1 else ''
-        LOG.info(f'== [{number}/{len(runs)}] Training {label}, seed {seed} ({elapsed:.0f} s so far{left})')
-        found[arm, seed] = initial_weights(args, written, run, arm_config, seed)
-        checkpoints[arm, seed] = train(args, written, run, found[arm, seed], seed, extra)
-        points, speed = training_curve(args.output / 'runs' / run, args.batch_size)
-        curves[arm].append(points)
-        speeds[arm].append(speed)
-        LOG.info(f'== Evaluating {label}, seed {seed}')
-        results[arm].append(evaluate(args, found[arm, seed], checkpoints[arm, seed]))
+    found = {(seed, arm): initial_weights(args, written, f'{arm_specs[arm][1]}-seed{seed}', arm_specs[arm][2], seed)
+             for seed, arm in runs}
+    outcomes = run_all(args, written, arm_specs, found, runs, start)
+    results, curves, speeds = ({arm: [outcomes[seed, arm][key] for seed in args.seeds] for arm in arm_specs}
+                               for key in ('metrics', 'curve', 'speed'))
+    checkpoints = {(seed, arm): outcome['checkpoint'] for (seed, arm), outcome in outcomes.items()}
 
     rows = summary_rows(results)
     columns = [labels[arm] for arm in results]
@@ -418,7 +466,7 @@ def main(argv=None):
         plots.append('gap.png')
     retrieval = next((task.path for task in args.tasks if isinstance(task, RetrievalTask)), '')
     if retrieval.endswith('.csv'):
-        plot_attention(name, found['llip', args.seeds[0]], checkpoints['llip', args.seeds[0]], retrieval,
+        plot_attention(name, found[args.seeds[0], 'llip'], checkpoints[args.seeds[0], 'llip'], retrieval,
                        written.path('attention.png'))
         plots.append('attention.png')
     for plot in plots:

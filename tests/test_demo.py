@@ -14,13 +14,13 @@ PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 def test_quick_main_job_trains_evaluates_and_plots(tmp_path):
     output = tmp_path / 'demo'
-    result = subprocess.run([sys.executable, str(SCRIPT), '--quick', '--seeds', '0', '1', '--output', str(output)],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(SCRIPT), '--quick', '--seeds', '0', '1', '--output', str(output),
+                             '--arms', 'llip', 'siglip', 'control'], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = result.stdout
     assert 'Llip-Tiny' in table and 'SigLIP (Twin-Llip-Tiny)' in table and 'Llip-Tiny, uniform mixing' in table
     assert 'big-colour' in table and 'samples/s' in table
-    assert '[6/6] Training' in result.stderr and 's to go' in result.stderr  # progress
+    assert '[6/6] ' in result.stderr and 's to go' in result.stderr  # progress
 
     results = json.loads((output / 'results.json').read_text())
     assert results['labels'] == {'llip': 'Llip-Tiny', 'siglip': 'SigLIP (Twin-Llip-Tiny)',
@@ -39,6 +39,16 @@ def test_quick_main_job_trains_evaluates_and_plots(tmp_path):
     assert 'training with LlipLoss' in (output / 'runs' / 'Llip-Tiny-seed0' / 'out.log').read_text()
     assert 'training with LlipLoss' in (output / 'runs' / 'Llip-Tiny-uniform-seed0' / 'out.log').read_text()
     assert 'siglip: True' in (output / 'runs' / 'Twin-Llip-Tiny-seed0' / 'params.txt').read_text()
+    for run in ('Llip-Tiny-seed0', 'Twin-Llip-Tiny-seed0', 'Llip-Tiny-uniform-seed0'):
+        # Built-in data: every arm keeps its token embedding at the initial weights, everything above it trains.
+        params = (output / 'runs' / run / 'params.txt').read_text()
+        assert 'lock_text: True' in params and 'lock_text_unlocked_layers: 3' in params
+        trained = torch.load(output / 'runs' / run / 'checkpoints' / 'epoch_1.pt', weights_only=True)['state_dict']
+        initial = torch.load(output / 'init' / run / 'open_clip_pytorch_model.bin', weights_only=True)
+        embedding = next(key for key in initial if key.endswith('token_embedding.weight'))
+        assert torch.equal(trained[embedding], initial[embedding])
+        projection = next(key for key in initial if key.endswith('text_projection'))
+        assert not torch.equal(trained[projection], initial[projection])
     control = json.loads((output / 'init' / 'Llip-Tiny-uniform-seed1' / 'open_clip_config.json').read_text())
     assert control['model_cfg']['llip_cfg']['contextual'] is False
     for run in ('Llip-Tiny-seed1', 'Twin-Llip-Tiny-seed1', 'Llip-Tiny-uniform-seed1'):

@@ -95,13 +95,18 @@ def parse_args(argv=None):
     train.add_argument('--train-text-embedding', action='store_true',
                        help='built-in data: train the token and position embeddings too (by default they keep their '
                             'initial values there; with --train-data they always train)')
-    parser.add_argument('--parallel', type=int, default=os.cpu_count() or 1,
-                        help='runs trained at once (each a process of its own)')
+    parser.add_argument('--parallel', type=int,
+                        help='runs trained at once, each a process of its own (default: one per CPU core on the CPU, '
+                             'one on a GPU)')
     parser.add_argument('--threads', type=int, default=1, help='torch threads of each run')
     parser.add_argument('--quick', action='store_true', help='a smoke test: tiny data, one short epoch')
     args = parser.parse_args(argv)
     if args.quick:
         args.train_images, args.eval_images, args.epochs, args.warmup = 32, 2, 1, 2
+    if args.parallel is None:
+        args.parallel = (os.cpu_count() or 1) if args.device == 'cpu' else 1
+    if args.parallel < 1 or args.threads < 1:
+        parser.error('--parallel and --threads must be at least 1')
     if 'llip' not in args.arms:
         parser.error('--arms must include llip: the other arms are compared with it')
     if args.batch_size < 2:

@@ -25,12 +25,12 @@ def test_bad_images(model, shape, dtype):
 
 
 @pytest.mark.parametrize('shape, dtype', [
-    ((2, 32), torch.float32),  # not token ids
-    ((2, 16), torch.long),  # another context length
-    ((32,), torch.long),  # no batch dimension
+    ((2, 16), torch.float32),  # not token ids
+    ((2, 32), torch.long),  # another context length
+    ((16,), torch.long),  # no batch dimension
 ])
 def test_bad_texts(model, shape, dtype):
-    with pytest.raises(ValueError, match=r'expects integer token ids of shape \[M, 32\].*get_tokenizer'):
+    with pytest.raises(ValueError, match=r'expects integer token ids of shape \[M, 16\].*get_tokenizer'):
         model.encode_text(torch.zeros(shape, dtype=dtype))
 
 

@@ -20,7 +20,7 @@ PER_RANK = 2
 def global_batch(world_size):
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(world_size * PER_RANK, 3, 32, 32, generator=generator)
-    texts = torch.randint(1, 1000, (world_size * PER_RANK, 32), generator=generator)
+    texts = torch.randint(1, 1000, (world_size * PER_RANK, 16), generator=generator)
     texts[:, 6] = 49407  # EOT, the highest id
     texts[:, 7:] = 0
     return images, texts

@@ -385,7 +385,7 @@ def test_every_model_form_of_open_clip_train_evaluates_exactly_the_weights_given
         model, _, tokenizer = load_model(model_name, str(trained_like))
         state = model.state_dict()
         assert all(torch.equal(state[key], value) for key, value in expected.items()), model_name
-        assert tokenizer(['a dog']).shape == (1, 32)
+        assert tokenizer(['a dog']).shape == (1, 16)
 
     run([*retrieval, '--json', str(tmp_path / 'name.json')], trained_like)
     torch.save(expected, folder / 'open_clip_pytorch_model.bin')

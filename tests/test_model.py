@@ -197,14 +197,14 @@ def test_autocast_loss_is_finite(model):
 
 def test_factory_overrides_and_transforms():
     model, train_transform, val_transform = open_clip.create_model_and_transforms(
-        'Llip-Tiny', force_image_size=48, force_context_length=16)
+        'Llip-Tiny', force_image_size=48, force_context_length=24)
     assert isinstance(model, LlipModel)
-    assert model.visual.image_size == (48, 48) and model.context_length == 16
+    assert model.visual.image_size == (48, 48) and model.context_length == 24
     assert model.visual.positional_embedding.shape[0] == model.visual.num_prefix_tokens + (48 // 4) ** 2
     from PIL import Image
     image = val_transform(Image.new('RGB', (100, 70)))
     assert image.shape == (3, 48, 48)
-    tokenizer = open_clip.get_tokenizer('Llip-Tiny', context_length=16)
+    tokenizer = open_clip.get_tokenizer('Llip-Tiny', context_length=24)
     keys, _ = unpack_image(model.encode_image(image[None]))
     features, _ = model.embed_text(tokenizer(['a red square']))
     assert keys.shape[0] == 1 and features.shape == (1, 64)

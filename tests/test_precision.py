@@ -63,7 +63,7 @@ def model_in(precision, checkpoint):
 def inputs(precision, count=6):
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(count, 3, 32, 32, generator=generator)
-    texts = torch.randint(1, 49000, (count, 32), generator=generator)
+    texts = torch.randint(1, 49000, (count, 16), generator=generator)
     texts[:, 7], texts[:, 8:] = 49407, 0
     return images.to(DEVICE, open_clip.get_input_dtype(precision)), texts.to(DEVICE)
 

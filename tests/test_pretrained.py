@@ -91,7 +91,7 @@ def test_a_downloaded_checkpoint_of_another_architecture_is_refused_before_use(r
         open_clip.create_model('tiny-k8', pretrained='wrong', cache_dir=str(tmp_path / 'cache'))
 
 
-def clip_config(quick_gelu=True):
+def clip_config(quick_gelu=False):
     """An OpenCLIP CLIP config with Llip-Tiny's towers."""
     return dict({k: v for k, v in tiny_config().items() if k not in ('llip_cfg', 'init_logit_bias')},
                 quick_gelu=quick_gelu)
@@ -105,12 +105,12 @@ def test_llip_starts_from_a_clip_tag_of_matching_towers(register_config, registe
         register_config(name, clip_config(quick_gelu))
         register_tag(name, 'test', dict(url=(tmp_path / 'clip.pt').as_uri(), quick_gelu=quick_gelu))
     register_pretrained_tags()  # as at import, now that these CLIP tags exist
-    assert 'tiny_clip_quickgelu/test' in open_clip.list_pretrained_tags_by_model('Llip-Tiny')
-    # Llip-Tiny uses QuickGELU: weights trained with GELU are not towers it can take.
-    assert 'tiny_clip_gelu/test' not in open_clip.list_pretrained_tags_by_model('Llip-Tiny')
+    assert 'tiny_clip_gelu/test' in open_clip.list_pretrained_tags_by_model('Llip-Tiny')
+    # Llip-Tiny uses GELU: weights trained with QuickGELU are not towers it can take.
+    assert 'tiny_clip_quickgelu/test' not in open_clip.list_pretrained_tags_by_model('Llip-Tiny')
 
     torch.manual_seed(0)
-    model = open_clip.create_model('Llip-Tiny', pretrained='Tiny-CLIP-quickgelu/test', cache_dir=str(tmp_path / 'cache'))
+    model = open_clip.create_model('Llip-Tiny', pretrained='Tiny-CLIP-gelu/test', cache_dir=str(tmp_path / 'cache'))
     ours, theirs = model.state_dict(), open_clip.model.convert_to_custom_text_state_dict(clip.state_dict())
     assert torch.equal(ours['text.text_projection'], theirs['text.text_projection'])
     assert torch.equal(ours['visual.conv1.weight'], theirs['visual.conv1.weight'])
@@ -118,7 +118,7 @@ def test_llip_starts_from_a_clip_tag_of_matching_towers(register_config, registe
     torch.manual_seed(0)
     assert torch.equal(ours['mixer.out_proj'], open_clip.create_model('Llip-Tiny').state_dict()['mixer.out_proj'])
 
-    open_clip_train_main(['--model', 'Llip-Tiny', '--pretrained', 'Tiny-CLIP-quickgelu/test',
+    open_clip_train_main(['--model', 'Llip-Tiny', '--pretrained', 'Tiny-CLIP-gelu/test',
                           '--cache-dir', str(tmp_path / 'cache'), '--dataset-type', 'synthetic', '--train-num-samples', '4',
                           '--batch-size', '4', '--workers', '0', '--precision', 'fp32', '--logs', str(tmp_path / 'logs'),
                           '--name', 'from-clip'])

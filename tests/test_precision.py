@@ -32,7 +32,9 @@ from open_clip_llip.eval import main as eval_main
 
 DEVICE = os.environ.get('OPEN_CLIP_LLIP_TEST_DEVICE', 'cpu')
 PRECISIONS = ('fp32', 'amp_bf16', 'amp', 'pure_bf16')
-COSINE_TOLERANCE = {'fp32': 1e-5, 'amp_bf16': 1e-2, 'amp': 2e-3, 'pure_bf16': 1e-2}
+# bf16 keeps 8 significant bits (a rounding moves a value by up to 2^-9 of it) and fp16 11; a cosine that went through
+# both towers, the mixer and the score carries a few such roundings of each of its terms.
+COSINE_TOLERANCE = {'fp32': 1e-5, 'amp_bf16': 2e-2, 'amp': 2e-3, 'pure_bf16': 2e-2}
 CLASSNAMES = ['goldfish', 'tench', 'shark', 'hen', 'ostrich', 'owl']  # OpenCLIP's top-5 needs 5 classes or more
 TEMPLATES = ['a photo of a {}.', 'a drawing of the {}.']
 TEMPERATURES = (1., 5., 10.)

@@ -247,3 +247,37 @@ def test_open_clip_train_command_fails_when_openclip_refuses(tmp_path):
     assert result.returncode == 1
     assert 'Experiment already exists' in result.stdout + result.stderr
     assert (tmp_path / 'taken' / 'out.log').read_text() == 'an earlier run'
+
+
+@pytest.mark.skipif(not hasattr(open_clip, 'create_task'), reason="OpenCLIP 4's training tasks")
+def test_the_llip_task_keeps_an_ema_that_is_a_llip_model():
+    """OpenCLIP 4's task EMA (``setup_ema``/``update_ema``, timm's ModelEmaV3) averages a Llip model's weights, and the
+    averaged model scores, checkpoints and reloads as a Llip model."""
+    from argparse import Namespace
+    torch.manual_seed(0)
+    model = open_clip.create_model('Llip-Tiny')
+    args = Namespace(model='Llip-Tiny', siglip=False, distill=False, horovod=False, fsdp=False, use_naflex=False,
+                     rank=0, world_size=1, loss_dist_impl=None)
+    task = open_clip.create_task(args, model).setup_ema(decay=0.5)
+    initial = {key: value.clone() for key, value in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    images = torch.randn(4, 3, 32, 32)
+    texts = open_clip.get_tokenizer('Llip-Tiny')(['a red circle', 'a blue square', 'a green cross', 'a big cyan shape'])
+    task.train()
+    losses, _ = task({'image': images, 'text': texts})
+    losses['loss'].backward()
+    optimizer.step()
+    task.update_ema()
+
+    ema = task.get_trainable_module(use_ema=True)
+    assert isinstance(ema, LlipModel)
+    trained = model.state_dict()
+    for key in ('visual.k_proj', 'mixer.out_proj', 'text.text_projection'):
+        assert not torch.equal(trained[key], initial[key])
+        torch.testing.assert_close(ema.state_dict()[key], 0.5 * (initial[key] + trained[key]))
+    image_logits, _ = ema.get_logits(images, texts)
+    assert image_logits.shape == (4, 4) and torch.isfinite(image_logits).all()
+    state = task.state_dict()
+    reloaded = open_clip.create_model('Llip-Tiny')
+    reloaded.load_state_dict(state['state_dict_ema'])
+    torch.testing.assert_close(reloaded.get_logits(images, texts)[0], image_logits)

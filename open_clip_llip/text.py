@@ -8,13 +8,13 @@ token, no pooling or no projection) are refused.
 """
 import inspect
 from dataclasses import asdict
-from functools import partial
 from typing import Optional
 
 import torch
 from open_clip.model import CLIPTextCfg
-from open_clip.transformer import LayerNorm, LayerNormFp32, QuickGELU, TextTransformer
-from torch import nn
+from open_clip.transformer import TextTransformer
+
+from .vision import tower_layers
 
 # CLIPTextCfg options that would replace OpenCLIP's pooled, projected text transformer, and the values Llip needs.
 _REQUIRED_TEXT_OPTIONS = {
@@ -47,15 +47,10 @@ def build_text_tower(
     """OpenCLIP's ``TextTransformer`` for ``text_cfg``, returning its tokens too (for the query head).
 
     Every ``CLIPTextCfg`` field that ``TextTransformer`` takes is passed under its name, with
-    OpenCLIP's choice of activation (QuickGELU) and norm (fp32 LayerNorm for low-precision casts).
+    OpenCLIP's choice of activation and norm (``vision.tower_layers``).
     """
     check_text_cfg(text_cfg)
-    norm_layer = LayerNormFp32 if cast_dtype in (torch.float16, torch.bfloat16) else LayerNorm
-    if text_cfg.norm_kwargs:
-        norm_layer = partial(norm_layer, **text_cfg.norm_kwargs)
-    act_layer = QuickGELU if quick_gelu else nn.GELU
-    if text_cfg.act_kwargs is not None:
-        act_layer = partial(act_layer, **text_cfg.act_kwargs)
+    act_layer, norm_layer = tower_layers(text_cfg, quick_gelu, cast_dtype)
     accepted = inspect.signature(TextTransformer.__init__).parameters
     options = {name: value for name, value in asdict(text_cfg).items() if name in accepted}
     options.update(output_dim=embed_dim, output_tokens=True, act_layer=act_layer, norm_layer=norm_layer)

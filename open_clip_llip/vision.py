@@ -159,6 +159,18 @@ class MixtureTokenViT(VisionTransformer):
         return output
 
 
+def tower_layers(cfg, quick_gelu: bool, cast_dtype: Optional[torch.dtype]):
+    """(activation, norm) classes for a tower of ``cfg`` (a ``CLIPVisionCfg`` or ``CLIPTextCfg``), as OpenCLIP's
+    builders choose them: QuickGELU or GELU, and fp32 LayerNorm under fp16/bf16 casts; with the config's kwargs."""
+    norm_layer = LayerNormFp32 if cast_dtype in (torch.float16, torch.bfloat16) else LayerNorm
+    if cfg.norm_kwargs:
+        norm_layer = partial(norm_layer, **cfg.norm_kwargs)
+    act_layer = QuickGELU if quick_gelu else nn.GELU
+    if cfg.act_kwargs is not None:
+        act_layer = partial(act_layer, **cfg.act_kwargs)
+    return act_layer, norm_layer
+
+
 def build_mixture_token_vit(
         embed_dim: int,
         vision_cfg: Union[dict, CLIPVisionCfg],
@@ -181,12 +193,7 @@ def build_mixture_token_vit(
     if not isinstance(cfg.layers, int):
         raise ValueError(f'vision_cfg.layers = {cfg.layers!r} describes a ResNet; Llip needs a ViT (an int).')
 
-    norm_layer = LayerNormFp32 if cast_dtype in (torch.float16, torch.bfloat16) else LayerNorm
-    if cfg.norm_kwargs:
-        norm_layer = partial(norm_layer, **cfg.norm_kwargs)
-    act_layer = QuickGELU if quick_gelu else nn.GELU
-    if cfg.act_kwargs is not None:
-        act_layer = partial(act_layer, **cfg.act_kwargs)
+    act_layer, norm_layer = tower_layers(cfg, quick_gelu, cast_dtype)
     # Pass every CLIPVisionCfg field that VisionTransformer takes under the same name.
     vit_args = inspect.signature(VisionTransformer.__init__).parameters
     vit_kwargs = {name: value for name, value in asdict(cfg).items() if name in vit_args}

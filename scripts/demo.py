@@ -399,17 +399,17 @@ def plot_attention(model_name, found_as, checkpoint, retrieval_csv, path, num_im
 
 
 def run_all(args, written, arm_specs, found, runs, start):
-    """Train and evaluate every (seed, arm), ``--parallel`` at a time; returns (seed, arm) -> its checkpoint,
-    metrics, training curve and samples/s. Each run is a process of its own with ``--threads`` threads, so its
-    numbers do not depend on what runs beside it."""
+    """Train and evaluate every run of ``runs`` ((seed, arm) -> run name), ``--parallel`` at a time; returns
+    (seed, arm) -> its checkpoint, metrics, training curve and samples/s. Each run is a process of its own with
+    ``--threads`` threads, so its numbers do not depend on what runs beside it."""
     lock = threading.Lock()  # the record of written files, and the progress count
     done = []
 
     def one(seed, arm):
-        label, run_name, _, extra = arm_specs[arm]
-        run = f'{run_name}-seed{seed}'
+        label, _, config, extra = arm_specs[arm]
+        run = runs[seed, arm]
         LOG.info(f'== Training {label}, seed {seed}')
-        checkpoint = train(args, written, run, found[seed, arm], seed, arm_specs[arm][2], extra, lock)
+        checkpoint = train(args, written, run, found[seed, arm], seed, config, extra, lock)
         curve, speed = training_curve(args.output / 'runs' / run, args.batch_size)
         metrics = evaluate(args, found[seed, arm], checkpoint)
         with lock:
@@ -442,9 +442,8 @@ def main(argv=None):
         built_in_data(args, config['vision_cfg']['image_size'])
     arm_specs = arms(args, name, config)
     labels = {arm: label for arm, (label, *_) in arm_specs.items()}
-    runs = [(seed, arm) for seed in args.seeds for arm in arm_specs]
-    found = {(seed, arm): initial_weights(args, written, f'{arm_specs[arm][1]}-seed{seed}', arm_specs[arm][2], seed)
-             for seed, arm in runs}
+    runs = {(seed, arm): f'{arm_specs[arm][1]}-seed{seed}' for seed in args.seeds for arm in arm_specs}
+    found = {(seed, arm): initial_weights(args, written, run, arm_specs[arm][2], seed) for (seed, arm), run in runs.items()}
     outcomes = run_all(args, written, arm_specs, found, runs, start)
     results, curves, speeds = ({arm: [outcomes[seed, arm][key] for seed in args.seeds] for arm in arm_specs}
                                for key in ('metrics', 'curve', 'speed'))

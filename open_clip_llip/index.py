@@ -3,15 +3,18 @@
 A Llip image is K keys and values whose embedding depends on the text, so no single vector per
 image gives its score. The index answers a text in two stages:
 
-1. **First stage** (FAISS, one vector per image): every image is ranked by the cosine of its
-   *uniformly mixed* embedding z̄ = concat_h(mean_k value[h,k]) @ W_O with the text embedding t —
-   the embedding the mixer gives when its attention is uniform (τ → ∞). With ū = concat_h(mean_k
-   value[h,k]), the stored vector is x = ū / |ū W_O| (D numbers) and the query is the text's
-   target p = W_O t̂ (``open_clip_llip.features``), so that <x, p> = cos(z̄, t) exactly: one inner
-   product per image (``IndexFlatIP``). The conditioned z = Σ_{h,k} a·Ṽ is a convex mixture
-   of the same K projected values per head that z̄ averages evenly, so images whose tokens agree
-   with the text score high under both; ``scripts/bench_index.py`` measures how many of the exact
-   top 10 the first stage's C best contain.
+1. **First stage** (FAISS): every image is ranked by the cosine with the text of its mixture for a
+   *prototype query* near the text's own. Llip's attention — and so an image's embedding — depends
+   on the text's raw query q, so a single vector per image ranks by an embedding the model never
+   scores with: the uniformly mixed one, which is what the zero query gives (a = 1/K), is far from the
+   conditioned mixtures of a trained model (``scripts/bench_index.py``: 20% of the exact top 10 among
+   the best 10% of a gallery). The index therefore holds P prototype queries c (k-means centres of the
+   queries of a sample of texts: ``prototype_queries``; by default the zero query alone) and, per image
+   and prototype, the mixture u[c] = concat_h(Σ_k softmax_k(<key[h,k], c_h>/τ) value[h,k]) scaled to
+   x[c] = u[c] / |u[c] W_O| (D numbers), so that with a text's target p = W_O t̂ (``open_clip_llip.features``)
+   <x[c], p> = cos(u[c] W_O, t) exactly. In FAISS this is an ``IndexIVFFlat`` whose coarse quantizer holds
+   the prototypes and whose list c holds every image's x[c]: a text is routed to the ``probes`` prototypes
+   nearest its raw query q (L2) and only their lists are scanned, one inner product per image and probe.
 2. **Exact re-scoring** of those C candidates: the conditioned cosine cos(z[i|j], t[j]) of each
    (candidate, text) pair, equal to ``LlipModel.similarity`` on the stored features. Per pair,
    the logits and the mixture u = concat_h(Σ_k a·value) cost K·D multiply-adds each, then
@@ -24,25 +27,26 @@ image gives its score. The index answers a text in two stages:
 Stored per image (folder layout below): its image features [2, H, K, d] (keys and values, 2·K·D
 numbers, fp16 by default: 64 KiB at B/16) in one memory-mapped ``.npy`` file, so that a gallery
 larger than memory is searched by reading only the C candidates' rows; and its first-stage
-vector (D float32 numbers: 2 KiB at B/16) in a FAISS flat index, held in memory.
+vectors (P·D float32 numbers: 2 KiB per prototype at B/16) in a FAISS IVF index, memory-mapped too.
 
     index.json            manifest: model, weights fingerprint, shapes, dtype, count, τ, files (SHA-256)
     image_features.npy    [N, 2, H, K, d], float16 or float32, opened memory-mapped
-    first_stage.faiss     FAISS IndexFlatIP of the N first-stage vectors
+    first_stage.faiss     FAISS IndexIVFFlat: the P prototype queries (its quantizer), list c the N vectors x[c]
     names.json            the N image names (paths), when given
 
 Python::
 
     index = build_index('gallery-index', model, RetrievalImages(paths, transform), names=paths,
-                        model_name='Llip-ViT-B-16', pretrained='llip_b16_k32.pt')
+                        model_name='Llip-ViT-B-16', pretrained='llip_b16_k32.pt',
+                        prototype_texts=captions, prototypes=64)   # captions: a sample of texts like the queries
     index = LlipIndex.open('gallery-index', model, tokenizer)
     scores, ids = index.search(['a dog on a red sofa'], k=10, candidates=1000)   # [Q, k] each
 
 Command: ``open_clip_llip_index build`` / ``open_clip_llip_index query`` (``python -m
 open_clip_llip.index``; ``--help``).
 
-Notation: N images, Q texts (queries), C candidates per query, K mixture tokens, H mixer heads,
-D embedding width, d = D / H.
+Notation: N images, Q texts (queries), C candidates per query, P prototype queries, K mixture tokens,
+H mixer heads, D embedding width, d = D / H.
 """
 import argparse
 import hashlib
@@ -97,20 +101,56 @@ def _scoring_dtype(model, *features: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def first_stage_vectors(model: LlipModel, image_features: torch.Tensor) -> torch.Tensor:
-    """Image features [N, 2, H, K, d] -> first-stage vectors x = ū / |ū W_O| [N, D] (float32, on the model's device).
+def first_stage_vectors(model: LlipModel, image_features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Image features [N, 2, H, K, d] and prototype queries [P, H, d] -> first-stage vectors [N, P, D] (float32,
+    on the model's device).
 
-    ū = concat_h(mean_k value[h,k]): <x, p> with a text's target p = W_O t̂ is cos(z̄, t), z̄ = ū W_O.
+    Entry [i, c] is x = u / |u W_O| with u = concat_h(Σ_k softmax_k(<key[h,k], c_h>/τ) value[h,k]), image i's
+    mixture for the prototype query c (τ: the model's): <x, p> with a text's target p = W_O t̂ is cos(u W_O, t).
+    The zero query gives uniform attention: u = concat_h(mean_k value).
     """
     out_proj = model.mixer.out_proj
-    values = unpack_image(image_features)[1].to(out_proj.device, torch.float32)
-    mean = values.mean(dim=2).flatten(1)  # [N, D]
-    return mean / (mean @ out_proj.float()).norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    tau = model.temperatures(None)[0]
+    keys, values = (part.to(out_proj.device, torch.float32) for part in unpack_image(image_features))
+    attention = torch.einsum('nhkd,phd->nphk', keys, prototypes.to(keys) / tau).softmax(dim=-1)
+    mixed = torch.einsum('nphk,nhkd->nphd', attention, values).flatten(2)  # [N, P, D]
+    return mixed / (mixed @ out_proj.float()).norm(dim=-1, keepdim=True).clamp_min(_EPS)
 
 
-def first_stage_queries(text_features: torch.Tensor) -> torch.Tensor:
-    """Text features [Q, 2, H, d] -> first-stage queries: the targets p = W_O t̂ [Q, D] (float32)."""
-    return unpack_text(text_features)[1].flatten(1).float()
+def prototype_queries(text_features: torch.Tensor, count: int) -> torch.Tensor:
+    """Text features [M, 2, H, d] of a sample of texts -> ``count`` prototype queries [count, H, d] (float32): the
+    k-means centres (FAISS, seeded) of their raw mixer queries q."""
+    faiss = _faiss()
+    queries = np.ascontiguousarray(unpack_text(text_features)[0].flatten(1).float().cpu().numpy())
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(queries):
+        raise ValueError(f'{len(queries)} texts give at most {len(queries)} prototypes; got {count!r}. Give more '
+                         'texts (a sample like the queries to come, ideally 40 or more per prototype) or fewer '
+                         'prototypes.')
+    kmeans = faiss.Kmeans(queries.shape[1], count, niter=25, seed=0)
+    kmeans.train(queries)
+    return torch.from_numpy(kmeans.centroids).view(count, *text_features.shape[2:])
+
+
+def new_first_stage(prototypes: torch.Tensor):
+    """An empty first stage for prototype queries [P, H, d]: FAISS ``IndexIVFFlat`` (inner product) whose
+    quantizer holds the prototypes, flattened; ``add_first_stage`` fills its lists."""
+    faiss = _faiss()
+    width = prototypes[0].numel()
+    quantizer = faiss.IndexFlatL2(width)
+    quantizer.add(np.ascontiguousarray(prototypes.detach().flatten(1).float().cpu().numpy()))
+    first_stage = faiss.IndexIVFFlat(quantizer, width, len(prototypes), faiss.METRIC_INNER_PRODUCT)
+    first_stage.is_trained = True  # the lists are the prototypes, given: nothing to train
+    return first_stage
+
+
+def add_first_stage(first_stage, vectors: np.ndarray, first_id: int):
+    """Add the first-stage vectors [n, P, D] of images ``first_id`` … ``first_id + n − 1``: x[c] to list c."""
+    faiss = _faiss()
+    ids = np.arange(first_id, first_id + len(vectors), dtype=np.int64)
+    for prototype in range(vectors.shape[1]):
+        rows = np.ascontiguousarray(vectors[:, prototype], dtype=np.float32)
+        lists = np.full(len(vectors), prototype, dtype=np.int64)
+        first_stage.add_core(len(rows), faiss.swig_ptr(rows), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
 
 
 def _cosine_of_mixture(mixed: torch.Tensor, targets: torch.Tensor, out_proj: torch.Tensor) -> torch.Tensor:
@@ -192,11 +232,14 @@ def write_index(
         model_name: Optional[str] = None,
         pretrained: Optional[str] = None,
         precision: str = 'fp32',
+        prototypes: Optional[torch.Tensor] = None,
 ) -> Path:
     """Write an index of ``count`` images from batches of their image features [n, 2, H, K, d] into ``folder``.
 
     ``folder`` must be new or empty; with ``overwrite``, an index this module wrote there is replaced
     (its files, if unchanged, and nothing else). ``names``: one per image, kept for the results.
+    ``prototypes``: the first stage's prototype queries [P, H, d] (``prototype_queries``); default the zero
+    query alone (uniform attention).
     ``model_name``, ``pretrained`` and ``precision`` are recorded so that ``open_clip_llip_index query``
     can load the model again. A failed write removes what it wrote. Returns the manifest's path.
     """
@@ -211,11 +254,17 @@ def write_index(
         raise ValueError(f'{len(names)} names for {count} images; give one name per image.')
     heads, tokens, width = model.mixer.heads, model.llip_cfg.mixture_tokens, model.mixer.out_proj.shape[0]
     shape = (count, 2, heads, tokens, width // heads)
+    if prototypes is None:
+        prototypes = torch.zeros(1, heads, width // heads)
+    if prototypes.ndim != 3 or tuple(prototypes.shape[1:]) != (heads, width // heads) or not len(prototypes) \
+            or not torch.isfinite(prototypes).all():
+        raise ValueError(f'Prototype queries must be finite raw mixer queries [P ≥ 1, {heads}, {width // heads}] '
+                         f'(prototype_queries); got {list(prototypes.shape)}.')
     folder = Path(folder)
     prepare_folder(folder, MANIFEST, GENERATOR, overwrite)
     with WrittenFiles(folder) as written:
         stored = np.lib.format.open_memmap(written.claim(FEATURES), mode='w+', dtype=dtype, shape=shape)
-        first_stage = faiss.IndexFlatIP(width)
+        first_stage = new_first_stage(prototypes)
         done = 0
         for batch in image_features:
             if tuple(batch.shape[1:]) != shape[1:] or done + len(batch) > count:
@@ -227,7 +276,7 @@ def write_index(
                                  '(NaN, or too large for float16: use dtype float32).')
             stored[done:done + len(rows)] = rows.numpy()
             with torch.inference_mode():
-                first_stage.add(first_stage_vectors(model, rows).cpu().numpy())
+                add_first_stage(first_stage, first_stage_vectors(model, rows, prototypes).cpu().numpy(), done)
             done += len(rows)
         if done != count:
             raise ValueError(f'Got the features of {done} images; expected {count}.')
@@ -242,8 +291,9 @@ def write_index(
             generator=GENERATOR, version=__version__, model=model_name, pretrained=pretrained, precision=precision,
             **_model_record(model), temperature=model.mixer.temperature, count=count,
             image_features=dict(file=FEATURES, shape=list(shape), dtype=dtype),
-            first_stage=dict(file=FIRST_STAGE, faiss='IndexFlatIP', vector='concat_h(mean_k value) / |… @ W_O|',
-                             query='W_O t̂'),
+            first_stage=dict(file=FIRST_STAGE, faiss='IndexIVFFlat', prototypes=len(prototypes),
+                             lists='prototype c: u / |u W_O|, u = concat_h(Σ_k softmax_k(<key, c>/τ) value)',
+                             routing='nearest prototypes of the raw query q (L2)', query='W_O t̂'),
             names=NAMES if names is not None else None)
         manifest['files'] = dict(written.files)  # written last: a folder with a manifest holds a whole index
         return written.write_text(MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + '\n')
@@ -262,9 +312,16 @@ def build_index(
         model_name: Optional[str] = None,
         pretrained: Optional[str] = None,
         tokenizer=None,
+        prototype_texts: Optional[Sequence[str]] = None,
+        prototypes: int = 64,
 ) -> 'LlipIndex':
     """Encode ``images`` (a dataset of transformed image tensors [3, h, w], such as ``eval_data.RetrievalImages``)
-    with ``model`` on its device at ``precision`` (progress shown), write the index (``write_index``) and open it."""
+    with ``model`` on its device at ``precision`` (progress shown), write the index (``write_index``) and open it.
+
+    ``prototype_texts``: a sample of texts like the queries to come (captions of the gallery's kind), whose
+    queries give the first stage's ``prototypes`` prototype queries (``prototype_queries``; needs ``tokenizer``).
+    Without them the first stage ranks by the uniform mixture, which recovers far fewer of the exact best
+    images of a trained model (module docstring)."""
     import open_clip
     from open_clip_train.precision import get_autocast
     from torch.utils.data import DataLoader
@@ -283,9 +340,35 @@ def build_index(
                 features = model.encode_image(batch.to(device=device, dtype=input_dtype))
             yield features
 
-    logging.info(f'Indexing {len(images)} images into {folder} ({dtype} features, {precision} on {device}).')
-    write_index(folder, model, encoded(), len(images), names, dtype, overwrite, model_name, pretrained, precision)
+    centres = None
+    if prototype_texts is not None:
+        if tokenizer is None:
+            raise ValueError('Prototype texts need the tokenizer: build_index(..., tokenizer=tokenizer).')
+        centres = prototype_queries(encode_texts(model, tokenizer, prototype_texts, precision), prototypes)
+    logging.info(f'Indexing {len(images)} images into {folder} ({dtype} features, {precision} on {device}; '
+                 f'{1 if centres is None else len(centres)} prototype queries).')
+    write_index(folder, model, encoded(), len(images), names, dtype, overwrite, model_name, pretrained, precision,
+                centres)
     return LlipIndex.open(folder, model, tokenizer, precision)
+
+
+def encode_texts(model: LlipModel, tokenizer, texts: Union[str, Sequence[str], torch.Tensor], precision: str = 'fp32',
+                 batch_size: int = 1024) -> torch.Tensor:
+    """Strings (tokenized with ``tokenizer``) or token ids [M, L] -> text features [M, 2, H, d], in batches."""
+    from open_clip_train.precision import get_autocast
+    if isinstance(texts, str):
+        texts = [texts]
+    if not len(texts):
+        raise ValueError('Got no texts; give at least one text.')
+    device = model.mixer.out_proj.device
+    autocast = get_autocast(precision, device_type=device.type)
+    features = []
+    with torch.inference_mode(), autocast():
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start:start + batch_size]
+            tokens = batch if isinstance(batch, torch.Tensor) else tokenizer(list(batch))
+            features.append(model.encode_text(tokens.to(device)))
+    return torch.cat(features)
 
 
 def read_manifest(folder: Union[str, Path]) -> dict:
@@ -310,16 +393,14 @@ class LlipIndex:
 
     def __init__(self, folder: Path, manifest: dict, features: np.ndarray, first_stage, names: Optional[List[str]],
                  model: LlipModel, tokenizer=None, precision: str = 'fp32'):
-        from open_clip_train.precision import get_autocast
         self.folder, self.manifest, self.features, self.first_stage = folder, manifest, features, first_stage
         self.names, self.model, self.tokenizer, self.precision = names, model, tokenizer, precision
-        self.autocast = get_autocast(precision, device_type=model.mixer.out_proj.device.type)
 
     @classmethod
     def open(cls, folder: Union[str, Path], model: LlipModel, tokenizer=None, precision: str = 'fp32') -> 'LlipIndex':
         """Open the index in ``folder`` for ``model``, which must be the model it was built with (config and weights).
 
-        The image features are memory-mapped (read only where searched), the first stage loaded. ``tokenizer``
+        The image features and the first stage's lists are memory-mapped (read only where searched). ``tokenizer``
         is needed to search by strings; ``precision`` is the one texts are encoded at.
         """
         faiss = _faiss()
@@ -340,13 +421,15 @@ class LlipIndex:
         spec = manifest['image_features']
         try:
             features = np.load(folder / spec['file'], mmap_mode='r')
-            first_stage = faiss.read_index(str(folder / manifest['first_stage']['file']))
+            first_stage = faiss.read_index(str(folder / manifest['first_stage']['file']), faiss.IO_FLAG_MMAP)
             names = json.loads((folder / manifest['names']).read_text(encoding='utf-8')) if manifest['names'] else None
         except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: FAISS could not read its file
             raise ValueError(f'The index in {folder} is damaged or incomplete ({error}); build it again.') from None
         count = manifest['count']
-        if list(features.shape) != spec['shape'] or features.dtype != spec['dtype'] or first_stage.ntotal != count \
-                or (names is not None and len(names) != count):
+        prototypes = manifest['first_stage']['prototypes']
+        if list(features.shape) != spec['shape'] or features.dtype != spec['dtype'] \
+                or not isinstance(first_stage, faiss.IndexIVFFlat) or first_stage.nlist != prototypes \
+                or first_stage.ntotal != count * prototypes or (names is not None and len(names) != count):
             raise ValueError(f'The files of the index in {folder} do not match its manifest ({count} images of '
                              f'features {spec["shape"]} {spec["dtype"]}); build it again.')
         return cls(folder, manifest, features, first_stage, names, model, tokenizer, precision)
@@ -377,38 +460,49 @@ class LlipIndex:
 
     def encode_texts(self, texts: Union[Sequence[str], torch.Tensor]) -> torch.Tensor:
         """Strings (with the tokenizer given to ``open``) or token ids [Q, L] -> text features [Q, 2, H, d]."""
-        if not len(texts):
-            raise ValueError('A search needs at least one text; got none.')
-        if not isinstance(texts, torch.Tensor):
-            if isinstance(texts, str):
-                texts = [texts]
-            if self.tokenizer is None:
-                raise ValueError('Searching by strings needs a tokenizer: LlipIndex.open(folder, model, tokenizer), '
-                                 'or pass token ids.')
-            texts = self.tokenizer(list(texts))
-        with torch.inference_mode(), self.autocast():
-            return self.model.encode_text(texts.to(self.model.mixer.out_proj.device))
+        if not isinstance(texts, torch.Tensor) and self.tokenizer is None:
+            raise ValueError('Searching by strings needs a tokenizer: LlipIndex.open(folder, model, tokenizer), '
+                             'or pass token ids.')
+        return encode_texts(self.model, self.tokenizer, texts, self.precision)
 
-    def search(self, texts: Union[Sequence[str], torch.Tensor], k: int = 10,
-               candidates: int = DEFAULT_CANDIDATES) -> SearchResults:
+    @property
+    def prototypes(self) -> int:
+        """P, the first stage's prototype queries (its lists)."""
+        return self.first_stage.nlist
+
+    def search(self, texts: Union[Sequence[str], torch.Tensor], k: int = 10, candidates: int = DEFAULT_CANDIDATES,
+               probes: int = 1) -> SearchResults:
         """The k best images for each text (strings or token ids [Q, L]): the first stage's ``candidates`` best,
         re-scored exactly (``search_features``)."""
-        return self.search_features(self.encode_texts(texts), k, candidates)
+        return self.search_features(self.encode_texts(texts), k, candidates, probes)
 
-    def search_features(self, text_features: torch.Tensor, k: int = 10,
-                        candidates: int = DEFAULT_CANDIDATES) -> SearchResults:
+    def search_features(self, text_features: torch.Tensor, k: int = 10, candidates: int = DEFAULT_CANDIDATES,
+                        probes: int = 1) -> SearchResults:
         """Text features [Q, 2, H, d] -> the k best images of each by conditioned cosine, among the first stage's
-        ``candidates`` best (all images when ``candidates`` ≥ the index's size)."""
+        ``candidates`` best (all images when ``candidates`` ≥ the index's size) in the lists of the text's
+        ``probes`` nearest prototypes."""
         self._check_query(text_features, k)
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < k:
             raise ValueError(f'candidates must be an integer of at least k = {k}; got {candidates!r}.')
-        return self.rescore(text_features, self.first_stage_candidates(text_features, min(candidates, len(self))), k)
+        candidates = min(candidates, len(self))
+        return self.rescore(text_features, self.first_stage_candidates(text_features, candidates, probes), k)
 
-    def first_stage_candidates(self, text_features: torch.Tensor, candidates: int) -> torch.Tensor:
-        """Text features [Q, 2, H, d] -> the ids of each text's ``candidates`` best images by first-stage score [Q, C]."""
-        _, ids = self.first_stage.search(np.ascontiguousarray(first_stage_queries(text_features).cpu().numpy()),
-                                         candidates)
-        return torch.from_numpy(ids)
+    def first_stage_candidates(self, text_features: torch.Tensor, candidates: int, probes: int = 1) -> torch.Tensor:
+        """Text features [Q, 2, H, d] -> the ids of each text's ``candidates`` best images by first-stage score
+        [Q, C]: the best <x[c], p> over the text's ``probes`` nearest prototypes c, each image once."""
+        if isinstance(probes, bool) or not isinstance(probes, int) or not 1 <= probes <= self.prototypes:
+            raise ValueError(f'probes must be an integer in [1, {self.prototypes}] (the prototypes of this index); '
+                             f'got {probes!r}.')
+        queries, targets = (np.ascontiguousarray(part.flatten(1).float().cpu().numpy())
+                            for part in unpack_text(text_features))
+        distances, lists = self.first_stage.quantizer.search(queries, probes)
+        self.first_stage.nprobe = probes
+        # An image is in every list: among the best C·probes entries are at least C images, the first of each its best.
+        _, ids = self.first_stage.search_preassigned(targets, candidates * probes, lists, distances)
+        if probes == 1:
+            return torch.from_numpy(ids)
+        return torch.from_numpy(np.stack([row[np.sort(np.unique(row, return_index=True)[1])][:candidates]
+                                          for row in ids]))
 
     def rescore(self, text_features: torch.Tensor, candidates: torch.Tensor, k: int) -> SearchResults:
         """Text features [Q, 2, H, d] and image ids [Q, C] -> the k best of each text's C images by exact conditioned
@@ -493,10 +587,14 @@ def _load(args):
 def _build(args):
     from .eval_data import RetrievalImages
     names, images = list_images(args.images)
+    texts = None
+    if args.prototype_texts is not None:
+        texts = [line.strip() for line in args.prototype_texts.read_text(encoding='utf-8').splitlines() if line.strip()]
     model, transform, tokenizer = _load(args)
     index = build_index(args.output, model, RetrievalImages(images, transform), names, args.batch_size, args.workers,
                         args.precision, args.dtype, args.overwrite, model_name=_absolute(args.model),
-                        pretrained=_absolute(args.pretrained), tokenizer=tokenizer)
+                        pretrained=_absolute(args.pretrained), tokenizer=tokenizer, prototype_texts=texts,
+                        prototypes=args.prototypes)
     print(f'Indexed {len(index)} images into {args.output}.')
 
 
@@ -508,7 +606,7 @@ def _query(args):
         raise ValueError(f'The index in {args.index} does not record its model: give --model (and --pretrained).')
     model, _, tokenizer = _load(args)
     index = LlipIndex.open(args.index, model, tokenizer, args.precision)
-    results = index.search(args.texts, args.k, args.candidates)
+    results = index.search(args.texts, args.k, args.candidates, args.probes)
     for text, scores, ids in zip(args.texts, results.scores.tolist(), results.ids.tolist()):
         print(f'{text}')
         for rank, (score, image) in enumerate(zip(scores, ids), 1):
@@ -536,6 +634,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     build.add_argument('--workers', type=int, default=4, help='data loader workers')
     build.add_argument('--dtype', choices=DTYPES, default='float16', help='how the image features are stored')
     build.add_argument('--overwrite', action='store_true', help='replace an index this command wrote in OUTPUT')
+    build.add_argument('--prototype-texts', type=Path, metavar='FILE',
+                       help='a sample of texts like the queries to come, one per line: the first stage ranks by '
+                            'the mixtures for --prototypes centres of their queries (default: the uniform mixture)')
+    build.add_argument('--prototypes', type=int, default=64, help='prototype queries made from --prototype-texts')
 
     query = commands.add_parser('query', help='the best images of an index for each text',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -544,6 +646,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     query.add_argument('--k', type=int, default=10, help='images per text')
     query.add_argument('--candidates', type=int, default=DEFAULT_CANDIDATES,
                        help='first-stage candidates per text, re-scored exactly')
+    query.add_argument('--probes', type=int, default=1, help="prototypes per text whose lists the first stage scans")
     query.add_argument('--model', help="default: the index's (another path to the same model)")
     query.add_argument('--pretrained', help="default: the index's")
     for sub in (build, query):

@@ -3,27 +3,30 @@
 1. **Recall** (a trained ``Llip-Tiny`` on built-in data): the model is trained with OpenCLIP's stock
    loop on the built-in scenes (as ``scripts/demo.py`` does), unless ``--checkpoint`` gives one. The
    gallery is the retrieval set's images plus ``--gallery-images`` more scenes drawn with another seed,
-   indexed with ``build_index``; the queries are the retrieval set's captions. For each candidate
-   count C: the share of each query's exact top 10 (conditioned cosines of all images,
-   ``LlipModel.similarity``) that the two-stage search returns, and text→image R@1/R@10 of both.
+   indexed with ``build_index``; the queries are the retrieval set's captions. The first stage's prototype
+   queries (``--prototypes`` P of them; P = 1 is the zero query, uniform mixing) are k-means centres of the
+   queries of the training captions (texts of the queries' kind, not the queries). For each P, probes and
+   candidate count C: the share of each query's exact top 10 (conditioned cosines of all images,
+   ``LlipModel.similarity``) that the two-stage search returns, and text→image R@1/R@10.
 2. **Speed at ``--images`` (1M) images of B/16 shapes** (``Llip-ViT-B-16``: K 32, H 8, D 512; random
    weights and random features, since the arithmetic does not depend on the values), on this
    machine's CPUs:
    - the index is written with ``write_index`` for ``--stored-images`` random images (fp16); the
-     first stage holds ``--images`` random vectors (FAISS ``IndexFlatIP``, in memory), and candidate
+     first stage (``index.new_first_stage``, in memory) holds ``--speed-prototypes`` lists of ``--images``
+     random vectors, of which a query scans one (as at any P with one probe), and candidate
      i is read from stored row i mod ``--stored-images``: the first stage is timed at full size, the
      re-scoring reads C rows of the stored features for each query (``LlipIndex.read_rows``) as it would
      at full size, from a smaller file (what full size changes is whether rows are in the page cache: both
      ends are timed, warm, and cold — the file's pages evicted before every call);
    - latency: one query at a time, and per query in a batch of ``--queries``: first stage + re-scoring
      of C = ``--speed-candidates`` candidates (text encoding excluded);
-   - bytes per image: the stored features and the first-stage vector, from the files' sizes;
+   - bytes per image: the stored features and the first stage per prototype, from the files' sizes;
    - exhaustive: the first ``--exhaustive-images`` stored rows (read into the page cache beforehand, which
      favours the exhaustive scan: at 1M images it would read 64 GB) scored against ``--exhaustive-queries``
      texts with ``index.mixed_cosine`` (the cheapest exact route for fewer than ~128 texts; no Gram matrices),
      keeping the top 10; the time per query is **extrapolated** linearly to ``--images`` images.
 
-   Measured: recall; the first stage over ``--images`` vectors; the re-scoring of C candidates read from a
+   Measured: recall; the first stage over a list of ``--images`` vectors; the re-scoring of C candidates read from a
    features file of ``--stored-images`` rows (warm and cold); the exhaustive scan of a slice. Not measured:
    the exhaustive scan of all ``--images`` images (extrapolated), and a features file of 1M rows (64 GiB, larger
    than this machine's disk): its total is computed from the bytes per image.
@@ -47,7 +50,18 @@ import torch
 from open_clip_llip.data import write_dataset
 from open_clip_llip.eval_data import RetrievalImages, read_retrieval_set
 from open_clip_llip.evaluation import load_model
-from open_clip_llip.index import FEATURES, FIRST_STAGE, LlipIndex, build_index, mixed_cosine, write_index
+from open_clip_llip.index import (
+    FEATURES,
+    FIRST_STAGE,
+    LlipIndex,
+    add_first_stage,
+    build_index,
+    encode_texts,
+    mixed_cosine,
+    new_first_stage,
+    prototype_queries,
+    write_index,
+)
 from open_clip_llip.written_files import check_output_file, write_json
 
 K = 10  # the top k compared with exhaustive search
@@ -76,7 +90,8 @@ def train(args, work: Path, data: dict) -> Path:
 
 
 def recall(args, work: Path) -> dict:
-    """Two-stage top 10 against exhaustive top 10, for a trained Llip-Tiny on built-in scenes."""
+    """Two-stage top 10 against exhaustive top 10, for a trained Llip-Tiny on built-in scenes, by prototypes, probes
+    and candidates."""
     size = 32  # Llip-Tiny's images
     data = write_dataset(work / 'train', seed=0, train_images=args.train_images, retrieval_images=args.retrieval_images,
                          zeroshot_images=1, image_size=size)
@@ -85,27 +100,46 @@ def recall(args, work: Path) -> dict:
                             retrieval_images=1, zeroshot_images=1, image_size=size)
     queries = read_retrieval_set(str(work / 'train' / data['retrieval']['csv']))
     images = queries.images + read_retrieval_set(str(work / 'gallery' / gallery['train']['data'])).images
+    # The prototype texts: the training captions, a sample of the same kind of text as the queries (not the queries).
+    sample = read_retrieval_set(str(work / 'train' / data['train']['data'])).captions
     model, transform, tokenizer = load_model('Llip-Tiny', str(checkpoint))
-    index = build_index(work / 'tiny-index', model, RetrievalImages(images, transform), batch_size=256, workers=1,
+    index = build_index(work / 'tiny-index-1', model, RetrievalImages(images, transform), batch_size=256, workers=1,
                         tokenizer=tokenizer)
+    image_features = torch.from_numpy(np.array(index.features))
     text_features = index.encode_texts(queries.captions)
     with torch.inference_mode():
-        exact = model.similarity(torch.from_numpy(np.array(index.features)), text_features).T.topk(K).indices
+        similarity = model.similarity(image_features, text_features).T  # [Q, N]
+        exact = similarity.topk(K).indices
+        sample_features = encode_texts(model, tokenizer, sample)
     truth = queries.image_index[:, None]
-    figures = dict(gallery_images=len(index), queries=len(text_features), checkpoint=str(checkpoint),
-                   exhaustive_R1=(exact[:, :1] == truth).any(1).double().mean().item(),
-                   exhaustive_R10=(exact == truth).any(1).double().mean().item(), by_candidates={})
+    figures = dict(gallery_images=len(index), queries=len(text_features), prototype_texts=len(sample),
+                   checkpoint=str(checkpoint), exhaustive_R1=(exact[:, :1] == truth).any(1).double().mean().item(),
+                   exhaustive_R10=(exact == truth).any(1).double().mean().item(), by_prototypes={})
     print(f'\nRecall of the exact top {K} (trained Llip-Tiny, {len(index)} images, {len(text_features)} caption '
-          f'queries; exhaustive text→image R@1 {figures["exhaustive_R1"]:.3f}, R@10 {figures["exhaustive_R10"]:.3f}):')
-    for candidates in args.candidates:
-        found = index.search_features(text_features, K, candidates).ids
-        shared = (found[:, :, None] == exact[:, None, :]).any(2).double().mean().item()
-        figures['by_candidates'][candidates] = dict(
-            recall_at_10=shared, R1=(found[:, :1] == truth).any(1).double().mean().item(),
-            R10=(found == truth).any(1).double().mean().item())
-        print(f'  C = {candidates:5d} ({candidates / len(index):6.1%} of the gallery): {shared:.4f} of the exact top '
-              f'{K} (text→image R@1 {figures["by_candidates"][candidates]["R1"]:.3f}, '
-              f'R@10 {figures["by_candidates"][candidates]["R10"]:.3f})')
+          f'queries; exhaustive text→image R@1 {figures["exhaustive_R1"]:.3f}, R@10 {figures["exhaustive_R10"]:.3f}); '
+          f'prototypes: k-means centres of the queries of {len(sample)} training captions (P = 1: the zero query, '
+          'uniform mixing):')
+    for prototypes in args.prototypes:
+        if prototypes > 1:
+            index = LlipIndex.open(write_index(work / f'tiny-index-{prototypes}', model, image_features.split(1024),
+                                               len(image_features), prototypes=prototype_queries(sample_features,
+                                                                                                 prototypes)).parent,
+                                   model, tokenizer)
+        by_probes = figures['by_prototypes'][prototypes] = {}
+        for probes in sorted({1, *(probe for probe in args.probes if probe <= prototypes)}):
+            by_candidates = by_probes[probes] = {}
+            for candidates in args.candidates:
+                # The re-scoring is exact (tests/test_index.py): the two stages return the top 10 of the candidates
+                # by conditioned cosine, taken here from the similarity matrix rather than re-read from disk.
+                chosen = index.first_stage_candidates(text_features, min(candidates, len(index)), probes)
+                found = chosen.gather(1, similarity.gather(1, chosen).topk(K).indices)
+                by_candidates[candidates] = dict(
+                    recall_at_10=(found[:, :, None] == exact[:, None, :]).any(2).double().mean().item(),
+                    R1=(found[:, :1] == truth).any(1).double().mean().item(),
+                    R10=(found == truth).any(1).double().mean().item())
+            print(f'  P = {prototypes:4d}, probes {probes}: ' + ', '.join(
+                f'C = {candidates} ({candidates / len(index):.1%}) {result["recall_at_10"]:.4f}'
+                for candidates, result in by_candidates.items()))
     return figures
 
 
@@ -129,7 +163,6 @@ def fastest(function, repeats: int, before=None) -> float:
 
 
 def speed(args, work: Path) -> dict:
-    import faiss
     torch.manual_seed(0)
     model = open_clip.create_model('Llip-ViT-B-16').eval()  # random weights: the arithmetic is what is timed
     heads, tokens, width = model.mixer.heads, model.llip_cfg.mixture_tokens, model.mixer.out_proj.shape[0]
@@ -141,25 +174,27 @@ def speed(args, work: Path) -> dict:
 
     write_index(work / 'b16-index', model, random_features(stored), stored)
     index = LlipIndex.open(work / 'b16-index', model)
-    first_stage = faiss.IndexFlatIP(width)
+    # The first stage at full size: --speed-prototypes lists of --images random vectors each; a query scans one.
+    first_stage = new_first_stage(torch.randn(args.speed_prototypes, heads, width // heads))
     rng = np.random.default_rng(0)
-    for start in range(0, args.images, 1 << 16):
-        first_stage.add(rng.standard_normal((min(1 << 16, args.images - start), width), dtype=np.float32))
+    for start in range(0, args.images, 1 << 15):
+        count = min(1 << 15, args.images - start)
+        add_first_stage(first_stage, rng.standard_normal((count, args.speed_prototypes, width), dtype=np.float32), start)
+    index.first_stage = first_stage
     tokenizer = open_clip.get_tokenizer('Llip-ViT-B-16')
     with torch.inference_mode():
         text_features = model.encode_text(tokenizer([f'query number {i}' for i in range(args.queries)]))
-    queries = text_features[:, 1].flatten(1).numpy()  # the first-stage queries p = W_O t̂
     candidates = args.speed_candidates
 
     def search(batch):
-        _, ids = first_stage.search(queries[batch], candidates)
-        return index.rescore(text_features[batch], torch.from_numpy(ids % stored), K)
+        ids = index.first_stage_candidates(text_features[batch], candidates)
+        return index.rescore(text_features[batch], ids % stored, K)
 
     def first_stage_only(batch):
-        first_stage.search(queries[batch], candidates)
+        index.first_stage_candidates(text_features[batch], candidates)
 
     def rescore_only(batch):
-        index.rescore(text_features[batch], torch.randint(0, stored, (len(queries[batch]), candidates)), K)
+        index.rescore(text_features[batch], torch.randint(0, stored, (len(text_features[batch]), candidates)), K)
 
     single, batch = slice(0, 1), slice(0, args.queries)
     timings = {}
@@ -187,21 +222,24 @@ def speed(args, work: Path) -> dict:
     exhaustive_s = exhaustive_slice_s * args.images / sliced
 
     features_bytes = (index.folder / FEATURES).stat().st_size / stored
-    first_stage_bytes = (index.folder / FIRST_STAGE).stat().st_size / stored
+    first_stage_bytes = (index.folder / FIRST_STAGE).stat().st_size / stored  # one prototype: the zero query
     figures = dict(images=args.images, stored_images=stored, candidates=candidates, queries=args.queries,
-                   exhaustive_queries=len(exhaustive_texts), exhaustive_images_measured=sliced,
-                   exhaustive_s_per_query_measured_slice=exhaustive_slice_s, bytes_per_image_features=features_bytes,
-                   bytes_per_image_first_stage=first_stage_bytes, exhaustive_s_per_query_extrapolated=exhaustive_s,
-                   **timings)
+                   prototypes_in_first_stage=args.speed_prototypes, exhaustive_queries=len(exhaustive_texts),
+                   exhaustive_images_measured=sliced, exhaustive_s_per_query_measured_slice=exhaustive_slice_s,
+                   bytes_per_image_features=features_bytes, bytes_per_image_per_prototype=first_stage_bytes,
+                   exhaustive_s_per_query_extrapolated=exhaustive_s, **timings)
     print(f'\nSpeed at {args.images:,} images of B/16 shapes (K {tokens}, H {heads}, D {width}; random features; '
           f'{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}), C = {candidates}, k = {K}:')
-    per_image = features_bytes + first_stage_bytes
-    figures['bytes_total_at_images'] = per_image * args.images
-    print(f'  bytes per image: {features_bytes:,.0f} stored features (fp16, memory-mapped) + {first_stage_bytes:,.0f} '
-          f'first stage (float32, in memory) = {per_image:,.0f}; at {args.images:,} images: '
-          f'{per_image * args.images / 2 ** 30:,.1f} GiB (computed: {features_bytes * args.images / 2 ** 30:,.1f} GiB on '
-          f'disk, {first_stage_bytes * args.images / 2 ** 30:,.1f} GiB in memory)')
-    print(f'  measured: first stage over {args.images:,} vectors; re-scoring from a features file of {stored:,} '
+    print(f'  bytes per image: {features_bytes:,.0f} stored features (fp16) + {first_stage_bytes:,.0f} per prototype '
+          f'(first-stage vector, float32, and its id); both memory-mapped. At {args.images:,} images (computed):')
+    figures['bytes_total_at_images'] = {}
+    for prototypes in sorted({1, *args.prototypes}):
+        total = figures['bytes_total_at_images'][prototypes] = (features_bytes + prototypes * first_stage_bytes) * \
+            args.images
+        print(f'    P = {prototypes:4d}: {total / 2 ** 30:8,.1f} GiB ({features_bytes * args.images / 2 ** 30:,.1f} GiB '
+              f'features + {prototypes * first_stage_bytes * args.images / 2 ** 30:,.1f} GiB first stage)')
+    print(f'  measured: first stage scanning one list of {args.images:,} vectors (of {args.speed_prototypes}, in '
+          f'memory; the scan does not depend on P); re-scoring from a features file of {stored:,} '
           f'rows ({stored * features_bytes / 2 ** 30:.1f} GiB), candidates spread over it')
     for mode in ('warm', 'cold'):
         print(f'  two-stage, page cache {mode}: {timings[f"two_stage_{mode}_single_s"] * 1e3:8.1f} ms for one query, '
@@ -230,7 +268,11 @@ def main(argv=None):
     recall_options = parser.add_argument_group('recall (trained Llip-Tiny)')
     recall_options.add_argument('--gallery-images', type=int, default=10000, help='scenes added to the retrieval set')
     recall_options.add_argument('--retrieval-images', type=int, default=300, help='their captions are the queries')
-    recall_options.add_argument('--candidates', type=int, nargs='+', default=[100, 200, 500, 1000])
+    recall_options.add_argument('--candidates', type=int, nargs='+', default=[30, 100, 300, 1000])
+    recall_options.add_argument('--prototypes', type=int, nargs='+', default=[1, 16, 64, 256],
+                                help='first-stage prototype queries (1: the zero query, uniform mixing)')
+    recall_options.add_argument('--probes', type=int, nargs='+', default=[1, 2],
+                                help='prototypes whose lists each query scans')
     recall_options.add_argument('--train-images', type=int, default=4000)
     recall_options.add_argument('--epochs', type=int, default=3, help='of 4 captions per training image')
     recall_options.add_argument('--batch-size', type=int, default=64)
@@ -242,6 +284,8 @@ def main(argv=None):
     speed_options.add_argument('--exhaustive-images', type=int, default=32768,
                                help='stored rows scored exhaustively, the time extrapolated to --images')
     speed_options.add_argument('--speed-candidates', type=int, default=1000)
+    speed_options.add_argument('--speed-prototypes', type=int, default=2,
+                               help='lists of the full-size first stage (each of --images vectors)')
     speed_options.add_argument('--queries', type=int, default=32, help='queries in a batch')
     speed_options.add_argument('--exhaustive-queries', type=int, default=4)
     speed_options.add_argument('--repeats', type=int, default=5, help='timed calls of one query (the fastest counts)')

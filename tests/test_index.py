@@ -21,11 +21,11 @@ from open_clip_llip.index import (
     NAMES,
     LlipIndex,
     build_index,
-    first_stage_queries,
     first_stage_vectors,
     main,
     mixed_cosine,
     paired_cosine,
+    prototype_queries,
     write_index,
 )
 
@@ -82,13 +82,18 @@ def test_scoring_by_mixing_equals_similarity(model, tokenizer):
             chosen = torch.tensor([[3, 0, 8], [1, 1, 5], [7, 2, 4], [6, 0, 3]])  # each text's own images
             torch.testing.assert_close(paired_cosine(model, image_features[chosen], text_features, tau),
                                        reference.T.gather(1, chosen))
-        # The first stage: <x, p> is the cosine of the uniformly mixed embedding and the text embedding.
+        # The first stage: <x[c], p> is the cosine of the image's embedding for the prototype query c, as the mixer
+        # makes it, and the text embedding; the zero query mixes uniformly.
         keys, values = unpack_image(image_features)
         embeddings, _ = model.embed_text(tokenizer(TEXTS))
-        uniform = model.mixer(keys, values, torch.zeros(1, *values.shape[1:2], values.shape[-1]))[:, 0]  # [N, D]
-        torch.testing.assert_close(first_stage_vectors(model, image_features) @ first_stage_queries(text_features).T,
-                                   F.normalize(uniform, dim=-1) @ F.normalize(embeddings, dim=-1).T)
-        torch.testing.assert_close(first_stage_queries(text_features), unpack_text(text_features)[1].flatten(1))
+        prototypes = torch.cat([torch.zeros(1, 4, 16), unpack_text(text_features)[0][:2]])  # [3, H, d]
+        mixed = model.mixer(keys, values, prototypes)  # [N, 3, D]
+        targets = unpack_text(text_features)[1].flatten(1)
+        torch.testing.assert_close(torch.einsum('npd,md->nmp', first_stage_vectors(model, image_features, prototypes),
+                                                targets),
+                                   torch.einsum('npd,md->nmp', F.normalize(mixed, dim=-1),
+                                                F.normalize(embeddings, dim=-1)))
+        torch.testing.assert_close(mixed[:, 0], values.mean(2).flatten(1) @ model.mixer.out_proj)
 
 
 def test_build_persist_reload_search(index, model, tokenizer):
@@ -98,6 +103,7 @@ def test_build_persist_reload_search(index, model, tokenizer):
     assert (manifest['count'], manifest['model'], manifest['temperature']) == (NUM_IMAGES, 'Llip-Tiny', 5.0)
     assert manifest['image_features'] == dict(file=FEATURES, shape=[NUM_IMAGES, 2, 4, 8, 16], dtype='float32')
     assert set(manifest['files']) == {FEATURES, FIRST_STAGE, NAMES}
+    assert manifest['first_stage']['prototypes'] == 1 and index.prototypes == 1  # no prototype texts: the zero query
     with torch.no_grad():
         torch.testing.assert_close(stored(index), model.encode_image(RandomImages(NUM_IMAGES).images))
     assert isinstance(index.features, np.memmap)
@@ -120,8 +126,9 @@ def test_rescoring_is_exact_on_the_candidates(index, model, tokenizer):
         reference = model.similarity(stored(index), text_features).T  # [Q, N]
     candidates = index.first_stage_candidates(text_features, 10)
     assert candidates.shape == (len(TEXTS), 10) and all(len(set(row.tolist())) == 10 for row in candidates)
-    # The first stage ranks by <x, p>, computed here from the stored features.
-    first = first_stage_queries(text_features) @ first_stage_vectors(model, stored(index)).T
+    # The first stage ranks by <x, p> of the uniform mixture (no prototype texts), computed here from the stored features.
+    uniform = first_stage_vectors(model, stored(index), torch.zeros(1, 4, 16))[:, 0]  # [N, D]
+    first = unpack_text(text_features)[1].flatten(1) @ uniform.T
     assert torch.equal(candidates.sort(1).values, first.topk(10).indices.sort(1).values)
     results = index.search_features(text_features, k=4, candidates=10)
     restricted = reference.gather(1, candidates)
@@ -140,6 +147,55 @@ def test_all_candidates_give_the_exhaustive_results(index, model, tokenizer):
                     index.exhaustive_search(text_features, k=6)):
         assert torch.equal(results.ids, exact.indices)
         torch.testing.assert_close(results.scores, exact.values)
+
+
+SAMPLE_TEXTS = ['a red circle above a square', 'a green triangle', 'two blue squares', 'a small star', 'a cross',
+                'a yellow circle left of a cyan cross', 'a big purple shape', 'a square to the right of a star']
+
+
+def test_prototype_queries_are_centres_of_the_sample(model, tokenizer):
+    with torch.no_grad():
+        sample = model.encode_text(tokenizer(SAMPLE_TEXTS))
+    queries = unpack_text(sample)[0]
+    every = prototype_queries(sample, len(SAMPLE_TEXTS))  # one centre per text: the texts' own queries
+    assert every.shape == (len(SAMPLE_TEXTS), 4, 16)
+    nearest = torch.cdist(queries.flatten(1), every.flatten(1)).argmin(1)
+    torch.testing.assert_close(every.flatten(1)[nearest], queries.flatten(1))
+    one = prototype_queries(sample, 1)
+    torch.testing.assert_close(one[0], queries.mean(0))
+    with pytest.raises(ValueError, match='8 texts give at most 8 prototypes; got 9'):
+        prototype_queries(sample, 9)
+
+
+def test_the_first_stage_routes_each_text_to_its_nearest_prototypes(model, tokenizer, tmp_path):
+    """Each text's candidates are its images ranked by the best <x[c], p> over its ``probes`` nearest prototypes c;
+    a text whose own query is a prototype gets the exact conditioned ranking from the first stage alone."""
+    with torch.no_grad():
+        image_features = model.encode_image(RandomImages(30, seed=4).images)
+        sample = model.encode_text(tokenizer(SAMPLE_TEXTS))
+        text_features = model.encode_text(tokenizer(TEXTS))
+    prototypes = prototype_queries(sample, 3)
+    write_index(tmp_path / 'routed', model, image_features.split(7), 30, dtype='float32', prototypes=prototypes)
+    index = LlipIndex.open(tmp_path / 'routed', model)
+    assert index.prototypes == 3 and index.manifest['first_stage']['prototypes'] == 3
+    queries, targets = unpack_text(text_features)
+    nearest = torch.cdist(queries.flatten(1), prototypes.flatten(1)).argsort(1)  # [Q, P]
+    scores = torch.einsum('npd,qd->qnp', first_stage_vectors(model, stored(index), prototypes), targets.flatten(1))
+    for probes in (1, 2, 3):
+        best = scores.gather(2, nearest[:, None, :probes].expand(-1, 30, -1)).amax(2)  # [Q, N]
+        candidates = index.first_stage_candidates(text_features, 8, probes)
+        assert candidates.shape == (len(TEXTS), 8) and all(len(set(row.tolist())) == 8 for row in candidates)
+        assert torch.equal(candidates, best.topk(8).indices)
+
+    own = tmp_path / 'own'  # the texts' queries themselves as prototypes
+    write_index(own, model, image_features.split(7), 30, dtype='float32', prototypes=queries)
+    with torch.no_grad():
+        exact = model.similarity(image_features, text_features).T.topk(5).indices
+    assert torch.equal(LlipIndex.open(own, model).first_stage_candidates(text_features, 5), exact)
+    with pytest.raises(ValueError, match=r'probes must be an integer in \[1, 3\]'):
+        index.search_features(text_features, k=2, probes=4)
+    with pytest.raises(ValueError, match=r'Prototype queries must be finite raw mixer queries \[P ≥ 1, 4, 16\]'):
+        write_index(tmp_path / 'bad', model, [image_features], 30, prototypes=prototypes[:, :2])
 
 
 def test_float16_storage_scores_the_stored_features(model, tokenizer, tmp_path):
@@ -274,6 +330,20 @@ def test_command(checkpoint, tmp_path, capsys):
             main(argv)
         assert message in str(exit_info.value.code), exit_info.value.code
 
+    sample = tmp_path / 'captions.txt'
+    sample.write_text('\n'.join(SAMPLE_TEXTS + ['']) + '\n')
+    routed = tmp_path / 'routed'
+    main(['build', str(routed), '--images', str(images), '--model', 'Llip-Tiny', '--pretrained', str(checkpoint),
+          '--workers', '0', '--device', 'cpu', '--prototype-texts', str(sample), '--prototypes', '2'])
+    assert json.loads((routed / MANIFEST).read_text())['first_stage']['prototypes'] == 2
+    capsys.readouterr()
+    main(['query', str(routed), 'a red circle', '--k', '3', '--candidates', '5', '--probes', '2', '--device', 'cpu'])
+    assert len(capsys.readouterr().out.splitlines()) == 4
+
+    fails(['query', str(routed), 'a', '--probes', '3', '--device', 'cpu'], 'probes must be an integer in [1, 2]')
+    fails(['build', str(tmp_path / 'y'), '--images', str(images), '--model', 'Llip-Tiny', '--pretrained',
+           str(checkpoint), '--workers', '0', '--device', 'cpu', '--prototype-texts', str(sample)],
+          '8 texts give at most 8 prototypes')
     fails(['query', str(tmp_path / 'missing'), 'a'], 'not found')
     fails(['query', str(output), 'a', '--k', '12', '--device', 'cpu'], 'k must be an integer in [1, 11]')
     fails(['query', str(output), 'a', '--model', 'Llip-Tiny', '--pretrained', str(tmp_path / 'none.pt')], 'not found')

@@ -143,28 +143,34 @@ def write_json(path: Path, data: dict, overwrite: bool):
         raise
 
 
-def prepare_folder(folder: Path, manifest: str, generator: str, overwrite: bool):
+def prepare_folder(folder: Path, manifest: str, generator: str, overwrite: bool, what: str = 'output',
+                   option: str = '--overwrite (overwrite=True)'):
     """Make ``folder`` ready to write into: new or empty, or, with ``overwrite``, holding what ``generator`` wrote.
 
     ``generator``'s earlier output is recognised by its ``manifest`` file (JSON with ``"generator"`` and the
     ``files`` it wrote, with their SHA-256): those files, if unchanged, and the manifest are removed, and nothing
-    else. Anything else in a non-empty folder is refused (FileExistsError), before anything is removed.
+    else. Anything else in a non-empty folder is refused (FileExistsError), before anything is removed. ``what``
+    (a noun: 'dataset', 'index') and ``option`` (how to ask for ``overwrite``) make the messages specific.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f'{folder} exists and is not a folder; choose a folder to write into.')
+        raise NotADirectoryError(f'{folder} exists and is not a folder; choose a folder to write the {what} into.')
     if folder.is_dir() and any(folder.iterdir()):
         if not overwrite:
-            raise FileExistsError(f'{folder} is not empty; choose a new or empty folder, or pass --overwrite '
-                                  f'(overwrite=True) to replace what {generator} wrote there.')
+            raise FileExistsError(f'{folder} is not empty; choose a new or empty folder, or pass {option} to replace '
+                                  f'an earlier {what} that {generator} wrote there.')
         try:
             previous = json.loads((folder / manifest).read_text(encoding='utf-8'))
-            files = previous['files'] if previous.get('generator') == generator else None
-        except (OSError, ValueError, AttributeError, KeyError):
-            files = None
-        if not isinstance(files, dict):
-            raise FileExistsError(f'{folder} is not empty and holds nothing that {generator} wrote (no {manifest} listing '
-                                  'its files); not overwriting it: choose a new or empty folder.')
-        remove_written(folder, files)  # only what the manifest lists, if unchanged
+            ours = previous.get('generator') == generator
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise FileExistsError(f'{folder} is not empty and holds nothing that {generator} wrote (no {manifest} '
+                                  f'listing the files of its {what}); not overwriting it: choose a new or empty folder.')
+        if not isinstance(previous.get('files'), dict):
+            raise FileExistsError(f'{folder / manifest} does not list the files it wrote (an older version of '
+                                  f'{generator} wrote it), so which files are its own is unknown; remove them '
+                                  'yourself, or choose a new or empty folder.')
+        remove_written(folder, previous['files'])  # only what the manifest lists, if unchanged
         (folder / manifest).unlink()
     folder.mkdir(parents=True, exist_ok=True)

@@ -58,9 +58,10 @@ from open_clip_llip.data import write_dataset
 from open_clip_llip.eval import add_task_arguments, tasks_from_arguments
 from open_clip_llip.evaluation import RetrievalTask, ZeroShotTask, load_model
 from open_clip_llip.evaluation import evaluate as evaluate_tasks
-from open_clip_llip.written_files import WrittenFiles, remove_written
+from open_clip_llip.written_files import WrittenFiles, prepare_folder
 
 MARKER = 'demo.json'  # this script's record of a run in --output
+GENERATOR = 'scripts/demo.py'
 
 
 ARMS = ('llip', 'siglip', 'control')
@@ -128,22 +129,10 @@ def parse_args(argv=None):
 def prepare_output(args) -> WrittenFiles:
     """Make ``--output`` ready: new or empty, or holding an earlier run of this script, whose files (and only
     those) ``--overwrite`` removes. Returns the record of what this run writes there."""
-    marker = args.output / MARKER
-    if args.output.exists() and any(args.output.iterdir()):
-        if not args.overwrite:
-            sys.exit(f'{args.output} is not empty; pass --overwrite to replace an earlier demo run there, '
-                     'or choose another --output.')
-        try:
-            previous = json.loads(marker.read_text())['files']
-        except (OSError, ValueError, KeyError, TypeError):
-            sys.exit(f'{args.output} is not empty and holds no record ({MARKER}) of an earlier demo run listing its '
-                     'files; not overwriting anything there: choose another --output.')
-        try:
-            remove_written(args.output, previous)
-        except FileExistsError as error:
-            sys.exit(str(error))
-        marker.unlink()
-    args.output.mkdir(parents=True, exist_ok=True)
+    try:
+        prepare_folder(args.output, MARKER, GENERATOR, args.overwrite, what='demo run', option='--overwrite')
+    except OSError as error:
+        sys.exit(str(error))
     written = WrittenFiles(args.output)
     save_record(args, written)
     return written
@@ -151,8 +140,9 @@ def prepare_output(args) -> WrittenFiles:
 
 def save_record(args, written: WrittenFiles):
     """The options and every file written so far: kept up to date, so that even an interrupted run can be replaced."""
+    options = {k: str(v) for k, v in vars(args).items()}
     (args.output / MARKER).write_text(json.dumps(
-        {'options': {k: str(v) for k, v in vars(args).items()}, 'files': written.files}, indent=2))
+        {'generator': GENERATOR, 'options': options, 'files': written.files}, indent=2))
 
 
 def built_in_data(args, image_size):

@@ -363,7 +363,8 @@ def test_command_writes_refuses_and_overwrites_only_its_own_files(tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         data_main([str(folder), *flags])
     assert exit_info.value.code == 2
-    assert 'is not empty; choose a new or empty directory, or pass --overwrite' in capsys.readouterr().err
+    assert ('is not empty; choose a new or empty folder, or pass --overwrite (overwrite=True) to replace an earlier '
+            'dataset that open_clip_llip.data wrote there') in capsys.readouterr().err
     assert all_files(folder) == before
 
     (folder / 'notes.txt').write_text('mine')
@@ -376,7 +377,8 @@ def test_command_writes_refuses_and_overwrites_only_its_own_files(tmp_path, caps
     (other / 'photo.png').write_bytes(b'precious')
     with pytest.raises(SystemExit):
         data_main([str(other), '--overwrite'])
-    assert 'holds no dataset written by this command' in capsys.readouterr().err
+    assert ('holds nothing that open_clip_llip.data wrote (no manifest.json listing the files of its dataset); not '
+            'overwriting it') in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ['photo.png']
 
 
@@ -425,7 +427,8 @@ def test_a_manifest_without_its_files_is_not_overwritten(tmp_path):
     del manifest['files']  # as an earlier version wrote it
     (folder / 'manifest.json').write_text(json.dumps(manifest))
     before = all_files(folder)
-    with pytest.raises(FileExistsError, match=r'does not list the files it wrote'):
+    with pytest.raises(FileExistsError, match=r'manifest.json does not list the files it wrote \(an older version of '
+                                              r'open_clip_llip.data wrote it\)'):
         write_dataset(folder, **TINY, overwrite=True)
     assert all_files(folder) == before
 
@@ -445,7 +448,7 @@ def test_bad_arguments(tmp_path, changes, message):
 
 def test_output_path_that_is_a_file_is_refused(tmp_path):
     (tmp_path / 'data').write_text('not a folder')
-    with pytest.raises(NotADirectoryError, match='exists and is not a directory'):
+    with pytest.raises(NotADirectoryError, match='exists and is not a folder; choose a folder to write the dataset into'):
         write_dataset(tmp_path / 'data', **TINY)
     assert (tmp_path / 'data').read_text() == 'not a folder'
 

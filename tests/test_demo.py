@@ -59,10 +59,14 @@ def test_quick_main_job_trains_evaluates_and_plots(tmp_path):
 
 def test_main_job_keeps_what_is_already_in_its_output(tmp_path):
     (tmp_path / 'notes.txt').write_text('mine')
-    result = subprocess.run([sys.executable, str(SCRIPT), '--quick', '--output', str(tmp_path), '--overwrite'],
-                            capture_output=True, text=True)
-    assert result.returncode != 0 and 'is not empty' in result.stderr
-    assert (tmp_path / 'notes.txt').read_text() == 'mine'
+    command = [sys.executable, str(SCRIPT), '--quick', '--output', str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode != 0 and 'is not empty; choose a new or empty folder, or pass --overwrite to replace an ' \
+        'earlier demo run that scripts/demo.py wrote there' in result.stderr
+    result = subprocess.run(command + ['--overwrite'], capture_output=True, text=True)
+    assert result.returncode != 0 and 'is not empty and holds nothing that scripts/demo.py wrote (no demo.json listing ' \
+        'the files of its demo run); not overwriting it' in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ['notes.txt'] and (tmp_path / 'notes.txt').read_text() == 'mine'
 
 
 def test_main_job_overwrites_only_its_own_files(tmp_path):

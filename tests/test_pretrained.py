@@ -72,8 +72,9 @@ def test_the_stock_loop_and_the_eval_command_take_a_tag(register_config, registe
     register_config('tiny-release', dict(tiny_config(), model_class='LlipModel'))
     register_tag('tiny-release', 'release-test', dict(url=(tmp_path / 'llip_tiny_release.pt').as_uri(), quick_gelu=True))
     open_clip_train_main(['--model', 'tiny-release', '--pretrained', 'release-test', '--cache-dir', str(tmp_path / 'cache'),
-                          '--dataset-type', 'synthetic', '--train-num-samples', '4', '--batch-size', '4', '--lr', '0',
-                          '--workers', '0', '--precision', 'fp32', '--logs', str(tmp_path / 'logs'), '--name', 'tag'])
+                          '--dataset-type', 'synthetic', '--train-num-samples', '4', '--batch-size', '4', '--epochs', '1',
+                          '--lr', '0', '--workers', '0', '--precision', 'fp32', '--logs', str(tmp_path / 'logs'),
+                          '--name', 'tag'])
     trained = torch.load(tmp_path / 'logs' / 'tag' / 'checkpoints' / 'epoch_1.pt', weights_only=True)['state_dict']
     assert torch.equal(trained['mixer.out_proj'], source.state_dict()['mixer.out_proj'])
     from open_clip_llip.evaluation import load_model
@@ -120,8 +121,8 @@ def test_llip_starts_from_a_clip_tag_of_matching_towers(register_config, registe
 
     open_clip_train_main(['--model', 'Llip-Tiny', '--pretrained', 'Tiny-CLIP-gelu/test',
                           '--cache-dir', str(tmp_path / 'cache'), '--dataset-type', 'synthetic', '--train-num-samples', '4',
-                          '--batch-size', '4', '--workers', '0', '--precision', 'fp32', '--logs', str(tmp_path / 'logs'),
-                          '--name', 'from-clip'])
+                          '--batch-size', '4', '--epochs', '1', '--workers', '0', '--precision', 'fp32',
+                          '--logs', str(tmp_path / 'logs'), '--name', 'from-clip'])
     assert 'training with LlipLoss' in (tmp_path / 'logs' / 'from-clip' / 'out.log').read_text()
 
 

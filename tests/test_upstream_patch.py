@@ -81,7 +81,7 @@ def test_patched_open_clip_trains_and_evaluates_llip_with_its_similarity(patched
     from conftest import write_retrieval_csv
     val_csv, _ = write_retrieval_csv(tmp_path)
     result = run(patched_open_clip, '-m', 'open_clip_train.main', '--model', 'Llip-Tiny', '--train-data', str(val_csv),
-                 '--val-data', str(val_csv), '--dataset-type', 'csv', '--batch-size', '4', '--workers', '0',
+                 '--val-data', str(val_csv), '--dataset-type', 'csv', '--batch-size', '4', '--epochs', '1', '--workers', '0',
                  '--precision', 'fp32', '--logs', str(tmp_path / 'logs'), '--name', 'run', CUDA_VISIBLE_DEVICES='')
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'training with LlipLoss' in (tmp_path / 'logs' / 'run' / 'out.log').read_text()

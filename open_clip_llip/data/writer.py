@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..version import __version__
-from ..written_files import WrittenFiles, remove_written
+from ..written_files import WrittenFiles, prepare_folder
 from .captions import named_pairs, sample_captions
 from .render import png_bytes, render
 from .retrieval import sample_retrieval_set
@@ -142,31 +142,6 @@ def _write_zeroshot(written: WrittenFiles, seed: int, images_per_class: int, ima
     return tasks
 
 
-def _make_room(output_dir: Path, overwrite: bool):
-    """Create ``output_dir``, or remove from it the files of a dataset this module wrote there when ``overwrite``."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(f'{output_dir} exists and is not a directory; choose a directory to write into')
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        manifest = output_dir / 'manifest.json'
-        if not overwrite:
-            raise FileExistsError(f'{output_dir} is not empty; choose a new or empty directory, or pass --overwrite '
-                                  f'(overwrite=True) to replace a dataset this command wrote there')
-        try:
-            previous = json.loads(manifest.read_text())
-            ours = previous.get('generator') == GENERATOR
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise FileExistsError(f'{output_dir} is not empty and holds no dataset written by this command (no '
-                                  f'manifest.json of {GENERATOR}); not overwriting it: choose a new or empty directory')
-        if not isinstance(previous.get('files'), dict):
-            raise FileExistsError(f'{manifest} does not list the files it wrote (an older version wrote it), so which '
-                                  f'files are its own is unknown; remove them yourself, or choose another directory')
-        remove_written(output_dir, previous['files'])  # only what the manifest lists, if unchanged
-        manifest.unlink()
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-
 def write_dataset(
         output_dir: Union[str, Path],
         seed: int = 0,
@@ -212,7 +187,7 @@ def write_dataset(
         if counts[name][0] > MAX_CAPTIONS_PER_IMAGE:
             raise ValueError(f'{name} must be at most {MAX_CAPTIONS_PER_IMAGE}, got {counts[name][0]}')
     output_dir = Path(output_dir)
-    _make_room(output_dir, overwrite)
+    prepare_folder(output_dir, 'manifest.json', GENERATOR, overwrite, what='dataset')
 
     with WrittenFiles(output_dir) as written:  # a failed run removes what it wrote
         manifest = {

@@ -261,7 +261,7 @@ def write_index(
         raise ValueError(f'Prototype queries must be finite raw mixer queries [P ≥ 1, {heads}, {width // heads}] '
                          f'(prototype_queries); got {list(prototypes.shape)}.')
     folder = Path(folder)
-    prepare_folder(folder, MANIFEST, GENERATOR, overwrite)
+    prepare_folder(folder, MANIFEST, GENERATOR, overwrite, what='index')
     with WrittenFiles(folder) as written:
         stored = np.lib.format.open_memmap(written.claim(FEATURES), mode='w+', dtype=dtype, shape=shape)
         first_stage = new_first_stage(prototypes)

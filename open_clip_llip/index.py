@@ -71,6 +71,7 @@ GENERATOR = 'open_clip_llip.index'
 MANIFEST, FEATURES, FIRST_STAGE, NAMES = 'index.json', 'image_features.npy', 'first_stage.faiss', 'names.json'
 DTYPES = ('float16', 'float32')
 DEFAULT_CANDIDATES = 1000
+DEFAULT_PROTOTYPES = 64
 # |z| below this counts as zero, as in ``scoring``.
 _EPS = 1e-12
 # Elements of image features scored at once (64 MiB in fp32): bounds the memory of a block of pairs.
@@ -313,13 +314,14 @@ def build_index(
         pretrained: Optional[str] = None,
         tokenizer=None,
         prototype_texts: Optional[Sequence[str]] = None,
-        prototypes: int = 64,
+        prototypes: Optional[int] = None,
 ) -> 'LlipIndex':
     """Encode ``images`` (a dataset of transformed image tensors [3, h, w], such as ``eval_data.RetrievalImages``)
     with ``model`` on its device at ``precision`` (progress shown), write the index (``write_index``) and open it.
 
     ``prototype_texts``: a sample of texts like the queries to come (captions of the gallery's kind), whose
-    queries give the first stage's ``prototypes`` prototype queries (``prototype_queries``; needs ``tokenizer``).
+    queries give the first stage's ``prototypes`` (default ``DEFAULT_PROTOTYPES``) prototype queries
+    (``prototype_queries``; needs ``tokenizer``).
     Without them the first stage ranks by the uniform mixture, which recovers far fewer of the exact best
     images of a trained model (module docstring)."""
     import open_clip
@@ -341,10 +343,14 @@ def build_index(
             yield features
 
     centres = None
+    if prototype_texts is None and prototypes is not None:
+        raise ValueError(f'{prototypes} prototypes asked for without prototype texts to make them of: give '
+                         'prototype_texts, a sample of texts like the queries to come.')
     if prototype_texts is not None:
         if tokenizer is None:
             raise ValueError('Prototype texts need the tokenizer: build_index(..., tokenizer=tokenizer).')
-        centres = prototype_queries(encode_texts(model, tokenizer, prototype_texts, precision), prototypes)
+        centres = prototype_queries(encode_texts(model, tokenizer, prototype_texts, precision),
+                                    DEFAULT_PROTOTYPES if prototypes is None else prototypes)
     logging.info(f'Indexing {len(images)} images into {folder} ({dtype} features, {precision} on {device}; '
                  f'{1 if centres is None else len(centres)} prototype queries).')
     write_index(folder, model, encoded(), len(images), names, dtype, overwrite, model_name, pretrained, precision,
@@ -637,7 +643,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     build.add_argument('--prototype-texts', type=Path, metavar='FILE',
                        help='a sample of texts like the queries to come, one per line: the first stage ranks by '
                             'the mixtures for --prototypes centres of their queries (default: the uniform mixture)')
-    build.add_argument('--prototypes', type=int, default=64, help='prototype queries made from --prototype-texts')
+    build.add_argument('--prototypes', type=int,
+                       help=f'prototype queries made from --prototype-texts (default {DEFAULT_PROTOTYPES})')
 
     query = commands.add_parser('query', help='the best images of an index for each text',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -655,6 +662,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == 'build' and (args.batch_size < 1 or args.workers < 0):
         build.error('--batch-size must be at least 1 and --workers at least 0')
+    if args.command == 'build' and args.prototypes is not None and args.prototype_texts is None:
+        build.error('--prototypes needs --prototype-texts, the sample of texts to make them of')
     return args
 
 

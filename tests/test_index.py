@@ -341,6 +341,11 @@ def test_command(checkpoint, tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 4
 
     fails(['query', str(routed), 'a', '--probes', '3', '--device', 'cpu'], 'probes must be an integer in [1, 2]')
+    with pytest.raises(SystemExit) as exit_info:
+        main(['build', str(tmp_path / 'z'), '--images', str(images), '--model', 'Llip-Tiny', '--prototypes', '4'])
+    assert exit_info.value.code == 2 and '--prototypes needs --prototype-texts' in capsys.readouterr().err
+    with pytest.raises(ValueError, match='4 prototypes asked for without prototype texts'):
+        build_index(tmp_path / 'w', model, RandomImages(3), workers=0, prototypes=4)
     fails(['build', str(tmp_path / 'y'), '--images', str(images), '--model', 'Llip-Tiny', '--pretrained',
            str(checkpoint), '--workers', '0', '--device', 'cpu', '--prototype-texts', str(sample)],
           '8 texts give at most 8 prototypes')

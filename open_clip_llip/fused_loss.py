@@ -652,6 +652,7 @@ class _Blocks(NamedTuple):
     channels: int = 0
     gram_heads: int = 0
     gram_t: bool = False
+    chunk: int = 0  # channels per chunk of d in the logits and <p, value> (DC; 0: the plan's)
 
     def rp(self, kp: int) -> int:
         """Row heads per ∂G block (RP)."""
@@ -692,9 +693,9 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
 
     There is no run-time autotuning: a plan is one of four, chosen by architecture, dtype and K (fp32; sm_80;
     sm_90 with K ≤ 32; sm_90 with K = 64), with the heads per program and warps following from d and K as below.
-    Each is what the offline report passes (no duplicated tiles; no spills but 24 bytes, outside the loop, in
-    sm_80's ∂key/∂value at L/14); an autotuner choosing by time could pick a configuration that it rejects, and
-    no timing exists yet: a wider space waits for the GPU timings of scripts/device_check.py.
+    Each is what the offline report passes (no duplicated tiles, no spills); an autotuner choosing by time could
+    pick a configuration that it rejects, and no timing exists yet: a wider space waits for the GPU timings of
+    scripts/device_check.py.
 
     sm_90, K ≤ 32 (B/16, L/14): text tiles of 64 rows; the ∂q/∂p program keeps its 128 texts on chip and takes two
     heads where d = 64. sm_90, K = 64 (B/32, H/14, G/14): [64, 64] fp32 tiles leave too few registers for 64 texts
@@ -709,7 +710,7 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
     transpose, 2·KP tall, would stack the warps along M and replicate every [16, KP] product 4×). 4 warps where
     a product is 32 columns wide (K ≤ 32, or ∂q/∂p in chunks of 32 channels), 8 where all are 64 wide (K = 64),
     which halves each thread's share of the K = 64 tiles: no spills. At K = 64 ∂value has its own launch (it
-    needs only the group's attention; beside ∂key's it spills).
+    needs only the group's attention; beside ∂key's it spills); at K ≤ 32 ∂key/∂value takes d in chunks of 16.
 
     fp32 (products in fp32 FMAs, for checking; twice the bytes per operand): 16 texts on 4 warps.
     """
@@ -725,7 +726,9 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
         wide = 8 if kp >= 64 else 4  # warps where every product is at least 64 columns wide
         forward = tile._replace(heads=heads, warps=wide)
         text = _Part('text', ('query', 'target'), tile._replace(warps=wide if _chunk(head_dim) >= 64 else 4))
-        image = tile._replace(channels=max(16, kp // 2))
+        # At K ≤ 32 ∂key/∂value contracts d in chunks of 16: with L/14's chunks of 32 ptxas, held at 128 registers,
+        # spills three addresses across the text loop (the same MMAs either way).
+        image = tile._replace(channels=max(16, kp // 2), chunk=16 if kp <= 32 else 0)
         gram = _Part('image', ('gram',), tile._replace(warps=wide, gram_t=True, gram_heads=2))
         if kp <= 32:
             backward = (text, _Part('image', ('key', 'value'), image), gram)
@@ -811,9 +814,11 @@ def _launches(stage: str, plan: _Plan, b: int, B: int, heads: int, tokens: int, 
                           **{g.upper(): g in wanted for g in (('query', 'target') if part.kernel == 'text'
                                                               else ('key', 'value', 'gram'))})
         mixing = k * d + h * k * k  # <p, value> and G a for one head: the softmax backward's inputs
+        if blocks.chunk:
+            constexprs['DC'] = blocks.chunk
         if part.kernel == 'image':
             rp = blocks.rp(plan.KP)
-            constexprs.update(DK=blocks.dk(head_dim, plan.DC), GRAM_T=blocks.gram_t, RP=rp)
+            constexprs.update(DK=blocks.dk(head_dim, constexprs['DC']), GRAM_T=blocks.gram_t, RP=rp)
         if part.kernel == 'text':
             tiles = triton.cdiv(B, blocks.texts)
             streamed = h if constexprs['QUERY'] else own

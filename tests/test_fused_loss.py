@@ -42,10 +42,9 @@ def load_report():
 @pytest.mark.parametrize('shape', ['b16', 'l14', 'h14', 'g14'])
 def test_every_kernel_compiles_without_spills_within_shared_memory(shape, arch):
     """What the interpreter does not check, for every launch at a shipped shape (b = 256, B = 32,768, bf16),
-    compiled offline (no GPU) with the JIT's specialisation: it compiles within the architecture's shared memory,
-    with no more tensor-core work than the design's (× 1.3: replication shows as 2×); on sm_90 also without spills
-    and with wgmma for the largest product (kernel_report.problems). Compiling all eight takes several minutes on
-    2 cores."""
+    compiled offline (no GPU) with the JIT's specialisation: it compiles without spills, within the architecture's
+    shared memory, with no more tensor-core work than the design's (× 1.3: replication shows as 2×), and on sm_90
+    with wgmma for the largest product (kernel_report.problems)."""
     report = load_report()
     result = report.report_shape(shape, arch, 256, 32768, 'bf16')
     assert not report.problems(result), report.table([result])

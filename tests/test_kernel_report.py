@@ -50,6 +50,9 @@ def test_problems_flag_spills_shared_memory_replication_and_no_wgmma():
     assert len(found) == 4 and all(problem.startswith('b16 sm_90 text[QT]') for problem in found)
     clean = dict(row, spill_bytes=0, shared_bytes=0, issued_per_pair=1., instructions={'wgmma.m64n32k16': 1})
     assert not report.problems(dict(shape='b16', arch=90, kernels=[clean]))
+    # sm_80 fails on spills too (it has no wgmma to check).
+    spilled = dict(clean, arch=80, spill_bytes=24, instructions={'mma.m16n8k16': 4})
+    assert report.problems(dict(shape='l14', arch=80, kernels=[spilled])) == ['l14 sm_80 text[QT]: spills 24 bytes']
 
 
 def test_report_at_b16_finds_no_replication_or_spills(tmp_path, capsys):

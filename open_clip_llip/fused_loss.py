@@ -76,8 +76,24 @@ int64.
 Plans (``_plan``, keyed on (H, K, d, sm_arch)) are the largest tiles that compile without spills within shared
 memory and without duplicated MMA tiles: on sm_90 a warp group per 64 text rows; K = 64 shapes take 16 or 32
 texts where all heads' attention is needed and mix token-major there; sm_80 takes 16 texts, every product wider
-than tall, on 4 warps (8 at K = 64); fp32 (for checking) 16 texts on 4 warps. Nothing here has run on a GPU
-yet: ``scripts/device_check.py`` is the first thing to run on one.
+than tall, on 4 warps (8 at K = 64); fp32 (for checking) 16 texts on 4 warps.
+
+Autotuning (``_space``, keyed on (H, K, d, sm_arch)): the plan and up to two variants of it, 1–3 candidates per
+launch, every one of which ``scripts/kernel_report.py --check`` compiles and passes at the shipped shapes:
+
+    launch                         candidates besides the plan's
+    forward                        the other residency (the image's keys, values, G on chip, or streamed)
+    ∂G; ∂value, ∂p in own launches the other residency (not ∂value, ∂G on sm_90 at d > 128: they spill)
+    ∂key/∂value, ∂G (sm_90, K≤32)  128 texts on 8 warps (two warp groups) besides 64 on 4
+    ∂q, ∂key (every head's a)      not the other residency: one way or the other spills at some shape
+
+On a GPU the first call at a shape times each launch's candidates (``triton.testing.do_bench``, with the real
+arguments: every kernel only stores, so reruns are harmless) and keeps the fastest for the process, keyed on the
+launch, dtype, sm_arch and b, B rounded up to powers of two (``_fastest``); on the CPU (the interpreter) the
+plan's candidate runs. ``triton.autotune`` is not used because the candidates of a launch differ in more than
+constexprs (the grid and the forward's partial sums follow the text tile) and one kernel serves launches whose
+spaces differ; ``_launches`` describes each candidate for the report as for the run. Nothing here has run on a
+GPU yet: ``scripts/device_check.py`` is the first thing to run on one (it times every candidate).
 
 On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is first
 imported), which is how the tests check them against float64; there ``_mm`` multiplies bf16 operands in fp32,
@@ -90,6 +106,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from .scoring import _EPS
 
@@ -691,11 +708,9 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
     scripts/kernel_report.py, which prints what they issue). On sm_90 a warp group takes 64 rows: 4 warps for a
     64-row tile, 8 only for 128 rows (8 warps on 64 rows have Triton duplicate some products).
 
-    There is no run-time autotuning: a plan is one of four, chosen by architecture, dtype and K (fp32; sm_80;
-    sm_90 with K ≤ 32; sm_90 with K = 64), with the heads per program and warps following from d and K as below.
-    Each is what the offline report passes (no duplicated tiles, no spills); an autotuner choosing by time could
-    pick a configuration that it rejects, and no timing exists yet: a wider space waits for the GPU timings of
-    scripts/device_check.py.
+    A plan is one of four, chosen by architecture, dtype and K (fp32; sm_80; sm_90 with K ≤ 32; sm_90 with
+    K = 64), with the heads per program and warps following from d and K as below; it is the first member of the
+    autotuning space (``_space``), which varies single launches around it.
 
     sm_90, K ≤ 32 (B/16, L/14): text tiles of 64 rows; the ∂q/∂p program keeps its 128 texts on chip and takes two
     heads where d = 64. sm_90, K = 64 (B/32, H/14, G/14): [64, 64] fp32 tiles leave too few registers for 64 texts
@@ -750,6 +765,41 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
             _Part('image', ('value',), _Blocks(texts=128, heads=two, warps=8, stages=1, resident=False)),
             _Part('image', ('gram',), _Blocks(texts=128, heads=1, warps=8, stages=1, resident=False)))
     return _Plan(KP=kp, DC=_chunk(head_dim), forward=forward, backward=backward)
+
+
+def _space(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = False) -> tuple:
+    """The autotuning space of (H, K, d) on sm_``arch``: ``_plan``'s plan first (what runs where nothing is timed),
+    then variants of it; on a GPU ``_fastest`` times each launch's distinct candidates (``_candidates``) the first
+    time it meets a shape and keeps the fastest, launch by launch. The variants are those that pass
+    scripts/kernel_report.py --check at every shipped shape (it compiles every member): no spills, no replication,
+    shared memory within the limit.
+
+    * The other residency (``_Blocks.resident``: what stays the same through the loop kept on chip, or streamed
+      from L2, registers and shared memory against L2 traffic) for the forward and the launches that need only
+      their group's attention: ∂G, and at K = 64 ∂value and ∂p in their own launches. Not for ∂q and ∂key, which
+      hold every head's attention (one way or the other spills at some shipped shape), nor for ∂value and ∂G on
+      sm_90 at d > 128 (G/14: on chip they spill).
+    * sm_90, K ≤ 32: ∂key/∂value and ∂G on 128 texts and 8 warps (two warp groups) besides 64 texts on 4.
+
+    fp32 (for checking) has one member.
+    """
+    plan = _plan(heads, tokens, head_dim, arch, fp32)
+    if fp32:
+        return (plan,)
+
+    def other_residency(part):
+        group_only = part.grads in (('gram',), ('value',), ('target',))
+        if not group_only or (part.kernel == 'image' and arch >= 90 and head_dim > 128):
+            return part
+        return part._replace(blocks=part.blocks._replace(resident=not part.blocks.resident))
+
+    space = (plan, plan._replace(forward=plan.forward._replace(resident=not plan.forward.resident),
+                                 backward=tuple(other_residency(part) for part in plan.backward)))
+    if arch >= 90 and plan.KP <= 32:
+        wide = tuple(part._replace(blocks=part.blocks._replace(texts=128, warps=8)) if part.kernel == 'image' else part
+                     for part in plan.backward)
+        space += (plan._replace(backward=wide),)
+    return space
 
 
 # Programs the forward aims for: an image's text tiles are split among programs until about this many.
@@ -836,11 +886,46 @@ def _launches(stage: str, plan: _Plan, b: int, B: int, heads: int, tokens: int, 
     return launches
 
 
+def _candidates(stage: str, space: tuple, *shape, grads=GRADIENTS):
+    """Per launch of ``stage``, its distinct forms across the members of ``space`` (``_space``), the first
+    member's first: what ``_fastest`` chooses among."""
+    per_member = [_launches(stage, plan, *shape, grads=grads) for plan in space]
+    if len({len(launches) for launches in per_member}) != 1:
+        raise ValueError('the members of a space must make the same launches')
+    out = []
+    for forms in zip(*per_member):
+        distinct = []
+        for launch in forms:
+            if launch not in distinct:
+                distinct.append(launch)
+        out.append(distinct)
+    return out
+
+
 def _run(launch: _Launch, args: dict):
     """Launch with ``args`` (tensors and floats by name) and the launch's integers."""
     values = [args[name] if name in args else launch.ints[name]
               for name in launch.kernel.arg_names if name not in launch.constexprs]
     launch.kernel[launch.grid](*values, **launch.constexprs, **launch.options)
+
+
+# The candidate each launch runs with, timed once per process: (launch name and constexprs, dtype, sm_arch, b and B
+# rounded up to powers of two) -> index into the launch's candidates.
+_CHOSEN = {}
+
+
+def _fastest(candidates: list, run, key: tuple) -> _Launch:
+    """The candidate to launch: the first where there is nothing to choose or nothing to time (the interpreter),
+    else the one that ``run`` (which launches a candidate with the real arguments) ran fastest the first time
+    ``key`` was seen. Timing reruns kernels, which is harmless: each only stores, and reads nothing it writes."""
+    if len(candidates) == 1 or INTERPRETED:
+        return candidates[0]
+    first = candidates[0]
+    key = (first.name, tuple(sorted(first.constexprs.items())), *key)
+    if key not in _CHOSEN:
+        times = [triton.testing.do_bench(lambda launch=launch: run(launch), warmup=5, rep=25) for launch in candidates]
+        _CHOSEN[key] = times.index(min(times))
+    return candidates[_CHOSEN[key]]
 
 
 def _launch_args(keys, values, gram, queries, targets):
@@ -895,22 +980,29 @@ class _FusedSigmoidLoss(torch.autograd.Function):
         keys_, values_, queries_, targets_, gram_ = _launch_args(keys, values, gram, queries, targets)
         b, heads, tokens, head_dim = keys.shape
         num_texts = queries.shape[0]
-        plan = _plan(heads, tokens, head_dim, _arch(keys), keys_.dtype == torch.float32)
-        shape = (plan, b, num_texts, heads, tokens, head_dim, keys_.stride(0), queries_.stride(0), first_text,
+        arch = _arch(keys)
+        space = _space(heads, tokens, head_dim, arch, keys_.dtype == torch.float32)
+        shape = (space, b, num_texts, heads, tokens, head_dim, keys_.stride(0), queries_.stride(0), first_text,
                  negative_only)
-        (launch,) = _launches('forward', *shape)
         query_scale = _LOG2E / temperature
         scale = logit_scale.detach().float().reshape(1)
         bias = logit_bias.detach().float().reshape(1)
         cos = torch.empty(b, num_texts, device=keys.device, dtype=torch.float32)
         sq_norm = torch.empty_like(cos)
-        partial = torch.empty(b, launch.grid[0], 3, device=keys.device, dtype=torch.float32)
-        with _on_device(keys):
+
+        def run(launch):  # the partial sums are per program: their size follows the candidate's grid
+            partial = torch.empty(b, launch.grid[0], 3, device=keys.device, dtype=torch.float32)
             _run(launch, dict(keys=keys_, values=values_, gram=gram_, queries=queries_, targets=targets_,
                               scale_ptr=scale, bias_ptr=bias, cos_ptr=cos, sq_norm_ptr=sq_norm, partial_ptr=partial,
                               query_scale=query_scale))
+            return partial
+
+        tuning = (keys_.dtype, arch, triton.next_power_of_2(b), triton.next_power_of_2(num_texts))
+        (candidates,) = _candidates('forward', *shape)
+        with _on_device(keys):
+            partial = run(_fastest(candidates, run, tuning))
         ctx.save_for_backward(keys_, values_, gram_, queries_, targets_, scale, bias, cos, sq_norm, partial)
-        ctx.shape, ctx.query_scale = shape, query_scale
+        ctx.shape, ctx.query_scale, ctx.tuning = shape, query_scale, tuning
         ctx.dtypes = tuple(x.dtype for x in (keys, values, gram, queries, targets, logit_scale, logit_bias))
         ctx.scalar_shapes = (logit_scale.shape, logit_bias.shape)
         return partial[..., 0].sum()
@@ -930,9 +1022,13 @@ class _FusedSigmoidLoss(torch.autograd.Function):
                     grad_queries=empty(queries.shape, dtypes[3]), grad_targets=empty(targets.shape, dtypes[4]),
                     grad_keys=empty(keys.shape, dtypes[0]), grad_values=empty(values.shape, dtypes[1]),
                     grad_gram=empty(gram.shape, dtypes[2]))
+
+        def run(launch):
+            _run(launch, args)
+
         with _on_device(keys):
-            for launch in _launches('backward', *ctx.shape, grads=[g for g, need in zip(GRADIENTS, needs) if need]):
-                _run(launch, args)
+            for candidates in _candidates('backward', *ctx.shape, grads=[g for g, need in zip(GRADIENTS, needs) if need]):
+                run(_fastest(candidates, run, ctx.tuning))
         sums = partial[..., 1:].sum(dim=(0, 1)) * grad  # Σ ∂L/∂s·cos, Σ ∂L/∂s
         scale_shape, bias_shape = ctx.scalar_shapes
         grads = (args['grad_keys'], args['grad_values'], args['grad_gram'], args['grad_queries'], args['grad_targets'],

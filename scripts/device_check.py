@@ -16,10 +16,10 @@
 5. A few ``open_clip_train`` steps of Llip-ViT-B-16 and of its SigLIP twin (ViT-B-16-quickgelu with ``--siglip``:
    the same towers) at 256 per GPU, amp_bf16, synthetic data: samples/s of each, from the loop's tensorboard.
 
-Prints every figure and writes them all to ``--json``. Budget: sections 1-3 under 8 minutes on one H100/H200 (4 and 5
-add about 3; ``--skip precision train`` for the kernels alone), most of it Triton compiling each kernel once per
-shape and dtype, every candidate (the first call at a shape times them all; ``--skip`` leaves sections out for a
-quicker rerun).
+Prints every figure and writes them all to ``--json``. Budget, estimated before the autotuning space: sections 1-3
+under 8 minutes on one H100/H200 (4 and 5 add about 3; ``--skip precision train`` for the kernels alone), most of
+it Triton compiling each kernel once per shape and dtype; now every candidate compiles (the first call at a shape
+times them all; ``--skip`` leaves sections out for a quicker rerun).
 ``--dry-run`` runs section 1 at the tiny shapes only, on the CPU under TRITON_INTERPRET=1 (how CI tests it).
 
 Example: python scripts/device_check.py --json $OUT/device_check.json

@@ -15,9 +15,8 @@ the inputs and two fp32 numbers per pair are kept (cos and |z|², [b, B] each); 
 
 Every product is a 2-D ``tl.dot`` of one MMA tile per warp group (heads are unrolled statically, each head's
 tiles held in tuples): no warp computes another's tile. ``scripts/kernel_report.py`` reads the compiled code
-and checks that the tensor-core work issued equals this design's count (on sm_90: ×1.00, but ×1.05–1.3 where
-d = 96, 160 pads to 128, 192 for ∂key/∂value and for ∂key's 32-text tiles at K = 64), and that the products
-doing most of the work are wgmma on sm_90.
+and checks that the tensor-core work issued equals this design's count (×1.00, but on sm_90 ×1.02–1.1 where
+d = 96, 160 pads to 128, 192 for ∂key/∂value), and that the products doing most of the work are wgmma on sm_90.
 
 * Forward (``_forward_kernel``, image-stationary): a program takes one image and a run of text tiles. Per tile,
   head by head: logits (wgmma, text tile × key tile), softmax with ``exp2`` and log2(e)/τ applied in its FFMA
@@ -50,6 +49,7 @@ need every head's attention (through G a), so each group computes all H heads' l
 Those recomputed logits are the design's main excess over the useful count. Per pair (sm_90 plans of ``_plan``):
 
     shape  H  K    d | forward  ∂q,∂p      ∂key,∂value  ∂G        | design     useful     design/useful
+    B/32   8  64   64 | 212,992  655,360    655,360      327,680   | 1,851,392  983,040    1.9
     B/16   8  32   64 | 69,632   180,224    245,760      131,072   | 626,688    294,912    2.1
     L/14   8  32   96 | 86,016   335,872    335,872      172,032   | 929,792    344,064    2.7
     H/14   8  64  128 | 278,528  1,048,576  1,048,576    491,520   | 2,867,200  1,179,648  2.4
@@ -75,8 +75,9 @@ int64.
 
 Plans (``_plan``, keyed on (H, K, d, sm_arch)) are the largest tiles that compile without spills within shared
 memory and without duplicated MMA tiles: on sm_90 a warp group per 64 text rows; K = 64 shapes take 16 or 32
-texts where all heads' attention is needed and mix token-major there; sm_80 takes 16 texts, every product wider
-than tall, on 4 warps (8 at K = 64); fp32 (for checking) 16 texts on 4 warps.
+texts where all heads' attention is needed (the forward and ∂q mixing token-major, ∂key on two warp groups
+text-major); sm_80 takes 16 texts, every product wider than tall, on 4 warps (8 at K = 64); fp32 (for checking)
+16 texts on 4 warps.
 
 Autotuning (``_space``, keyed on (H, K, d, sm_arch)): the plan and up to two variants of it, 1–3 candidates per
 launch, every one of which ``scripts/kernel_report.py --check`` compiles and passes at the shipped shapes:
@@ -85,6 +86,7 @@ launch, every one of which ``scripts/kernel_report.py --check`` compiles and pas
     forward                        the other residency (the image's keys, values, G on chip, or streamed)
     ∂G; ∂value, ∂p in own launches the other residency (not ∂value, ∂G on sm_90 at d > 128: they spill)
     ∂key/∂value, ∂G (sm_90, K≤32)  128 texts on 8 warps (two warp groups) besides 64 on 4
+    ∂key (sm_90, K = 64, d ≤ 128)  16 texts on 4 warps, A G token-major on wgmma, besides 32 on 8 text-major
     ∂q, ∂key (every head's a)      not the other residency: one way or the other spills at some shape
 
 On a GPU the first call at a shape times each launch's candidates (``triton.testing.do_bench``, with the real
@@ -714,8 +716,10 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
 
     sm_90, K ≤ 32 (B/16, L/14): text tiles of 64 rows; the ∂q/∂p program keeps its 128 texts on chip and takes two
     heads where d = 64. sm_90, K = 64 (B/32, H/14, G/14): [64, 64] fp32 tiles leave too few registers for 64 texts
-    wherever every head's attention is needed (the forward, ∂q, ∂key), so those take 16 or 32 texts and mix
-    token-major (A G as an MMA of K rows, on wgmma); what stays the same through a loop streams from L2.
+    wherever every head's attention is needed (the forward, ∂q, ∂key), so those take 16 or 32 texts; the forward
+    and ∂q (4 warps) mix token-major (A G as an MMA of K rows, on wgmma), ∂key (32 texts on 8 warps) text-major
+    on mma.sync: token-major, the [K, 32] product of A G on two warp groups is computed whole by each (B/32 issued
+    1.44× its design count that way, H/14 1.29×, G/14 1.26×). What stays the same through a loop streams from L2.
 
     sm_80 (mma.sync, 16×8 tiles per warp): Triton gives every dot of a chain one warp arrangement, warps stacked
     along the longer side of the first dot it lays out; a product narrower than that arrangement is computed by
@@ -725,7 +729,8 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
     transpose, 2·KP tall, would stack the warps along M and replicate every [16, KP] product 4×). 4 warps where
     a product is 32 columns wide (K ≤ 32, or ∂q/∂p in chunks of 32 channels), 8 where all are 64 wide (K = 64),
     which halves each thread's share of the K = 64 tiles: no spills. At K = 64 ∂value has its own launch (it
-    needs only the group's attention; beside ∂key's it spills); at K ≤ 32 ∂key/∂value takes d in chunks of 16.
+    needs only the group's attention; beside ∂key's it spills); ∂key/∂value takes d in chunks of 16 at K ≤ 32,
+    of 32 at K = 64 (in chunks of 64, B/32's ∂key, held at 128 registers, spilled 16 bytes; the same MMAs).
 
     fp32 (products in fp32 FMAs, for checking; twice the bytes per operand): 16 texts on 4 warps.
     """
@@ -742,8 +747,9 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
         forward = tile._replace(heads=heads, warps=wide)
         text = _Part('text', ('query', 'target'), tile._replace(warps=wide if _chunk(head_dim) >= 64 else 4))
         # At K ≤ 32 ∂key/∂value contracts d in chunks of 16: with L/14's chunks of 32 ptxas, held at 128 registers,
-        # spills three addresses across the text loop (the same MMAs either way).
-        image = tile._replace(channels=max(16, kp // 2), chunk=16 if kp <= 32 else 0)
+        # spills three addresses across the text loop (the same MMAs either way); at K = 64 in chunks of 32 (B/32's
+        # ∂key in chunks of 64 spilled 16 bytes, also at 128 registers).
+        image = tile._replace(channels=max(16, kp // 2), chunk=16 if kp <= 32 else 32)
         gram = _Part('image', ('gram',), tile._replace(warps=wide, gram_t=True, gram_heads=2))
         if kp <= 32:
             backward = (text, _Part('image', ('key', 'value'), image), gram)
@@ -761,7 +767,7 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
         backward = (
             _Part('text', ('query',), _Blocks(texts=16, heads=1, warps=4, stages=1, mix_t=True, resident=False)),
             _Part('text', ('target',), _Blocks(texts=64, heads=1, warps=4, stages=1, resident=False)),
-            _Part('image', ('key',), _Blocks(texts=32, heads=1, warps=8, stages=1, mix_t=True, resident=False)),
+            _Part('image', ('key',), _Blocks(texts=32, heads=1, warps=8, stages=1, resident=False)),
             _Part('image', ('value',), _Blocks(texts=128, heads=two, warps=8, stages=1, resident=False)),
             _Part('image', ('gram',), _Blocks(texts=128, heads=1, warps=8, stages=1, resident=False)))
     return _Plan(KP=kp, DC=_chunk(head_dim), forward=forward, backward=backward)
@@ -780,6 +786,8 @@ def _space(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = 
       hold every head's attention (one way or the other spills at some shipped shape), nor for ∂value and ∂G on
       sm_90 at d > 128 (G/14: on chip they spill).
     * sm_90, K ≤ 32: ∂key/∂value and ∂G on 128 texts and 8 warps (two warp groups) besides 64 texts on 4.
+    * sm_90, K = 64, d ≤ 128: ∂key on 16 texts and 4 warps (one warp group) mixing token-major, A G on wgmma,
+      besides the plan's 32 texts on 8 warps text-major (A G on mma.sync); at G/14's d = 160 it spills.
 
     fp32 (for checking) has one member.
     """
@@ -799,6 +807,10 @@ def _space(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = 
         wide = tuple(part._replace(blocks=part.blocks._replace(texts=128, warps=8)) if part.kernel == 'image' else part
                      for part in plan.backward)
         space += (plan._replace(backward=wide),)
+    elif arch >= 90 and head_dim <= 128:  # K = 64: ∂key on one warp group, A G token-major on wgmma (G/14 spills)
+        narrow = tuple(part._replace(blocks=part.blocks._replace(texts=16, warps=4, mix_t=True))
+                       if part.grads == ('key',) else part for part in plan.backward)
+        space += (plan._replace(backward=narrow),)
     return space
 
 

@@ -46,7 +46,7 @@ from open_clip_llip.written_files import add_json_output, check_json_output, wri
 # H, K, d of the shipped configs (as scripts/kernel_report.py)
 SHAPES = {'tiny': (4, 8, 16), 'b32': (8, 64, 64), 'b16': (8, 32, 64), 'l14': (8, 32, 96), 'h14': (8, 64, 128),
           'g14': (8, 64, 160)}
-TIMED = ('b16', 'l14', 'h14', 'g14')
+TIMED = ('b32', 'b16', 'l14', 'h14', 'g14')
 # Largest error allowed, relative to the largest magnitude of the reference (fp32: fp32 arithmetic with exact
 # products; bf16: operands rounded to 8 bits).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}

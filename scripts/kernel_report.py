@@ -31,7 +31,7 @@ How issued work is counted:
 issues more than 1.3× its design count, or, on sm_90, if a candidate of the launch doing the most multiply-adds of
 a shape issues no wgmma.
 
-Example: python scripts/kernel_report.py --shapes b16 l14 h14 g14 --arch 90 80 --json report.json
+Example: python scripts/kernel_report.py --shapes b32 b16 l14 h14 g14 --arch 90 80 --json report.json
 """
 import argparse
 import os
@@ -237,7 +237,7 @@ def table(results) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=['b16', 'l14', 'h14', 'g14'])
+    parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=['b32', 'b16', 'l14', 'h14', 'g14'])
     parser.add_argument('--arch', nargs='+', type=int, choices=sorted(SHARED_LIMIT), default=[90, 80])
     parser.add_argument('--b', type=int, default=256, help='images (one rank)')
     parser.add_argument('--B', type=int, default=32768, help='texts (all a rank sees)')

@@ -39,7 +39,7 @@ def load_report():
 
 
 @pytest.mark.parametrize('arch', [90, 80])
-@pytest.mark.parametrize('shape', ['b16', 'l14', 'h14', 'g14'])
+@pytest.mark.parametrize('shape', ['b32', 'b16', 'l14', 'h14', 'g14'])
 def test_every_kernel_compiles_without_spills_within_shared_memory(shape, arch):
     """What the interpreter does not check, for every candidate of every launch (the autotuning space) at a shipped
     shape (b = 256, B = 32,768, bf16), compiled offline (no GPU) with the JIT's specialisation: it compiles without

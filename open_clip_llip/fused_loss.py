@@ -322,7 +322,8 @@ def _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, 
     * LOGITS: ∂L/∂logits of the group's heads. ∂L/∂a = α·<value, p> + β·(G a) (G symmetric), with
       β·(G a)[c] = Σ_r (β·a_r) G[r, c] (scaling a's rows by β scales the product's rows): text-major with A from
       registers, or with MIX_T token-major, Σ_r G[c, r] (β·a_r)ᵀ, an MMA of KP rows whose B operand is in shared
-      memory (for text tiles of fewer than 64 rows); then the softmax backward, a ∘ (∂L/∂a − <a, ∂L/∂a>).
+      memory (for text tiles of fewer than 64 rows, on one warp group: on two, each computes the whole product);
+      then the softmax backward, a ∘ (∂L/∂a − <a, ∂L/∂a>).
     * GRAM: the group's circulant ∂G columns, ``grad_g[c·NB + q] += A_qᵀ (β/2·a_c)`` with A_q the RP heads of
       positions q·RP … q·RP + RP − 1 side by side (zeros past COUNT), so that the product is 64 rows tall
       (RP·KP; a [32, 32] MMA tile on 4 warps would be laid out with two warps duplicating the other two); with

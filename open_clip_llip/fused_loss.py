@@ -15,9 +15,8 @@ the inputs and two fp32 numbers per pair are kept (cos and |z|², [b, B] each); 
 
 Every product is a 2-D ``tl.dot`` of one MMA tile per warp group (heads are unrolled statically, each head's
 tiles held in tuples): no warp computes another's tile. ``scripts/kernel_report.py`` reads the compiled code
-and checks that the tensor-core work issued equals this design's count (on sm_90: ×1.00, but ×1.05–1.3 where
-d = 96, 160 pads to 128, 192 for ∂key/∂value and for ∂key's 32-text tiles at K = 64), and that the products
-doing most of the work are wgmma on sm_90.
+and checks that the tensor-core work issued equals this design's count (×1.00, but on sm_90 ×1.02–1.1 where
+d = 96, 160 pads to 128, 192 for ∂key/∂value), and that the products doing most of the work are wgmma on sm_90.
 
 * Forward (``_forward_kernel``, image-stationary): a program takes one image and a run of text tiles. Per tile,
   head by head: logits (wgmma, text tile × key tile), softmax with ``exp2`` and log2(e)/τ applied in its FFMA
@@ -50,6 +49,7 @@ need every head's attention (through G a), so each group computes all H heads' l
 Those recomputed logits are the design's main excess over the useful count. Per pair (sm_90 plans of ``_plan``):
 
     shape  H  K    d | forward  ∂q,∂p      ∂key,∂value  ∂G        | design     useful     design/useful
+    B/32   8  64   64 | 212,992  655,360    655,360      327,680   | 1,851,392  983,040    1.9
     B/16   8  32   64 | 69,632   180,224    245,760      131,072   | 626,688    294,912    2.1
     L/14   8  32   96 | 86,016   335,872    335,872      172,032   | 929,792    344,064    2.7
     H/14   8  64  128 | 278,528  1,048,576  1,048,576    491,520   | 2,867,200  1,179,648  2.4
@@ -75,9 +75,27 @@ int64.
 
 Plans (``_plan``, keyed on (H, K, d, sm_arch)) are the largest tiles that compile without spills within shared
 memory and without duplicated MMA tiles: on sm_90 a warp group per 64 text rows; K = 64 shapes take 16 or 32
-texts where all heads' attention is needed and mix token-major there; sm_80 takes 16 texts, every product wider
-than tall, on 4 warps (8 at K = 64); fp32 (for checking) 16 texts on 4 warps. Nothing here has run on a GPU
-yet: ``scripts/device_check.py`` is the first thing to run on one.
+texts where all heads' attention is needed (the forward and ∂q mixing token-major, ∂key on two warp groups
+text-major); sm_80 takes 16 texts, every product wider than tall, on 4 warps (8 at K = 64); fp32 (for checking)
+16 texts on 4 warps.
+
+Autotuning (``_space``, keyed on (H, K, d, sm_arch)): the plan and up to two variants of it, 1–3 candidates per
+launch, every one of which ``scripts/kernel_report.py --check`` compiles and passes at the shipped shapes:
+
+    launch                         candidates besides the plan's
+    forward                        the other residency (the image's keys, values, G on chip, or streamed)
+    ∂G; ∂value, ∂p in own launches the other residency (not ∂value, ∂G on sm_90 at d > 128: they spill)
+    ∂key/∂value, ∂G (sm_90, K≤32)  128 texts on 8 warps (two warp groups) besides 64 on 4
+    ∂key (sm_90, K = 64, d ≤ 128)  16 texts on 4 warps, A G token-major on wgmma, besides 32 on 8 text-major
+    ∂q, ∂key (every head's a)      not the other residency: one way or the other spills at some shape
+
+On a GPU the first call at a shape times each launch's candidates (``triton.testing.do_bench``, with the real
+arguments: every kernel only stores, so reruns are harmless) and keeps the fastest for the process, keyed on the
+launch, dtype, sm_arch and b, B rounded up to powers of two (``_fastest``); on the CPU (the interpreter) the
+plan's candidate runs. ``triton.autotune`` is not used because the candidates of a launch differ in more than
+constexprs (the grid and the forward's partial sums follow the text tile) and one kernel serves launches whose
+spaces differ; ``_launches`` describes each candidate for the report as for the run. Nothing here has run on a
+GPU yet: ``scripts/device_check.py`` is the first thing to run on one (it times every candidate).
 
 On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is first
 imported), which is how the tests check them against float64; there ``_mm`` multiplies bf16 operands in fp32,
@@ -90,6 +108,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from .scoring import _EPS
 
@@ -303,7 +322,8 @@ def _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, 
     * LOGITS: ∂L/∂logits of the group's heads. ∂L/∂a = α·<value, p> + β·(G a) (G symmetric), with
       β·(G a)[c] = Σ_r (β·a_r) G[r, c] (scaling a's rows by β scales the product's rows): text-major with A from
       registers, or with MIX_T token-major, Σ_r G[c, r] (β·a_r)ᵀ, an MMA of KP rows whose B operand is in shared
-      memory (for text tiles of fewer than 64 rows); then the softmax backward, a ∘ (∂L/∂a − <a, ∂L/∂a>).
+      memory (for text tiles of fewer than 64 rows, on one warp group: on two, each computes the whole product);
+      then the softmax backward, a ∘ (∂L/∂a − <a, ∂L/∂a>).
     * GRAM: the group's circulant ∂G columns, ``grad_g[c·NB + q] += A_qᵀ (β/2·a_c)`` with A_q the RP heads of
       positions q·RP … q·RP + RP − 1 side by side (zeros past COUNT), so that the product is 64 rows tall
       (RP·KP; a [32, 32] MMA tile on 4 warps would be laid out with two warps duplicating the other two); with
@@ -652,6 +672,7 @@ class _Blocks(NamedTuple):
     channels: int = 0
     gram_heads: int = 0
     gram_t: bool = False
+    chunk: int = 0  # channels per chunk of d in the logits and <p, value> (DC; 0: the plan's)
 
     def rp(self, kp: int) -> int:
         """Row heads per ∂G block (RP)."""
@@ -690,16 +711,16 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
     scripts/kernel_report.py, which prints what they issue). On sm_90 a warp group takes 64 rows: 4 warps for a
     64-row tile, 8 only for 128 rows (8 warps on 64 rows have Triton duplicate some products).
 
-    There is no run-time autotuning: a plan is one of four, chosen by architecture, dtype and K (fp32; sm_80;
-    sm_90 with K ≤ 32; sm_90 with K = 64), with the heads per program and warps following from d and K as below.
-    Each is what the offline report passes (no duplicated tiles; no spills but 24 bytes, outside the loop, in
-    sm_80's ∂key/∂value at L/14); an autotuner choosing by time could pick a configuration that it rejects, and
-    no timing exists yet: a wider space waits for the GPU timings of scripts/device_check.py.
+    A plan is one of four, chosen by architecture, dtype and K (fp32; sm_80; sm_90 with K ≤ 32; sm_90 with
+    K = 64), with the heads per program and warps following from d and K as below; it is the first member of the
+    autotuning space (``_space``), which varies single launches around it.
 
     sm_90, K ≤ 32 (B/16, L/14): text tiles of 64 rows; the ∂q/∂p program keeps its 128 texts on chip and takes two
     heads where d = 64. sm_90, K = 64 (B/32, H/14, G/14): [64, 64] fp32 tiles leave too few registers for 64 texts
-    wherever every head's attention is needed (the forward, ∂q, ∂key), so those take 16 or 32 texts and mix
-    token-major (A G as an MMA of K rows, on wgmma); what stays the same through a loop streams from L2.
+    wherever every head's attention is needed (the forward, ∂q, ∂key), so those take 16 or 32 texts; the forward
+    and ∂q (4 warps) mix token-major (A G as an MMA of K rows, on wgmma), ∂key (32 texts on 8 warps) text-major
+    on mma.sync: token-major, the [K, 32] product of A G on two warp groups is computed whole by each (B/32 issued
+    1.44× its design count that way, H/14 1.29×, G/14 1.26×). What stays the same through a loop streams from L2.
 
     sm_80 (mma.sync, 16×8 tiles per warp): Triton gives every dot of a chain one warp arrangement, warps stacked
     along the longer side of the first dot it lays out; a product narrower than that arrangement is computed by
@@ -709,7 +730,8 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
     transpose, 2·KP tall, would stack the warps along M and replicate every [16, KP] product 4×). 4 warps where
     a product is 32 columns wide (K ≤ 32, or ∂q/∂p in chunks of 32 channels), 8 where all are 64 wide (K = 64),
     which halves each thread's share of the K = 64 tiles: no spills. At K = 64 ∂value has its own launch (it
-    needs only the group's attention; beside ∂key's it spills).
+    needs only the group's attention; beside ∂key's it spills); ∂key/∂value takes d in chunks of 16 at K ≤ 32,
+    of 32 at K = 64 (in chunks of 64, B/32's ∂key, held at 128 registers, spilled 16 bytes; the same MMAs).
 
     fp32 (products in fp32 FMAs, for checking; twice the bytes per operand): 16 texts on 4 warps.
     """
@@ -725,7 +747,10 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
         wide = 8 if kp >= 64 else 4  # warps where every product is at least 64 columns wide
         forward = tile._replace(heads=heads, warps=wide)
         text = _Part('text', ('query', 'target'), tile._replace(warps=wide if _chunk(head_dim) >= 64 else 4))
-        image = tile._replace(channels=max(16, kp // 2))
+        # At K ≤ 32 ∂key/∂value contracts d in chunks of 16: with L/14's chunks of 32 ptxas, held at 128 registers,
+        # spills three addresses across the text loop (the same MMAs either way); at K = 64 in chunks of 32 (B/32's
+        # ∂key in chunks of 64 spilled 16 bytes, also at 128 registers).
+        image = tile._replace(channels=max(16, kp // 2), chunk=16 if kp <= 32 else 32)
         gram = _Part('image', ('gram',), tile._replace(warps=wide, gram_t=True, gram_heads=2))
         if kp <= 32:
             backward = (text, _Part('image', ('key', 'value'), image), gram)
@@ -743,10 +768,51 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
         backward = (
             _Part('text', ('query',), _Blocks(texts=16, heads=1, warps=4, stages=1, mix_t=True, resident=False)),
             _Part('text', ('target',), _Blocks(texts=64, heads=1, warps=4, stages=1, resident=False)),
-            _Part('image', ('key',), _Blocks(texts=32, heads=1, warps=8, stages=1, mix_t=True, resident=False)),
+            _Part('image', ('key',), _Blocks(texts=32, heads=1, warps=8, stages=1, resident=False)),
             _Part('image', ('value',), _Blocks(texts=128, heads=two, warps=8, stages=1, resident=False)),
             _Part('image', ('gram',), _Blocks(texts=128, heads=1, warps=8, stages=1, resident=False)))
     return _Plan(KP=kp, DC=_chunk(head_dim), forward=forward, backward=backward)
+
+
+def _space(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = False) -> tuple:
+    """The autotuning space of (H, K, d) on sm_``arch``: ``_plan``'s plan first (what runs where nothing is timed),
+    then variants of it; on a GPU ``_fastest`` times each launch's distinct candidates (``_candidates``) the first
+    time it meets a shape and keeps the fastest, launch by launch. The variants are those that pass
+    scripts/kernel_report.py --check at every shipped shape (it compiles every member): no spills, no replication,
+    shared memory within the limit.
+
+    * The other residency (``_Blocks.resident``: what stays the same through the loop kept on chip, or streamed
+      from L2, registers and shared memory against L2 traffic) for the forward and the launches that need only
+      their group's attention: ∂G, and at K = 64 ∂value and ∂p in their own launches. Not for ∂q and ∂key, which
+      hold every head's attention (one way or the other spills at some shipped shape), nor for ∂value and ∂G on
+      sm_90 at d > 128 (G/14: on chip they spill).
+    * sm_90, K ≤ 32: ∂key/∂value and ∂G on 128 texts and 8 warps (two warp groups) besides 64 texts on 4.
+    * sm_90, K = 64, d ≤ 128: ∂key on 16 texts and 4 warps (one warp group) mixing token-major, A G on wgmma,
+      besides the plan's 32 texts on 8 warps text-major (A G on mma.sync); at G/14's d = 160 it spills.
+
+    fp32 (for checking) has one member.
+    """
+    plan = _plan(heads, tokens, head_dim, arch, fp32)
+    if fp32:
+        return (plan,)
+
+    def other_residency(part):
+        group_only = part.grads in (('gram',), ('value',), ('target',))
+        if not group_only or (part.kernel == 'image' and arch >= 90 and head_dim > 128):
+            return part
+        return part._replace(blocks=part.blocks._replace(resident=not part.blocks.resident))
+
+    space = (plan, plan._replace(forward=plan.forward._replace(resident=not plan.forward.resident),
+                                 backward=tuple(other_residency(part) for part in plan.backward)))
+    if arch >= 90 and plan.KP <= 32:
+        wide = tuple(part._replace(blocks=part.blocks._replace(texts=128, warps=8)) if part.kernel == 'image' else part
+                     for part in plan.backward)
+        space += (plan._replace(backward=wide),)
+    elif arch >= 90 and head_dim <= 128:  # K = 64: ∂key on one warp group, A G token-major on wgmma (G/14 spills)
+        narrow = tuple(part._replace(blocks=part.blocks._replace(texts=16, warps=4, mix_t=True))
+                       if part.grads == ('key',) else part for part in plan.backward)
+        space += (plan._replace(backward=narrow),)
+    return space
 
 
 # Programs the forward aims for: an image's text tiles are split among programs until about this many.
@@ -811,9 +877,11 @@ def _launches(stage: str, plan: _Plan, b: int, B: int, heads: int, tokens: int, 
                           **{g.upper(): g in wanted for g in (('query', 'target') if part.kernel == 'text'
                                                               else ('key', 'value', 'gram'))})
         mixing = k * d + h * k * k  # <p, value> and G a for one head: the softmax backward's inputs
+        if blocks.chunk:
+            constexprs['DC'] = blocks.chunk
         if part.kernel == 'image':
             rp = blocks.rp(plan.KP)
-            constexprs.update(DK=blocks.dk(head_dim, plan.DC), GRAM_T=blocks.gram_t, RP=rp)
+            constexprs.update(DK=blocks.dk(head_dim, constexprs['DC']), GRAM_T=blocks.gram_t, RP=rp)
         if part.kernel == 'text':
             tiles = triton.cdiv(B, blocks.texts)
             streamed = h if constexprs['QUERY'] else own
@@ -831,11 +899,46 @@ def _launches(stage: str, plan: _Plan, b: int, B: int, heads: int, tokens: int, 
     return launches
 
 
+def _candidates(stage: str, space: tuple, *shape, grads=GRADIENTS):
+    """Per launch of ``stage``, its distinct forms across the members of ``space`` (``_space``), the first
+    member's first: what ``_fastest`` chooses among."""
+    per_member = [_launches(stage, plan, *shape, grads=grads) for plan in space]
+    if len({len(launches) for launches in per_member}) != 1:
+        raise ValueError('the members of a space must make the same launches')
+    out = []
+    for forms in zip(*per_member):
+        distinct = []
+        for launch in forms:
+            if launch not in distinct:
+                distinct.append(launch)
+        out.append(distinct)
+    return out
+
+
 def _run(launch: _Launch, args: dict):
     """Launch with ``args`` (tensors and floats by name) and the launch's integers."""
     values = [args[name] if name in args else launch.ints[name]
               for name in launch.kernel.arg_names if name not in launch.constexprs]
     launch.kernel[launch.grid](*values, **launch.constexprs, **launch.options)
+
+
+# The candidate each launch runs with, timed once per process: (launch name and constexprs, dtype, sm_arch, b and B
+# rounded up to powers of two) -> index into the launch's candidates.
+_CHOSEN = {}
+
+
+def _fastest(candidates: list, run, key: tuple) -> _Launch:
+    """The candidate to launch: the first where there is nothing to choose or nothing to time (the interpreter),
+    else the one that ``run`` (which launches a candidate with the real arguments) ran fastest the first time
+    ``key`` was seen. Timing reruns kernels, which is harmless: each only stores, and reads nothing it writes."""
+    if len(candidates) == 1 or INTERPRETED:
+        return candidates[0]
+    first = candidates[0]
+    key = (first.name, tuple(sorted(first.constexprs.items())), *key)
+    if key not in _CHOSEN:
+        times = [triton.testing.do_bench(lambda launch=launch: run(launch), warmup=5, rep=25) for launch in candidates]
+        _CHOSEN[key] = times.index(min(times))
+    return candidates[_CHOSEN[key]]
 
 
 def _launch_args(keys, values, gram, queries, targets):
@@ -890,22 +993,29 @@ class _FusedSigmoidLoss(torch.autograd.Function):
         keys_, values_, queries_, targets_, gram_ = _launch_args(keys, values, gram, queries, targets)
         b, heads, tokens, head_dim = keys.shape
         num_texts = queries.shape[0]
-        plan = _plan(heads, tokens, head_dim, _arch(keys), keys_.dtype == torch.float32)
-        shape = (plan, b, num_texts, heads, tokens, head_dim, keys_.stride(0), queries_.stride(0), first_text,
+        arch = _arch(keys)
+        space = _space(heads, tokens, head_dim, arch, keys_.dtype == torch.float32)
+        shape = (space, b, num_texts, heads, tokens, head_dim, keys_.stride(0), queries_.stride(0), first_text,
                  negative_only)
-        (launch,) = _launches('forward', *shape)
         query_scale = _LOG2E / temperature
         scale = logit_scale.detach().float().reshape(1)
         bias = logit_bias.detach().float().reshape(1)
         cos = torch.empty(b, num_texts, device=keys.device, dtype=torch.float32)
         sq_norm = torch.empty_like(cos)
-        partial = torch.empty(b, launch.grid[0], 3, device=keys.device, dtype=torch.float32)
-        with _on_device(keys):
+
+        def run(launch):  # the partial sums are per program: their size follows the candidate's grid
+            partial = torch.empty(b, launch.grid[0], 3, device=keys.device, dtype=torch.float32)
             _run(launch, dict(keys=keys_, values=values_, gram=gram_, queries=queries_, targets=targets_,
                               scale_ptr=scale, bias_ptr=bias, cos_ptr=cos, sq_norm_ptr=sq_norm, partial_ptr=partial,
                               query_scale=query_scale))
+            return partial
+
+        tuning = (keys_.dtype, arch, triton.next_power_of_2(b), triton.next_power_of_2(num_texts))
+        (candidates,) = _candidates('forward', *shape)
+        with _on_device(keys):
+            partial = run(_fastest(candidates, run, tuning))
         ctx.save_for_backward(keys_, values_, gram_, queries_, targets_, scale, bias, cos, sq_norm, partial)
-        ctx.shape, ctx.query_scale = shape, query_scale
+        ctx.shape, ctx.query_scale, ctx.tuning = shape, query_scale, tuning
         ctx.dtypes = tuple(x.dtype for x in (keys, values, gram, queries, targets, logit_scale, logit_bias))
         ctx.scalar_shapes = (logit_scale.shape, logit_bias.shape)
         return partial[..., 0].sum()
@@ -925,9 +1035,13 @@ class _FusedSigmoidLoss(torch.autograd.Function):
                     grad_queries=empty(queries.shape, dtypes[3]), grad_targets=empty(targets.shape, dtypes[4]),
                     grad_keys=empty(keys.shape, dtypes[0]), grad_values=empty(values.shape, dtypes[1]),
                     grad_gram=empty(gram.shape, dtypes[2]))
+
+        def run(launch):
+            _run(launch, args)
+
         with _on_device(keys):
-            for launch in _launches('backward', *ctx.shape, grads=[g for g, need in zip(GRADIENTS, needs) if need]):
-                _run(launch, args)
+            for candidates in _candidates('backward', *ctx.shape, grads=[g for g, need in zip(GRADIENTS, needs) if need]):
+                run(_fastest(candidates, run, ctx.tuning))
         sums = partial[..., 1:].sum(dim=(0, 1)) * grad  # Σ ∂L/∂s·cos, Σ ∂L/∂s
         scale_shape, bias_shape = ctx.scalar_shapes
         grads = (args['grad_keys'], args['grad_values'], args['grad_gram'], args['grad_queries'], args['grad_targets'],

@@ -5,8 +5,10 @@
    (``open_clip_llip.loss._block_loss``), with partial text tiles (B not a multiple of any tile), positives off
    the diagonal, raw queries with τ = 5, and one image whose values and Gram matrix are zero (|z| = 0: checked
    against the PyTorch path, which clamps as the kernels do; the float64 formula would divide by zero).
-2. Per-kernel times: every launch of the forward and the backward at b = 256, B = 32,768 (one rank's step at
-   world size 128), bf16, median of ``triton.testing.do_bench``, with the design's TFLOP/s.
+2. Per-kernel times: every candidate (``fused_loss._space``; 0 is the plan's) of every launch of the forward and
+   the backward at b = 256, B = 32,768 (one rank's step at world size 128), bf16, median of
+   ``triton.testing.do_bench``, with the design's TFLOP/s: what the run-time choice (``fused_loss._fastest``)
+   chooses among.
 3. ``scripts/bench_loss.py`` at b = 256, B = 32,768 for B/16 and G/14: the direct formulation, ours (Triton; the
    PyTorch path too at B/16) and SigLIP, forward+backward time and peak memory.
 4. ``tests/test_precision.py`` on the GPU (``OPEN_CLIP_LLIP_TEST_DEVICE=cuda``): the stock loop with validation,
@@ -14,9 +16,10 @@
 5. A few ``open_clip_train`` steps of Llip-ViT-B-16 and of its SigLIP twin (ViT-B-16-quickgelu with ``--siglip``:
    the same towers) at 256 per GPU, amp_bf16, synthetic data: samples/s of each, from the loop's tensorboard.
 
-Prints every figure and writes them all to ``--json``. Budget: sections 1-3 under 8 minutes on one H100/H200 (4 and 5
-add about 3; ``--skip precision train`` for the kernels alone), most of it
-Triton compiling each kernel once per shape and dtype (``--skip`` leaves sections out for a quicker rerun).
+Prints every figure and writes them all to ``--json``. Budget, estimated before the autotuning space: sections 1-3
+under 8 minutes on one H100/H200 (4 and 5 add about 3; ``--skip precision train`` for the kernels alone), most of
+it Triton compiling each kernel once per shape and dtype; now every candidate compiles (the first call at a shape
+times them all; ``--skip`` leaves sections out for a quicker rerun).
 ``--dry-run`` runs section 1 at the tiny shapes only, on the CPU under TRITON_INTERPRET=1 (how CI tests it).
 
 Example: python scripts/device_check.py --json $OUT/device_check.json
@@ -43,7 +46,7 @@ from open_clip_llip.written_files import add_json_output, check_json_output, wri
 # H, K, d of the shipped configs (as scripts/kernel_report.py)
 SHAPES = {'tiny': (4, 8, 16), 'b32': (8, 64, 64), 'b16': (8, 32, 64), 'l14': (8, 32, 96), 'h14': (8, 64, 128),
           'g14': (8, 64, 160)}
-TIMED = ('b16', 'l14', 'h14', 'g14')
+TIMED = ('b32', 'b16', 'l14', 'h14', 'g14')
 # Largest error allowed, relative to the largest magnitude of the reference (fp32: fp32 arithmetic with exact
 # products; bf16: operands rounded to 8 bits).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
@@ -119,14 +122,15 @@ def check_shape(name, dtype, device, b=16, B=208, temperature=5., first_text=1):
 
 
 def kernel_times(name, device, b=256, B=32768):
-    """Median time of every launch at b images × B texts (bf16), forward then backward, with design TFLOP/s."""
+    """Median time of every candidate of every launch (``fused_loss._space``) at b images × B texts (bf16), forward
+    then backward, with design TFLOP/s; candidate 0 is the plan's, the one that runs where nothing is timed."""
     import triton.testing
     heads, tokens, head_dim = SHAPES[name]
     features, gram, texts, scale, bias = make_inputs(b, B, heads, tokens, head_dim, torch.bfloat16, device)
     keys, values = features.detach().unbind(dim=1)
     queries, targets = texts.detach().unbind(dim=1)
-    plan = fused_loss._plan(heads, tokens, head_dim, fused_loss._arch(keys))
-    shape = (plan, b, B, heads, tokens, head_dim, keys.stride(0), queries.stride(0), 0, False)
+    space = fused_loss._space(heads, tokens, head_dim, fused_loss._arch(keys))
+    shape = (space, b, B, heads, tokens, head_dim, keys.stride(0), queries.stride(0), 0, False)
     fp32 = dict(device=device, dtype=torch.float32)
     args = dict(keys=keys, values=values, gram=gram.detach(), queries=queries, targets=targets,
                 scale_ptr=scale.detach().reshape(1).float(), bias_ptr=bias.detach().float(),
@@ -137,15 +141,18 @@ def kernel_times(name, device, b=256, B=32768):
                 grad_gram=torch.empty_like(gram))
     records = []
     for stage in ('forward', 'backward'):
-        for launch in fused_loss._launches(stage, *shape):
-            if stage == 'forward':
-                args['partial_ptr'] = torch.empty(b, launch.grid[0], 3, **fp32)
-            fused_loss._run(launch, args)  # compile, and the forward's cos and |z|² for the backward
-            ms = triton.testing.do_bench(lambda launch=launch: fused_loss._run(launch, args), warmup=25, rep=100,
-                                         return_mode='median')
-            flags = ''.join(g[0] for g in ('QUERY', 'TARGET', 'KEY', 'VALUE', 'GRAM') if launch.constexprs.get(g))
-            records.append(dict(section='kernel_time', shape=name, kernel=launch.name + (f'[{flags}]' if flags else ''),
-                                b=b, B=B, time_ms=ms, design_tflop_per_s=2 * launch.macs / ms / 1e9))
+        for candidates in fused_loss._candidates(stage, *shape):
+            for index, launch in enumerate(candidates):
+                if stage == 'forward':
+                    args['partial_ptr'] = torch.empty(b, launch.grid[0], 3, **fp32)
+                fused_loss._run(launch, args)  # compile, and the forward's cos and |z|² for the backward
+                ms = triton.testing.do_bench(lambda launch=launch: fused_loss._run(launch, args), warmup=25, rep=100,
+                                             return_mode='median')
+                flags = ''.join(g[0] for g in ('QUERY', 'TARGET', 'KEY', 'VALUE', 'GRAM') if launch.constexprs.get(g))
+                records.append(dict(section='kernel_time', shape=name, kernel=launch.name + (f'[{flags}]' if flags else ''),
+                                    candidate=index, texts=launch.constexprs['BJ'], warps=launch.options['num_warps'],
+                                    streamed=launch.constexprs['VOL'], b=b, B=B, time_ms=ms,
+                                    design_tflop_per_s=2 * launch.macs / ms / 1e9))
     return records
 
 
@@ -211,7 +218,7 @@ def summary(records) -> str:
             lines.append(f'correctness {r["shape"]:5s} {r["dtype"]:9s} max error {r["max_error"]:.2e} '
                          f'{"ok" if r["ok"] else "FAIL"}')
         elif r['section'] == 'kernel_time':
-            lines.append(f'kernel      {r["shape"]:5s} {r["kernel"]:12s} {r["time_ms"]:8.3f} ms '
+            lines.append(f'kernel      {r["shape"]:5s} {r["kernel"]:12s} {r["candidate"]} {r["time_ms"]:8.3f} ms '
                          f'{r["design_tflop_per_s"]:7.1f} TFLOP/s (design)')
         elif r['section'] == 'bench':
             time_ms = f'{r["time_ms"]:.2f} ms' if r['time_ms'] is not None else 'n/a'

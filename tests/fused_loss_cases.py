@@ -121,6 +121,7 @@ def test_panels_of_two_heads_and_one_launch_for_all_image_gradients(monkeypatch)
 @pytest.mark.parametrize('b, B, H, K, d', [
     (2, 20, 4, 20, 24),  # K pads to 32; d to a chunk of 32, ∂key/∂value tiles of 16 channels (sm_80), the last partial
     (2, 18, 3, 36, 40),  # K pads to 64: the K = 64 plans (several launches on sm_90); H odd
+    (2, 18, 2, 64, 64),  # B/32's K and d: nothing padded (the loads without masks)
 ])
 def test_the_gpus_plans_match_reference(monkeypatch, b, B, H, K, d, arch, dtype, rtol):
     """The plan a GPU gets (sm_80: ∂G blocks transposed, ∂key/∂value tiles narrower than K; sm_90), whatever the
@@ -128,6 +129,34 @@ def test_the_gpus_plans_match_reference(monkeypatch, b, B, H, K, d, arch, dtype,
     plan = fused_loss._plan
     monkeypatch.setattr(fused_loss, '_plan', lambda heads, tokens, head_dim, *_: plan(heads, tokens, head_dim, arch))
     check_against_reference(make_inputs(b, B, H, K, d, dtype), 1, False, rtol=rtol)
+
+
+def arithmetic(plan):
+    """What of a plan changes the arithmetic's layout: its tiles and chunks, not its warps, stages or residency."""
+    def tiles(blocks):
+        return blocks._replace(warps=0, stages=0, resident=True)
+    return plan.KP, plan.DC, tiles(plan.forward), tuple(part._replace(blocks=tiles(part.blocks)) for part in plan.backward)
+
+
+@pytest.mark.parametrize('b, B, H, K, d', [
+    (2, 20, 4, 20, 24),  # K ≤ 32: sm_90's ∂key/∂value and ∂G on 128 texts
+    (2, 18, 2, 64, 64),  # B/32's K and d (K = 64: sm_90's ∂key on 16 texts, token-major): nothing padded
+])
+def test_every_tile_variant_of_the_autotuning_space_matches_reference(monkeypatch, b, B, H, K, d):
+    """Each member of sm_90's and sm_80's spaces whose tiles differ from the plan's (the interpreter runs only the
+    plan's otherwise), on its own; in fp32, for the tight tolerance (the layout is the bf16 one)."""
+    variants = []
+    for arch in (90, 80):
+        space = fused_loss._space(H, K, d, arch)
+        seen = {arithmetic(space[0])}
+        for plan in space[1:]:
+            if arithmetic(plan) not in seen:
+                seen.add(arithmetic(plan))
+                variants.append(plan)
+    assert variants
+    for plan in variants:
+        monkeypatch.setattr(fused_loss, '_space', lambda *shape, plan=plan: (plan,))
+        check_against_reference(make_inputs(b, B, H, K, d, torch.float32), 1, False, rtol=2e-5)
 
 
 def test_raw_queries_with_a_temperature():

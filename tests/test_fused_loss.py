@@ -39,13 +39,12 @@ def load_report():
 
 
 @pytest.mark.parametrize('arch', [90, 80])
-@pytest.mark.parametrize('shape', ['b16', 'l14', 'h14', 'g14'])
+@pytest.mark.parametrize('shape', ['b32', 'b16', 'l14', 'h14', 'g14'])
 def test_every_kernel_compiles_without_spills_within_shared_memory(shape, arch):
-    """What the interpreter does not check, for every launch at a shipped shape (b = 256, B = 32,768, bf16),
-    compiled offline (no GPU) with the JIT's specialisation: it compiles within the architecture's shared memory,
-    with no more tensor-core work than the design's (× 1.3: replication shows as 2×); on sm_90 also without spills
-    and with wgmma for the largest product (kernel_report.problems). Compiling all eight takes several minutes on
-    2 cores."""
+    """What the interpreter does not check, for every candidate of every launch (the autotuning space) at a shipped
+    shape (b = 256, B = 32,768, bf16), compiled offline (no GPU) with the JIT's specialisation: it compiles without
+    spills, within the architecture's shared memory, with no more tensor-core work than the design's (× 1.3:
+    replication shows as 2×), and on sm_90 with wgmma for the largest product (kernel_report.problems)."""
     report = load_report()
     result = report.report_shape(shape, arch, 256, 32768, 'bf16')
     assert not report.problems(result), report.table([result])
@@ -61,6 +60,25 @@ def test_fp32_products_are_ieee_not_tf32():
             ptx = report.compile_launch(launch, 90, 'fp32').asm['ptx']
             assert 'tf32' not in ptx and 'mma' not in ptx, launch.name
             assert 'fma.rn.f32' in ptx, launch.name
+
+
+def test_the_fastest_candidate_is_timed_once_per_key(monkeypatch):
+    """On a GPU each launch's candidates are timed the first time a key is met; later calls reuse the choice."""
+    import triton.testing
+    candidates = [fused_loss._Launch('image', None, (4, 8), dict(BJ=texts), {}, {}, 4, 1) for texts in (64, 128)]
+    timed = []
+
+    def run(launch):  # do_bench below returns what run returns: 128 texts are faster
+        timed.append(launch)
+        return 1. if launch.constexprs['BJ'] == 128 else 2.
+
+    monkeypatch.setattr(triton.testing, 'do_bench', lambda fn, **_: fn())
+    monkeypatch.setattr(fused_loss, '_CHOSEN', {})
+    key = (torch.bfloat16, 90, 256, 32768)
+    assert fused_loss._fastest(candidates, run, key) is candidates[1] and len(timed) == 2
+    assert fused_loss._fastest(candidates, run, key) is candidates[1] and len(timed) == 2
+    assert fused_loss._fastest(candidates, run, (torch.bfloat16, 90, 512, 32768)) is candidates[1] and len(timed) == 4
+    assert fused_loss._fastest(candidates[:1], run, key) is candidates[0] and len(timed) == 4
 
 
 def test_implementation_is_chosen_when_the_loss_is_built(monkeypatch):

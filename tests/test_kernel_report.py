@@ -44,20 +44,29 @@ def test_tensor_core_work_splits_static_instructions_by_the_loop():
 
 def test_problems_flag_spills_shared_memory_replication_and_no_wgmma():
     report = load_report()
-    row = dict(kernel='text[QT]', arch=90, spill_bytes=8, shared_bytes=300 * 1024, issued_per_pair=2.,
-               design_per_pair=1., instructions={'mma.m16n8k16': 4})
+    row = dict(kernel='text[QT]', arch=90, launch=0, candidate=0, spill_bytes=8, shared_bytes=300 * 1024,
+               issued_per_pair=2., design_per_pair=1., instructions={'mma.m16n8k16': 4})
     found = report.problems(dict(shape='b16', arch=90, kernels=[row]))
-    assert len(found) == 4 and all(problem.startswith('b16 sm_90 text[QT]') for problem in found)
+    assert len(found) == 4 and all(problem.startswith('b16 sm_90 text[QT] candidate 0') for problem in found)
     clean = dict(row, spill_bytes=0, shared_bytes=0, issued_per_pair=1., instructions={'wgmma.m64n32k16': 1})
     assert not report.problems(dict(shape='b16', arch=90, kernels=[clean]))
+    # Every candidate of the largest launch needs wgmma; sm_80 fails on spills too (it has no wgmma).
+    mma = dict(clean, candidate=1, instructions={'mma.m16n8k16': 4})
+    assert report.problems(dict(shape='b16', arch=90, kernels=[clean, mma])) == [
+        'b16 sm_90 text[QT] candidate 1: the largest product issues no wgmma']
+    spilled = dict(mma, arch=80, spill_bytes=24)
+    assert report.problems(dict(shape='l14', arch=80, kernels=[spilled])) == [
+        'l14 sm_80 text[QT] candidate 1: spills 24 bytes']
 
 
 def test_report_at_b16_finds_no_replication_or_spills(tmp_path, capsys):
-    """The CI check: every kernel at B/16 on sm_90 issues its design count of tensor-core work, without spills."""
+    """The CI check: every candidate of every launch at B/16 on sm_90 issues its design count of tensor-core work,
+    without spills."""
     out = tmp_path / 'report.json'
     load_report().main(['--shapes', 'b16', '--arch', '90', '--check', '--json', str(out)])
     (result,) = json.loads(out.read_text())
     assert [row['kernel'].split('[')[0] for row in result['kernels']][0] == 'forward'
+    assert result['members'] == 3 and max(row['candidate'] for row in result['kernels']) == 2
     for row in result['kernels']:
         assert row['spill_bytes'] == 0, row
         assert row['issued_per_pair'] == pytest.approx(row['design_per_pair'], rel=0.01), row

@@ -37,7 +37,7 @@ vectors (P·D float32 numbers: 2 KiB per prototype at B/16) in a FAISS IVF index
 Python::
 
     index = build_index('gallery-index', model, RetrievalImages(paths, transform), names=paths,
-                        model_name='Llip-ViT-B-16', pretrained='llip_b16_k32.pt',
+                        model_name='Llip-ViT-B-16', pretrained='llip_b16_k32.pt', tokenizer=tokenizer,
                         prototype_texts=captions, prototypes=64)   # captions: a sample of texts like the queries
     index = LlipIndex.open('gallery-index', model, tokenizer)
     scores, ids = index.search(['a dog on a red sofa'], k=10, candidates=1000)   # [Q, k] each

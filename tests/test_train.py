@@ -119,28 +119,45 @@ def test_resume_continues_from_saved_step_optimizer_and_scaler(tmp_path):
     assert got['scaler'] == expected['scaler']
 
 
-def write_learnable_shards(folder, count=2048, seed=0):
-    """Images with one coloured square in one corner; the caption names both."""
+def learnable_samples(count, seed=0):
+    """(PNG bytes, caption) of images with one coloured square in one corner; the caption names both."""
     rng = np.random.default_rng(seed)
     names, corners = list(COLOURS), list(CORNERS)
+    for _ in range(count):
+        colour, corner = names[rng.integers(len(names))], corners[rng.integers(len(corners))]
+        x, y = CORNERS[corner]
+        image = np.full((32, 32, 3), 128.)
+        image[y:y + 16, x:x + 16] = COLOURS[colour]
+        image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format='PNG')
+        yield buffer.getvalue(), f'a {colour} square at the {corner}'
+
+
+def write_learnable_shards(folder, count=2048, seed=0):
     with wds.TarWriter(str(folder / 'train-0.tar')) as sink:
-        for index in range(count):
-            colour, corner = names[rng.integers(len(names))], corners[rng.integers(len(corners))]
-            x, y = CORNERS[corner]
-            image = np.full((32, 32, 3), 128.)
-            image[y:y + 16, x:x + 16] = COLOURS[colour]
-            image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format='PNG')
-            sink.write({'__key__': f'{index:06d}', 'png': buffer.getvalue(), 'txt': f'a {colour} square at the {corner}'})
+        for index, (png, caption) in enumerate(learnable_samples(count, seed)):
+            sink.write({'__key__': f'{index:06d}', 'png': png, 'txt': caption})
     return folder / 'train-0.tar'
+
+
+def write_learnable_csv(folder, count=2048, seed=0):
+    """The same samples as files and OpenCLIP's CSV, which its loader shuffles with the seeded generator
+    (webdataset's sample shuffle is not seeded): the same run, the same losses."""
+    (folder / 'images').mkdir()
+    rows = ['filepath\ttitle']
+    for index, (png, caption) in enumerate(learnable_samples(count, seed)):
+        (folder / 'images' / f'{index:06d}.png').write_bytes(png)
+        rows.append(f'{folder / "images" / f"{index:06d}.png"}\t{caption}')
+    (folder / 'train.csv').write_text('\n'.join(rows) + '\n')
+    return folder / 'train.csv'
 
 
 def test_loss_falls_on_learnable_data(tmp_path):
     """Batch 32: a model that learns nothing but the bias reaches 4.45 (σ(b) = 1/32); we must go well below."""
-    shards = write_learnable_shards(tmp_path)
-    run = train(tmp_path, '--train-data', str(shards), '--dataset-type', 'webdataset', '--train-num-samples', '2048',
-                '--batch-size', '32', '--lr', '2e-3', '--warmup', '10', '--log-every-n-steps', '8', epochs=3)
+    data = write_learnable_csv(tmp_path)
+    run = train(tmp_path, '--train-data', str(data), '--dataset-type', 'csv', '--batch-size', '32', '--lr', '2e-3',
+                '--warmup', '10', '--log-every-n-steps', '8', epochs=3)
     losses = logged_losses(run)
     bias_only = -np.log(1 / 32) - 31 * np.log(31 / 32)
     assert losses[0] > 9

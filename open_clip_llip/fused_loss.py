@@ -43,7 +43,11 @@ d = 96, 160 pads to 128, 192 for ∂key/∂value), and that the products doing m
 Why the backward does not recompute once: one program would have to accumulate both an image's gradient
 (2·K·D + (H·K)²/2 fp32: 68 K values at B/16, 295 K at G/14) and its texts' (2·D per text: 64 K values for 64
 texts at B/16), far beyond a 64 K-register file; the alternative, partial sums per (image, text tile) through
-memory, moves 2·D fp32 per pair (4 KB at B/16). So each side has its own pass over the pairs, and where a
+memory, moves 2·D fp32 per pair (4 KB at B/16). FlashAttention-2's way out, the image-stationary pass adding
+its texts' gradients with fp32 atomics, costs b·B·2·D atomic adds (8.6e9 per step at B/16, b = 256,
+B = 32,768) to save the texts' own pass (180,224 multiply-adds per pair less the 2·K·D the image pass would add:
+~1.2e12 per step): milliseconds either way, which only a GPU can rank; until one has, each side has its own
+pass over the pairs. Where a
 group's accumulators do not fit with all heads, the heads split into groups (HG per program): ∂q and ∂key
 need every head's attention (through G a), so each group computes all H heads' logits (K·D per pair per group).
 Those recomputed logits are the design's main excess over the useful count. Per pair (sm_90 plans of ``_plan``):

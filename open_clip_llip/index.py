@@ -64,6 +64,7 @@ from tqdm import tqdm
 
 from .features import check_features, unpack_image, unpack_text
 from .model import LlipModel
+from .retrieval import encode_texts
 from .version import __version__
 from .written_files import WrittenFiles, prepare_folder
 
@@ -76,6 +77,8 @@ DEFAULT_PROTOTYPES = 64
 _EPS = 1e-12
 # Elements of image features scored at once (64 MiB in fp32): bounds the memory of a block of pairs.
 _BLOCK_ELEMENTS = 1 << 24
+# Texts encoded at once.
+_TEXT_BATCH = 1024
 # Candidate rows read from disk at once: a queue deep enough for an SSD, which serves random reads in parallel.
 _READ_THREADS = 16
 
@@ -111,9 +114,8 @@ def first_stage_vectors(model: LlipModel, image_features: torch.Tensor, prototyp
     The zero query gives uniform attention: u = concat_h(mean_k value).
     """
     out_proj = model.mixer.out_proj
-    tau = model.temperatures(None)[0]
     keys, values = (part.to(out_proj.device, torch.float32) for part in unpack_image(image_features))
-    attention = torch.einsum('nhkd,phd->nphk', keys, prototypes.to(keys) / tau).softmax(dim=-1)
+    attention = model.mixer.attention(keys, prototypes.to(keys))  # [N, P, H, K]
     mixed = torch.einsum('nphk,nhkd->nphd', attention, values).flatten(2)  # [N, P, D]
     return mixed / (mixed @ out_proj.float()).norm(dim=-1, keepdim=True).clamp_min(_EPS)
 
@@ -349,7 +351,7 @@ def build_index(
     if prototype_texts is not None:
         if tokenizer is None:
             raise ValueError('Prototype texts need the tokenizer: build_index(..., tokenizer=tokenizer).')
-        centres = prototype_queries(encode_texts(model, tokenizer, prototype_texts, precision),
+        centres = prototype_queries(_text_features(model, tokenizer, prototype_texts, precision),
                                     DEFAULT_PROTOTYPES if prototypes is None else prototypes)
     logging.info(f'Indexing {len(images)} images into {folder} ({dtype} features, {precision} on {device}; '
                  f'{1 if centres is None else len(centres)} prototype queries).')
@@ -358,23 +360,18 @@ def build_index(
     return LlipIndex.open(folder, model, tokenizer, precision)
 
 
-def encode_texts(model: LlipModel, tokenizer, texts: Union[str, Sequence[str], torch.Tensor], precision: str = 'fp32',
-                 batch_size: int = 1024) -> torch.Tensor:
-    """Strings (tokenized with ``tokenizer``) or token ids [M, L] -> text features [M, 2, H, d], in batches."""
+def _text_features(model: LlipModel, tokenizer, texts: Union[str, Sequence[str], torch.Tensor],
+                   precision: str = 'fp32') -> torch.Tensor:
+    """Strings (tokenized with ``tokenizer``) or token ids [M, L] -> text features [M, 2, H, d]
+    (``retrieval.encode_texts``, in batches of ``_TEXT_BATCH``)."""
     from open_clip_train.precision import get_autocast
     if isinstance(texts, str):
         texts = [texts]
     if not len(texts):
         raise ValueError('Got no texts; give at least one text.')
-    device = model.mixer.out_proj.device
-    autocast = get_autocast(precision, device_type=device.type)
-    features = []
-    with torch.inference_mode(), autocast():
-        for start in range(0, len(texts), batch_size):
-            batch = texts[start:start + batch_size]
-            tokens = batch if isinstance(batch, torch.Tensor) else tokenizer(list(batch))
-            features.append(model.encode_text(tokens.to(device)))
-    return torch.cat(features)
+    tokens = texts if isinstance(texts, torch.Tensor) else tokenizer(list(texts))
+    autocast = get_autocast(precision, device_type=model.mixer.out_proj.device.type)
+    return encode_texts(model, tokens.split(_TEXT_BATCH), autocast=autocast)
 
 
 def read_manifest(folder: Union[str, Path]) -> dict:
@@ -469,7 +466,7 @@ class LlipIndex:
         if not isinstance(texts, torch.Tensor) and self.tokenizer is None:
             raise ValueError('Searching by strings needs a tokenizer: LlipIndex.open(folder, model, tokenizer), '
                              'or pass token ids.')
-        return encode_texts(self.model, self.tokenizer, texts, self.precision)
+        return _text_features(self.model, self.tokenizer, texts, self.precision)
 
     @property
     def prototypes(self) -> int:

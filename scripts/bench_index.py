@@ -56,7 +56,6 @@ from open_clip_llip.index import (
     LlipIndex,
     add_first_stage,
     build_index,
-    encode_texts,
     mixed_cosine,
     new_first_stage,
     prototype_queries,
@@ -110,7 +109,7 @@ def recall(args, work: Path) -> dict:
     with torch.inference_mode():
         similarity = model.similarity(image_features, text_features).T  # [Q, N]
         exact = similarity.topk(K).indices
-        sample_features = encode_texts(model, tokenizer, sample)
+        sample_features = index.encode_texts(sample)
     truth = queries.image_index[:, None]
     figures = dict(gallery_images=len(index), queries=len(text_features), prototype_texts=len(sample),
                    checkpoint=str(checkpoint), exhaustive_R1=(exact[:, :1] == truth).any(1).double().mean().item(),

@@ -498,10 +498,12 @@ class LlipIndex:
                              f'got {probes!r}.')
         queries, targets = (np.ascontiguousarray(part.flatten(1).float().cpu().numpy())
                             for part in unpack_text(text_features))
-        distances, lists = self.first_stage.quantizer.search(queries, probes)
+        _, lists = self.first_stage.quantizer.search(queries, probes)
         self.first_stage.nprobe = probes
-        # An image is in every list: among the best C·probes entries are at least C images, the first of each its best.
-        _, ids = self.first_stage.search_preassigned(targets, candidates * probes, lists, distances)
+        # The lists are scanned by <x[c], p> alone (no coarse distances: the routing's L2 distances in query space do
+        # not add to inner products). An image is in every list: among the best C·probes entries are at least C
+        # images, the first of each its best.
+        _, ids = self.first_stage.search_preassigned(targets, candidates * probes, lists, None)
         if probes == 1:
             return torch.from_numpy(ids)
         return torch.from_numpy(np.stack([row[np.sort(np.unique(row, return_index=True)[1])][:candidates]

@@ -198,6 +198,27 @@ def test_the_first_stage_routes_each_text_to_its_nearest_prototypes(model, token
         write_index(tmp_path / 'bad', model, [image_features], 30, prototypes=prototypes[:, :2])
 
 
+@pytest.mark.parametrize('precision', ['amp', 'amp_bf16'])
+def test_an_index_built_and_searched_under_autocast(model, tokenizer, tmp_path, precision):
+    """Images, prototype texts and queries encoded under autocast: the results are the exact k best of the stored
+    features for the texts so encoded (every image a candidate: the exhaustive ones), within bf16's rounding of the
+    fp32 model's cosines of the same images."""
+    index = build_index(tmp_path / precision, model, RandomImages(20, seed=5), batch_size=8, workers=0,
+                        precision=precision, tokenizer=tokenizer, prototype_texts=SAMPLE_TEXTS, prototypes=3)
+    assert index.prototypes == 3
+    text_features = index.encode_texts(TEXTS)
+    with torch.no_grad():
+        exact = model.similarity(stored(index), text_features).T.topk(4)
+        fp32 = model.similarity(model.encode_image(RandomImages(20, seed=5).images), model.encode_text(tokenizer(TEXTS))).T
+    for probes in (1, 2):
+        results = index.search_features(text_features, k=4, candidates=20, probes=probes)
+        assert torch.equal(results.ids, exact.indices)
+        torch.testing.assert_close(results.scores, exact.values.float())
+        torch.testing.assert_close(results.scores, fp32.gather(1, results.ids), rtol=0, atol=2e-2)
+        first = index.first_stage_candidates(text_features, 5, probes)
+        assert first.shape == (len(TEXTS), 5) and all(len(set(row.tolist())) == 5 for row in first)
+
+
 def test_float16_storage_scores_the_stored_features(model, tokenizer, tmp_path):
     """fp16 keeps the features rounded; the scores are exact for what is stored, within fp16's rounding of the model's."""
     with torch.no_grad():

@@ -14,22 +14,25 @@ Per (image, text) pair the useful work is 2·K·D + (H·K)² multiply-adds forwa
 the inputs and two fp32 numbers per pair are kept (cos and |z|², [b, B] each); nothing of size [b, B, H·K].
 
 Every product is a 2-D ``tl.dot`` of one MMA tile per warp group (heads are unrolled statically, each head's
-tiles held in tuples): no warp computes another's tile. ``scripts/kernel_report.py`` reads the compiled code
-and checks that the tensor-core work issued equals this design's count (×1.00, but on sm_90 ×1.02–1.1 where
-d = 96, 160 pads to 128, 192 for ∂key/∂value), and that the products doing most of the work are wgmma on sm_90.
+tiles held in tuples): no warp computes another's tile. On sm_90 a wgmma is 64 rows tall per warp group, so
+where a text tile has fewer rows (K = 64: 16 or 32 texts) the attention is token-major (``mix_t``): [K, texts]
+tiles, the logits key·qᵀ, the softmax over tokens, ``A G`` as (G Aᵀ)ᵀ, ∂q as keyᵀ·∂logitsᵀ, every product K or
+64 channels tall. ``scripts/kernel_report.py`` reads the compiled code and checks that the tensor-core work
+issued equals this design's count (×1.00, but on sm_90 ×1.02–1.1 where d = 96, 160 pads to 128, 192 for ∂key,
+∂value and, at K = 64, ∂q), and that on sm_90 the launches doing the work issue it on wgmma.
 
 * Forward (``_forward_kernel``, image-stationary): a program takes one image and a run of text tiles. Per tile,
-  head by head: logits (wgmma, text tile × key tile), softmax with ``exp2`` and log2(e)/τ applied in its FFMA
-  (applying it to bf16 queries would round them again), <p, value>; then ``aᵀ G a`` over the symmetric half:
-  column head c takes Σ_{r<c} 2·a_r G[r, c] + a_c G[c, c], H(H+1)/2 of the H² blocks. The bf16 ``a`` of earlier
-  heads stay in registers (K ≤ 32) or, token-major (``mix_t``: (G Aᵀ)ᵀ, an MMA of K rows whose B operand Aᵀ is
-  in shared memory), at K = 64. Writes cos, |z|² and, per program, Σ loss, Σ g·cos, Σ g (g = ∂loss/∂s), so that
-  ∂scale and ∂bias cost nothing more.
+  head by head: logits (text tile × key tile, or token-major key tile × text tile), softmax with ``exp2`` and
+  log2(e)/τ applied in its FFMA (applying it to bf16 queries would round them again), <p, value>; then ``aᵀ G a``
+  over the symmetric half: column head c takes Σ_{r<c} 2·a_r G[r, c] + a_c G[c, c], H(H+1)/2 of the H² blocks.
+  The bf16 ``a`` of earlier heads stay in registers (K ≤ 32) or, token-major at K = 64, are the B operands Aᵀ of
+  (G Aᵀ)ᵀ, an MMA of K rows (in shared memory). Writes cos, |z|² and, per program, Σ loss, Σ g·cos, Σ g
+  (g = ∂loss/∂s), so that ∂scale and ∂bias cost nothing more.
 * Backward, two kernels and one pass each, as FlashAttention-2 splits its backward so that every gradient has one
   owner and nothing is atomic:
 
   - ``_text_grad_kernel`` (text-stationary: a program owns a text tile and a group of HG heads and loops over all
-    b images): ∂q = Σ ∂logits·key, ∂p = Σ α·a·value.
+    b images): ∂q = Σ ∂logits·key, ∂p = Σ α·a·value (token-major their transposes, in tiles of 64 channels).
   - ``_image_grad_kernel`` (image-stationary: a program owns an image and HG heads and loops over all B texts):
     ∂key = Σ ∂logitsᵀ·q, ∂value = Σ (α·a)ᵀ·p and ∂G = Σ (β/2)·a aᵀ over a circulant half (column head c takes the
     row heads c … c+⌊H/2⌋ mod H: each pair of heads once), in products 64 rows tall (sm_90) or 2·KP columns
@@ -78,10 +81,10 @@ and a clamped |z| has no gradient; −log σ uses log1p (Goldberg's form); every
 int64.
 
 Plans (``_plan``, keyed on (H, K, d, sm_arch)) are the largest tiles that compile without spills within shared
-memory and without duplicated MMA tiles: on sm_90 a warp group per 64 text rows; K = 64 shapes take 16 or 32
-texts where all heads' attention is needed (the forward and ∂q mixing token-major, ∂key on two warp groups
-text-major); sm_80 takes 16 texts, every product wider than tall, on 4 warps (8 at K = 64); fp32 (for checking)
-16 texts on 4 warps.
+memory and without duplicated MMA tiles: on sm_90 a warp group per 64 text rows; K = 64 shapes take 32 texts
+in the forward and 16 in ∂q and ∂key (which hold every head's attention), on one warp group, token-major;
+sm_80 takes 16 texts, every product wider than tall, on 4 warps (8 at K = 64); fp32 (for checking) 16 texts on
+4 warps.
 
 Autotuning (``_space``, keyed on (H, K, d, sm_arch)): the plan and up to two variants of it, 1–3 candidates per
 launch, every one of which ``scripts/kernel_report.py --check`` compiles and passes at the shipped shapes:
@@ -90,7 +93,7 @@ launch, every one of which ``scripts/kernel_report.py --check`` compiles and pas
     forward                        the other residency (the image's keys, values, G on chip, or streamed)
     ∂G; ∂value, ∂p in own launches the other residency (not ∂value, ∂G on sm_90 at d > 128: they spill)
     ∂key/∂value, ∂G (sm_90, K≤32)  128 texts on 8 warps (two warp groups) besides 64 on 4
-    ∂key (sm_90, K = 64, d ≤ 128)  16 texts on 4 warps, A G token-major on wgmma, besides 32 on 8 text-major
+    forward (sm_90, K = 64)        16 texts besides 32
     ∂q, ∂key (every head's a)      not the other residency: one way or the other spills at some shape
 
 On a GPU the first call at a shape times each launch's candidates (``triton.testing.do_bench``, with the real
@@ -183,23 +186,31 @@ def _image_tile(ptr, h, start: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constex
 @triton.jit
 def _head_products(text_ptr, text_stride, row0, B, image_ptr, h,
                    K: tl.constexpr, D_HEAD: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr,
-                   VOL: tl.constexpr):
-    """<text[j, h], image[h, k]> for a text tile and one head -> [BJ, KP] fp32 (the logits <q, key>, or <p, value>)."""
-    acc = tl.zeros((BJ, KP), dtype=tl.float32)
+                   TOKEN_MAJOR: tl.constexpr, VOL: tl.constexpr):
+    """<text[j, h], image[h, k]> for a text tile and one head -> [BJ, KP] fp32 (the logits <q, key>, or <p, value>),
+    or TOKEN_MAJOR its transpose [KP, BJ], image [KP, DC] @ textᵀ [DC, BJ]: KP rows, which a warp group's wgmma
+    needs (64) where the text tile has fewer."""
+    acc = tl.zeros((KP, BJ) if TOKEN_MAJOR else (BJ, KP), dtype=tl.float32)
     for start in tl.static_range(0, D_HEAD, DC):
-        acc = _mm(_text_tile(text_ptr, text_stride, row0, B, h, start, BJ, DC, D_HEAD, VOL),
-                  _image_tile(image_ptr, h, start, K, D_HEAD, KP, DC, True, VOL), acc)
+        text = _text_tile(text_ptr, text_stride, row0, B, h, start, BJ, DC, D_HEAD, VOL)
+        if TOKEN_MAJOR:
+            acc = _mm(_image_tile(image_ptr, h, start, K, D_HEAD, KP, DC, False, VOL), tl.trans(text), acc)
+        else:
+            acc = _mm(text, _image_tile(image_ptr, h, start, K, D_HEAD, KP, DC, True, VOL), acc)
     return acc
 
 
 @triton.jit
-def _softmax(logits, query_scale, K: tl.constexpr, KP: tl.constexpr):
-    """softmax_k(logits / τ) with ``query_scale`` = log2(e) / τ: one FFMA and one exp2 per logit."""
+def _softmax(logits, query_scale, K: tl.constexpr, KP: tl.constexpr, TOKEN_MAJOR: tl.constexpr):
+    """softmax_k(logits / τ) with ``query_scale`` = log2(e) / τ: one FFMA and one exp2 per logit. Tokens run along
+    axis 1 of [BJ, KP], or TOKEN_MAJOR axis 0 of [KP, BJ]."""
+    axis: tl.constexpr = 0 if TOKEN_MAJOR else 1
     if K < KP:
-        logits = tl.where(tl.arange(0, KP)[None, :] < K, logits, -float('inf'))
-    top = tl.max(logits, axis=1)
-    weights = tl.exp2(logits * query_scale - (top * query_scale)[:, None])
-    return weights * (1. / tl.sum(weights, axis=1))[:, None]
+        tokens = tl.arange(0, KP)
+        logits = tl.where((tokens[:, None] if TOKEN_MAJOR else tokens[None, :]) < K, logits, -float('inf'))
+    top = tl.expand_dims(tl.max(logits, axis=axis), axis)
+    weights = tl.exp2(logits * query_scale - top * query_scale)
+    return weights * tl.expand_dims(1. / tl.sum(weights, axis=axis), axis)
 
 
 @triton.jit
@@ -224,11 +235,11 @@ def _gram_block(gram_ptr, row_head, col_head, DOUBLE: tl.constexpr, H: tl.conste
 
 @triton.jit
 def _split_panel(y, BJ: tl.constexpr, KP: tl.constexpr, PH: tl.constexpr):
-    """[BJ, PH·KP] (heads side by side) -> tuple of PH [BJ, KP]; PH is 1 or 2."""
+    """[PH·KP, BJ] (heads one above the other) -> tuple of PH [KP, BJ]; PH is 1 or 2."""
     if PH == 1:
         out = (y,)
     else:
-        first, second = tl.split(tl.permute(tl.reshape(y, (BJ, 2, KP)), (0, 2, 1)))
+        first, second = tl.split(tl.permute(tl.reshape(y, (2, KP, BJ)), (1, 2, 0)))
         out = (first, second)
     return out
 
@@ -237,13 +248,13 @@ def _split_panel(y, BJ: tl.constexpr, KP: tl.constexpr, PH: tl.constexpr):
 def _mix(attention, gram_ptr, first_head, panel, row_stop, double_stop,
          H: tl.constexpr, K: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, PH: tl.constexpr,
          MIX_T: tl.constexpr, VOL: tl.constexpr):
-    """(A G) for the PH column heads of ``panel`` -> tuple of PH [BJ, KP] fp32.
+    """(A G) for the PH column heads of ``panel`` -> tuple of PH [BJ, KP] fp32, or MIX_T of PH (A G)ᵀ [KP, BJ].
 
-    ``attention`` holds one tile per head (see ``_all_attention``), head ``(first_head + r) % H`` at position r
-    (positions are static, heads may be rotated); the sum runs over positions r < ``row_stop``, doubled for
-    r < ``double_stop`` (the forward's symmetric half). MIX_T: as (G Aᵀ)ᵀ, one [PH·KP, BJ] product whose A operand is
-    a panel of G rows and whose B operand is a tile Aᵀ [KP, BJ] (in shared memory, stored once however often it is
-    used); else PH products [BJ, KP] whose A operand, A [BJ, KP], is in registers.
+    ``attention`` holds one tile per head, A [BJ, KP] or MIX_T Aᵀ [KP, BJ], head ``(first_head + r) % H`` at
+    position r (positions are static, heads may be rotated); the sum runs over positions r < ``row_stop``, doubled
+    for r < ``double_stop`` (the forward's symmetric half). MIX_T: one [PH·KP, BJ] product whose A operand is a panel
+    of G rows and whose B operand is Aᵀ (in shared memory, stored once however often it is used); else PH products
+    [BJ, KP] whose A operand, A, is in registers.
     """
     if MIX_T:
         acc = tl.zeros((PH * KP, BJ), dtype=tl.float32)
@@ -252,7 +263,7 @@ def _mix(attention, gram_ptr, first_head, panel, row_stop, double_stop,
             block = _gram_block(gram_ptr, (first_head + panel * PH) % H, (first_head + r) % H, r < double_stop,
                                 H, K, KP, PH, VOL)
             acc = _mm(block, attention[r], acc)
-        return _split_panel(tl.trans(acc), BJ, KP, PH)
+        return _split_panel(acc, BJ, KP, PH)
     else:
         out = ()
         for p in tl.static_range(PH):
@@ -267,17 +278,37 @@ def _mix(attention, gram_ptr, first_head, panel, row_stop, double_stop,
 
 
 @triton.jit
-def _join_heads(tiles, RP: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr):
-    """RP tiles [BJ, KP] side by side -> [BJ, RP·KP]; RP is 1, 2 or 4."""
+def _join_pair(x, y, ROWS: tl.constexpr, COLS: tl.constexpr, TOKEN_MAJOR: tl.constexpr):
+    """Two tiles [ROWS, COLS] side by side -> [ROWS, 2·COLS], or TOKEN_MAJOR one above the other -> [2·ROWS, COLS]."""
+    if TOKEN_MAJOR:
+        out = tl.reshape(tl.permute(tl.join(x, y), (2, 0, 1)), (2 * ROWS, COLS))
+    else:
+        out = tl.reshape(tl.permute(tl.join(x, y), (0, 2, 1)), (ROWS, 2 * COLS))
+    return out
+
+
+@triton.jit
+def _join_heads(tiles, RP: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, TOKEN_MAJOR: tl.constexpr):
+    """RP tiles [BJ, KP] side by side -> [BJ, RP·KP], or TOKEN_MAJOR RP tiles [KP, BJ] one above the other
+    -> [RP·KP, BJ]; RP is 1, 2 or 4."""
+    ROWS: tl.constexpr = KP if TOKEN_MAJOR else BJ
+    COLS: tl.constexpr = BJ if TOKEN_MAJOR else KP
     if RP == 1:
         out = tiles[0]
     elif RP == 2:
-        out = tl.reshape(tl.permute(tl.join(tiles[0], tiles[1]), (0, 2, 1)), (BJ, 2 * KP))
+        out = _join_pair(tiles[0], tiles[1], ROWS, COLS, TOKEN_MAJOR)
     else:
-        first = tl.reshape(tl.permute(tl.join(tiles[0], tiles[1]), (0, 2, 1)), (BJ, 2 * KP))
-        second = tl.reshape(tl.permute(tl.join(tiles[2], tiles[3]), (0, 2, 1)), (BJ, 2 * KP))
-        out = tl.reshape(tl.permute(tl.join(first, second), (0, 2, 1)), (BJ, 4 * KP))
+        first = _join_pair(tiles[0], tiles[1], ROWS, COLS, TOKEN_MAJOR)
+        second = _join_pair(tiles[2], tiles[3], ROWS, COLS, TOKEN_MAJOR)
+        out = _join_pair(first, second, 2 * ROWS if TOKEN_MAJOR else ROWS, COLS if TOKEN_MAJOR else 2 * COLS,
+                         TOKEN_MAJOR)
     return out
+
+
+@triton.jit
+def _per_text(x, TOKEN_MAJOR: tl.constexpr):
+    """[BJ] per text -> broadcastable against a [BJ, KP] tile, or TOKEN_MAJOR a [KP, BJ] one."""
+    return x[None, :] if TOKEN_MAJOR else x[:, None]
 
 
 @triton.constexpr_function
@@ -321,27 +352,32 @@ def _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, 
                     BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr,
                     GRAM_T: tl.constexpr = False):
     """Streams the attention of COUNT heads, each consumed as soon as it is computed, so that only one head's a is
-    live besides the group's (heads first_head … first_head + HG − 1):
+    live besides the group's (heads first_head … first_head + HG − 1). Tiles are [BJ, KP], or with MIX_T
+    token-major [KP, BJ] (for text tiles of fewer than 64 rows: every product KP rows tall, one warp group's wgmma;
+    on two warp groups each would compute the whole product): the logits key·qᵀ, the softmax over tokens.
 
     * LOGITS: ∂L/∂logits of the group's heads. ∂L/∂a = α·<value, p> + β·(G a) (G symmetric), with
       β·(G a)[c] = Σ_r (β·a_r) G[r, c] (scaling a's rows by β scales the product's rows): text-major with A from
-      registers, or with MIX_T token-major, Σ_r G[c, r] (β·a_r)ᵀ, an MMA of KP rows whose B operand is in shared
-      memory (for text tiles of fewer than 64 rows, on one warp group: on two, each computes the whole product);
-      then the softmax backward, a ∘ (∂L/∂a − <a, ∂L/∂a>).
+      registers, or with MIX_T Σ_r G[c, r] (β·a_r)ᵀ, an MMA of KP rows whose B operand is in shared memory; then
+      the softmax backward, a ∘ (∂L/∂a − <a, ∂L/∂a>).
     * GRAM: the group's circulant ∂G columns, ``grad_g[c·NB + q] += A_qᵀ (β/2·a_c)`` with A_q the RP heads of
-      positions q·RP … q·RP + RP − 1 side by side (zeros past COUNT), so that the product is 64 rows tall
-      (RP·KP; a [32, 32] MMA tile on 4 warps would be laid out with two warps duplicating the other two); with
-      GRAM_T its transpose ``(β/2·a_c)ᵀ A_q``, [KP, RP·KP], wider than tall as sm_80's warp layout needs
-      (``_plan``). The blocks q that hold none of the column's rows c … c + ROWS − 1 (mod H) are skipped.
+      positions q·RP … q·RP + RP − 1 side by side (zeros past COUNT; with MIX_T A_qᵀ is the RP tiles one above
+      the other), so that the product is 64 rows tall (RP·KP; a [32, 32] MMA tile on 4 warps would be laid out
+      with two warps duplicating the other two); with GRAM_T its transpose ``(β/2·a_c)ᵀ A_q``, [KP, RP·KP], wider
+      than tall as sm_80's warp layout needs (``_plan``). The blocks q that hold none of the column's rows
+      c … c + ROWS − 1 (mod H) are skipped.
 
     When all H heads stream and GRAM is off, they stream in their natural order (static offsets, no registers for
     addresses) and the group's a are picked out as they pass; otherwise the order is rotated, head
     ``(first_head + r) % H`` at position r, so that the group comes first (GRAM needs its a from the start).
 
-    Returns (the group's a, in the operands' dtype; the group's ∂L/∂logits, fp32; grad_g).
+    Returns (the group's a, in the operands' dtype; the group's ∂L/∂logits, fp32; grad_g), a and ∂L/∂logits in
+    the tiles' orientation.
     """
     ROTATE: tl.constexpr = GRAM or COUNT < H
     NB: tl.constexpr = (COUNT + RP - 1) // RP  # ∂G row blocks
+    TILE: tl.constexpr = (KP, BJ) if MIX_T else (BJ, KP)
+    TOKENS: tl.constexpr = 0 if MIX_T else 1  # the tiles' token axis
     dtype = keys.dtype.element_ty
     pending = ()
     own = ()
@@ -350,37 +386,37 @@ def _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, 
     for c in tl.static_range(HG):
         if ROTATE:
             a = _softmax(_head_products(queries, text_stride, row0, B, keys, (first_head + c) % H,
-                                        K, D_HEAD, BJ, KP, DC, VOL), query_scale, K, KP)
+                                        K, D_HEAD, BJ, KP, DC, MIX_T, VOL), query_scale, K, KP, MIX_T)
             own = own + (a.to(dtype),)
             if GRAM:
-                half_beta = half_beta + (((0.5 * beta)[:, None] * a).to(dtype),)
+                half_beta = half_beta + ((_per_text(0.5 * beta, MIX_T) * a).to(dtype),)
         else:
-            own = own + (tl.zeros((BJ, KP), dtype=dtype),)
+            own = own + (tl.zeros(TILE, dtype=dtype),)
         if LOGITS:
-            grad_a = grad_a + (tl.zeros((KP, BJ) if MIX_T else (BJ, KP), dtype=tl.float32),)
+            grad_a = grad_a + (tl.zeros(TILE, dtype=tl.float32),)
     for r in tl.static_range(COUNT):
         if ROTATE:
             head = (first_head + r) % H
             if r < HG:
                 a = own[r].to(tl.float32)
             else:
-                a = _softmax(_head_products(queries, text_stride, row0, B, keys, head, K, D_HEAD, BJ, KP, DC, VOL),
-                             query_scale, K, KP)
+                a = _softmax(_head_products(queries, text_stride, row0, B, keys, head, K, D_HEAD, BJ, KP, DC, MIX_T,
+                                            VOL), query_scale, K, KP, MIX_T)
         else:
             head = r
-            a = _softmax(_head_products(queries, text_stride, row0, B, keys, r, K, D_HEAD, BJ, KP, DC, VOL),
-                         query_scale, K, KP)
+            a = _softmax(_head_products(queries, text_stride, row0, B, keys, r, K, D_HEAD, BJ, KP, DC, MIX_T, VOL),
+                         query_scale, K, KP, MIX_T)
             picked = ()
             for c in tl.static_range(HG):
                 picked = picked + (tl.where(first_head + c == r, a.to(dtype), own[c]),)
             own = picked
         if LOGITS:
-            weighted = (beta[:, None] * a).to(dtype)
+            weighted = (_per_text(beta, MIX_T) * a).to(dtype)
             updated = ()
             for c in tl.static_range(HG):
                 if MIX_T:
                     block = _gram_block(gram, (first_head + c) % H, head, False, H, K, KP, 1, VOL)  # G[c, r]
-                    updated = updated + (_mm(block, tl.trans(weighted), grad_a[c]),)
+                    updated = updated + (_mm(block, weighted, grad_a[c]),)
                 else:
                     block = _gram_block(gram, head, (first_head + c) % H, False, H, K, KP, 1, VOL)  # G[r, c]
                     updated = updated + (_mm(weighted, block, grad_a[c]),)
@@ -389,17 +425,18 @@ def _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, 
             pending = pending + (a.to(dtype),)
             if r % RP == RP - 1 or r == COUNT - 1:
                 for _ in tl.static_range(RP - 1 - r % RP):  # pad the last block
-                    pending = pending + (tl.zeros((BJ, KP), dtype=dtype),)
-                joined = _join_heads(pending, RP, BJ, KP)
-                operand = joined if GRAM_T else tl.trans(joined)
+                    pending = pending + (tl.zeros(TILE, dtype=dtype),)
+                joined = _join_heads(pending, RP, BJ, KP, MIX_T)  # A_q [BJ, RP·KP], or MIX_T A_qᵀ [RP·KP, BJ]
+                operand = joined if GRAM_T != MIX_T else tl.trans(joined)
                 pending = ()
                 updated = ()
                 for n in tl.static_range(HG * NB):
                     if n % NB == r // RP and _gram_block_used(n // NB, n % NB, RP, ROWS, COUNT, H):
+                        scaled = half_beta[n // NB]
                         if GRAM_T:  # (β/2·a_c)ᵀ A_q: [KP, RP·KP]
-                            updated = updated + (_mm(tl.trans(half_beta[n // NB]), operand, grad_g[n]),)
+                            updated = updated + (_mm(scaled if MIX_T else tl.trans(scaled), operand, grad_g[n]),)
                         else:
-                            updated = updated + (_mm(operand, half_beta[n // NB], grad_g[n]),)
+                            updated = updated + (_mm(operand, tl.trans(scaled) if MIX_T else scaled, grad_g[n]),)
                     else:
                         updated = updated + (grad_g[n],)
                 grad_g = updated
@@ -408,10 +445,9 @@ def _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, 
         for c in tl.static_range(HG):
             a = own[c].to(tl.float32)
             products = _head_products(targets, text_stride, row0, B, values, (first_head + c) % H,
-                                      K, D_HEAD, BJ, KP, DC, VOL)
-            mixed = tl.trans(grad_a[c]) if MIX_T else grad_a[c]
-            grad = alpha[:, None] * products + mixed
-            grad_logits = grad_logits + (a * (grad - tl.sum(a * grad, axis=1)[:, None]),)
+                                      K, D_HEAD, BJ, KP, DC, MIX_T, VOL)
+            grad = _per_text(alpha, MIX_T) * products + grad_a[c]
+            grad_logits = grad_logits + (a * (grad - tl.expand_dims(tl.sum(a * grad, axis=TOKENS), TOKENS)),)
     return own, grad_logits, grad_g
 
 
@@ -436,6 +472,7 @@ def _forward_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr, c
                     VOL: tl.constexpr):
     """One image against ``tiles_per_split`` text tiles: cos and |z|² per pair; Σ loss, Σ g·cos, Σ g per program,
     g = ∂(−log σ(y·s))/∂s."""
+    TOKENS: tl.constexpr = 0 if MIX_T else 1  # the attention tiles' token axis
     split = tl.program_id(0)
     i = tl.program_id(1)
     keys += tl.cast(i, tl.int64) * image_stride
@@ -457,17 +494,18 @@ def _forward_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr, c
             rounded = ()  # the panel's a as the products see it (rounded to the input dtype)
             for p in tl.static_range(PH):
                 head = panel * PH + p
-                a = _softmax(_head_products(queries, text_stride, row0, B, keys, head, K, D_HEAD, BJ, KP, DC, VOL),
-                             query_scale, K, KP)
-                products = _head_products(targets, text_stride, row0, B, values, head, K, D_HEAD, BJ, KP, DC, VOL)
-                numerator += tl.sum(a * products, axis=1)
+                a = _softmax(_head_products(queries, text_stride, row0, B, keys, head, K, D_HEAD, BJ, KP, DC, MIX_T,
+                                            VOL), query_scale, K, KP, MIX_T)
+                products = _head_products(targets, text_stride, row0, B, values, head, K, D_HEAD, BJ, KP, DC, MIX_T,
+                                          VOL)
+                numerator += tl.sum(a * products, axis=TOKENS)
                 operand = a.to(keys.dtype.element_ty)
-                attention = attention + ((tl.trans(operand) if MIX_T else operand),)
+                attention = attention + (operand,)
                 rounded = rounded + (operand.to(tl.float32),)
             # aᵀ G a over the symmetric half: earlier panels' rows doubled, the panel's own diagonal block once.
             mixed = _mix(attention, gram, 0, panel, (panel + 1) * PH, panel * PH, H, K, BJ, KP, PH, MIX_T, VOL)
             for p in tl.static_range(PH):
-                sq_norm += tl.sum(rounded[p] * mixed[p], axis=1)
+                sq_norm += tl.sum(rounded[p] * mixed[p], axis=TOKENS)
         rnorm = tl.div_rn(1., tl.sqrt_rn(tl.maximum(sq_norm, _EPS_SQUARED)))
         cos = numerator * rnorm
         logits = scale * cos + bias
@@ -491,10 +529,12 @@ def _forward_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr, c
 def _text_grad_step(grad_q, grad_p, keys, values, gram, queries, targets, text_stride, row0, B, first_head, query_scale,
                     alpha, beta, H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr, HG: tl.constexpr,
                     BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, QUERY: tl.constexpr, TARGET: tl.constexpr,
-                    MIX_T: tl.constexpr, VOL: tl.constexpr):
+                    MIX_T: tl.constexpr, VOL: tl.constexpr, DK: tl.constexpr):
     """One image's contribution to the text tile's ∂q = Σ ∂(logits)·key (QUERY) and ∂p = Σ α·a·value (TARGET)
-    for the group's heads. ∂q needs every head's attention (through G a); ∂p only the group's."""
-    CHUNKS: tl.constexpr = (D_HEAD + DC - 1) // DC
+    for the group's heads, in tiles [BJ, DK channels], or MIX_T their transposes [DK, BJ] (keyᵀ ∂logitsᵀ: DK rows,
+    64 for a warp group's wgmma, where the text tile has fewer). ∂q needs every head's attention (through G a); ∂p
+    only the group's."""
+    CHUNKS: tl.constexpr = (D_HEAD + DK - 1) // DK
     own, grad_logits, _ = _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, first_head,
                                           query_scale, alpha, beta, (), H if QUERY else HG, HG, QUERY, False, 1, 1, H,
                                           K, D_HEAD, BJ, KP, DC, MIX_T, VOL)
@@ -502,14 +542,17 @@ def _text_grad_step(grad_q, grad_p, keys, values, gram, queries, targets, text_s
     new_p = ()
     for c in tl.static_range(HG):
         head = (first_head + c) % H
-        weighted = (alpha[:, None] * own[c].to(tl.float32)).to(own[c].dtype)
-        for start in tl.static_range(0, D_HEAD, DC):
+        weighted = (_per_text(alpha, MIX_T) * own[c].to(tl.float32)).to(own[c].dtype)
+        for start in tl.static_range(0, D_HEAD, DK):
             if QUERY:
-                key = _image_tile(keys, head, start, K, D_HEAD, KP, DC, False, VOL)
-                new_q = new_q + (_mm(grad_logits[c].to(key.dtype), key, grad_q[c * CHUNKS + start // DC]),)
+                key = _image_tile(keys, head, start, K, D_HEAD, KP, DK, MIX_T, VOL)
+                grad = grad_logits[c].to(key.dtype)
+                new_q = new_q + ((_mm(key, grad, grad_q[c * CHUNKS + start // DK]) if MIX_T
+                                  else _mm(grad, key, grad_q[c * CHUNKS + start // DK])),)
             if TARGET:
-                value = _image_tile(values, head, start, K, D_HEAD, KP, DC, False, VOL)
-                new_p = new_p + (_mm(weighted, value, grad_p[c * CHUNKS + start // DC]),)
+                value = _image_tile(values, head, start, K, D_HEAD, KP, DK, MIX_T, VOL)
+                new_p = new_p + ((_mm(value, weighted, grad_p[c * CHUNKS + start // DK]) if MIX_T
+                                  else _mm(weighted, value, grad_p[c * CHUNKS + start // DK])),)
     return new_q, new_p
 
 
@@ -518,12 +561,13 @@ def _text_grad_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr,
                       grad_queries, grad_targets, b, B, image_stride, text_stride, first_text, query_scale,
                       H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr, HAS_POSITIVES: tl.constexpr,
                       HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, QUERY: tl.constexpr,
-                      TARGET: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr):
-    """∂L/∂q (QUERY), ∂L/∂p (TARGET) [B, H, d] of one text tile and HG heads (a group), summed over all b images.
+                      TARGET: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr, DK: tl.constexpr):
+    """∂L/∂q (QUERY), ∂L/∂p (TARGET) [B, H, d] of one text tile and HG heads (a group), summed over all b images,
+    in tiles of DK channels (``_text_grad_step``).
 
     ∂L/∂q is with respect to the raw queries (logits <q, key>/τ).
     """
-    CHUNKS: tl.constexpr = (D_HEAD + DC - 1) // DC
+    CHUNKS: tl.constexpr = (D_HEAD + DK - 1) // DK
     tile = tl.program_id(0)
     first_head = tl.program_id(1) * HG
     row0 = tile * BJ
@@ -531,25 +575,29 @@ def _text_grad_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr,
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr)
     grad = tl.load(grad_ptr)
-    grad_q = _zeros(HG * CHUNKS if QUERY else 0, BJ, DC)
-    grad_p = _zeros(HG * CHUNKS if TARGET else 0, BJ, DC)
+    grad_q = _zeros(HG * CHUNKS if QUERY else 0, DK if MIX_T else BJ, BJ if MIX_T else DK)
+    grad_p = _zeros(HG * CHUNKS if TARGET else 0, DK if MIX_T else BJ, BJ if MIX_T else DK)
     for i in range(b):
         alpha, beta = _pair_coefficients(cos_ptr, sq_norm_ptr, tl.cast(i, tl.int64) * B, rows, B, i, first_text,
                                          scale, bias, grad, HAS_POSITIVES)
         grad_q, grad_p = _text_grad_step(
             grad_q, grad_p, keys + tl.cast(i, tl.int64) * image_stride, values + tl.cast(i, tl.int64) * image_stride,
             gram + tl.cast(i, tl.int64) * (H * K) * (H * K), queries, targets, text_stride, row0, B, first_head,
-            query_scale, alpha, beta, H, K, D_HEAD, HG, BJ, KP, DC, QUERY, TARGET, MIX_T, VOL)
+            query_scale, alpha, beta, H, K, D_HEAD, HG, BJ, KP, DC, QUERY, TARGET, MIX_T, VOL, DK)
     for c in tl.static_range(HG):
         head = first_head + c
-        for start in tl.static_range(0, D_HEAD, DC):
-            cols = start + tl.arange(0, DC)
-            offsets = (rows[:, None].to(tl.int64) * H + head) * D_HEAD + cols[None, :]
-            mask = (rows[:, None] < B) & (cols[None, :] < D_HEAD) & (head < H)
+        for start in tl.static_range(0, D_HEAD, DK):
+            cols = start + tl.arange(0, DK)
+            if MIX_T:
+                offsets = (rows[None, :].to(tl.int64) * H + head) * D_HEAD + cols[:, None]
+                mask = (rows[None, :] < B) & (cols[:, None] < D_HEAD) & (head < H)
+            else:
+                offsets = (rows[:, None].to(tl.int64) * H + head) * D_HEAD + cols[None, :]
+                mask = (rows[:, None] < B) & (cols[None, :] < D_HEAD) & (head < H)
             if QUERY:
-                tl.store(grad_queries + offsets, grad_q[c * CHUNKS + start // DC] * (query_scale * _LN2), mask=mask)
+                tl.store(grad_queries + offsets, grad_q[c * CHUNKS + start // DK] * (query_scale * _LN2), mask=mask)
             if TARGET:
-                tl.store(grad_targets + offsets, grad_p[c * CHUNKS + start // DC], mask=mask)
+                tl.store(grad_targets + offsets, grad_p[c * CHUNKS + start // DK], mask=mask)
 
 
 @triton.jit
@@ -569,11 +617,17 @@ def _image_grad_step(grad_k, grad_v, grad_g, keys, values, gram, queries, target
     new_v = ()
     for c in tl.static_range(HG):
         head = (first_head + c) % H
-        weighted = (alpha[:, None] * own[c].to(tl.float32)).to(own[c].dtype)
+        weighted = (_per_text(alpha, MIX_T) * own[c].to(tl.float32)).to(own[c].dtype)
+        if KEY:
+            grad = grad_logits[c].to(own[c].dtype)
+        if MIX_T:  # B operands [BJ, KP], in shared memory: the transposes are in how they are stored there
+            weighted = tl.trans(weighted)
+            if KEY:
+                grad = tl.trans(grad)
         for start in tl.static_range(0, D_HEAD, DK):
             if KEY:
                 query = tl.trans(_text_tile(queries, text_stride, row0, B, head, start, BJ, DK, D_HEAD, VOL))
-                new_k = new_k + (_mm(query, grad_logits[c].to(query.dtype), grad_k[c * CHUNKS + start // DK]),)
+                new_k = new_k + (_mm(query, grad, grad_k[c * CHUNKS + start // DK]),)
             if VALUE:
                 target = tl.trans(_text_tile(targets, text_stride, row0, B, head, start, BJ, DK, D_HEAD, VOL))
                 new_v = new_v + (_mm(target, weighted, grad_v[c * CHUNKS + start // DK]),)
@@ -663,16 +717,17 @@ class _Blocks(NamedTuple):
     warps: int
     stages: int
     panel: int = 1  # forward: heads per row panel of G when mixing token-major (2 when K pads to 32)
-    # A G as (G Aᵀ)ᵀ, Aᵀ in shared memory, an MMA of KP·panel rows, rather than with A in registers (the forward:
-    # A of every head kept; the backward: text tiles of fewer than 64 rows)
+    # The attention token-major, [KP, texts] tiles (text tiles of fewer than 64 rows on sm_90: every product KP or
+    # 64 channels tall, one warp group's wgmma): the logits key·qᵀ, the softmax over tokens, A G as (G Aᵀ)ᵀ with
+    # Aᵀ in shared memory (an MMA of KP·panel rows), ∂q and ∂p as their transposes in tiles of ``dk`` channels.
     mix_t: bool = False
     # Whether the side that stays the same through the kernel's loop (the image's keys, values and G in the
     # forward and ∂key/∂value/∂G kernels, the text tile in the ∂q/∂p kernel) may stay on chip for the whole loop,
     # as the compiler hoists it; else its loads are volatile, which keeps them in the loop (streamed from L2).
     resident: bool = True
-    # The image kernel: channels per ∂key, ∂value tile (channels; 0: 64, or DC where d ≤ 32), row heads per ∂G block
-    # (gram_heads; 0: 64 // KP, at least 1), and ∂G blocks as [KP, RP·KP] = (β/2 a_c)ᵀ A_q rather than its transpose
-    # (gram_t).
+    # The image kernel: channels per ∂key, ∂value tile (channels; 0: 64, or DC where d ≤ 32; also per ∂qᵀ, ∂pᵀ tile
+    # in a token-major text kernel), row heads per ∂G block (gram_heads; 0: 64 // KP, at least 1), and ∂G blocks as
+    # [KP, RP·KP] = (β/2 a_c)ᵀ A_q rather than its transpose (gram_t).
     channels: int = 0
     gram_heads: int = 0
     gram_t: bool = False
@@ -683,7 +738,7 @@ class _Blocks(NamedTuple):
         return self.gram_heads or max(1, 64 // kp)
 
     def dk(self, head_dim: int, dc: int) -> int:
-        """Channels per ∂key, ∂value tile (DK)."""
+        """Channels per ∂key, ∂value tile, and per ∂qᵀ, ∂pᵀ tile where token-major (DK)."""
         return self.channels or (64 if head_dim > 32 else dc)
 
 
@@ -721,10 +776,12 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
 
     sm_90, K ≤ 32 (B/16, L/14): text tiles of 64 rows; the ∂q/∂p program keeps its 128 texts on chip and takes two
     heads where d = 64. sm_90, K = 64 (B/32, H/14, G/14): [64, 64] fp32 tiles leave too few registers for 64 texts
-    wherever every head's attention is needed (the forward, ∂q, ∂key), so those take 16 or 32 texts; the forward
-    and ∂q (4 warps) mix token-major (A G as an MMA of K rows, on wgmma), ∂key (32 texts on 8 warps) text-major
-    on mma.sync: token-major, the [K, 32] product of A G on two warp groups is computed whole by each (B/32 issued
-    1.44× its design count that way, H/14 1.29×, G/14 1.26×). What stays the same through a loop streams from L2.
+    wherever every head's attention is needed (the forward spilled 1.1–1.3 KB), so the forward takes 32 texts and
+    ∂q and ∂key 16 (on 32 texts they spill 8–72 bytes), on one warp group (4 warps), token-major (``mix_t``): a
+    text-major product of 16 or 32 rows is mma.sync, and on two warp groups each computes the whole [K, 32]
+    product (1.9× the design count). ∂q and ∂key take d in tiles of 64 channels (G/14's d = 160, in chunks of 32
+    for the logits, pads to 192 there: in tiles of 32, ∂qᵀ [32, 16] was mma.sync, issued twice). What stays the
+    same through a loop streams from L2 (∂q and ∂key spill at H/14 and G/14 with it on chip).
 
     sm_80 (mma.sync, 16×8 tiles per warp): Triton gives every dot of a chain one warp arrangement, warps stacked
     along the longer side of the first dot it lays out; a product narrower than that arrangement is computed by
@@ -768,11 +825,11 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
                     _Part('image', ('key', 'value'), _Blocks(texts=64, heads=1, warps=4, stages=1, resident=False)),
                     _Part('image', ('gram',), _Blocks(texts=64, heads=1, warps=4, stages=1)))
     else:
-        forward = _Blocks(texts=16, heads=heads, warps=4, stages=1, mix_t=True, resident=False)
+        forward = _Blocks(texts=32, heads=heads, warps=4, stages=1, mix_t=True, resident=False)
         backward = (
             _Part('text', ('query',), _Blocks(texts=16, heads=1, warps=4, stages=1, mix_t=True, resident=False)),
             _Part('text', ('target',), _Blocks(texts=64, heads=1, warps=4, stages=1, resident=False)),
-            _Part('image', ('key',), _Blocks(texts=32, heads=1, warps=8, stages=1, resident=False)),
+            _Part('image', ('key',), _Blocks(texts=16, heads=1, warps=4, stages=1, mix_t=True, resident=False)),
             _Part('image', ('value',), _Blocks(texts=128, heads=two, warps=8, stages=1, resident=False)),
             _Part('image', ('gram',), _Blocks(texts=128, heads=1, warps=8, stages=1, resident=False)))
     return _Plan(KP=kp, DC=_chunk(head_dim), forward=forward, backward=backward)
@@ -791,8 +848,7 @@ def _space(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = 
       hold every head's attention (one way or the other spills at some shipped shape), nor for ∂value and ∂G on
       sm_90 at d > 128 (G/14: on chip they spill).
     * sm_90, K ≤ 32: ∂key/∂value and ∂G on 128 texts and 8 warps (two warp groups) besides 64 texts on 4.
-    * sm_90, K = 64, d ≤ 128: ∂key on 16 texts and 4 warps (one warp group) mixing token-major, A G on wgmma,
-      besides the plan's 32 texts on 8 warps text-major (A G on mma.sync); at G/14's d = 160 it spills.
+    * sm_90, K = 64: the forward on 16 texts besides 32 (fewer registers: 174–208 against 245–252).
 
     fp32 (for checking) has one member.
     """
@@ -812,10 +868,8 @@ def _space(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = 
         wide = tuple(part._replace(blocks=part.blocks._replace(texts=128, warps=8)) if part.kernel == 'image' else part
                      for part in plan.backward)
         space += (plan._replace(backward=wide),)
-    elif arch >= 90 and head_dim <= 128:  # K = 64: ∂key on one warp group, A G token-major on wgmma (G/14 spills)
-        narrow = tuple(part._replace(blocks=part.blocks._replace(texts=16, warps=4, mix_t=True))
-                       if part.grads == ('key',) else part for part in plan.backward)
-        space += (plan._replace(backward=narrow),)
+    elif arch >= 90:  # K = 64: the forward on 16 texts besides 32
+        space += (plan._replace(forward=plan.forward._replace(texts=16)),)
     return space
 
 
@@ -883,6 +937,8 @@ def _launches(stage: str, plan: _Plan, b: int, B: int, heads: int, tokens: int, 
         mixing = k * d + h * k * k  # <p, value> and G a for one head: the softmax backward's inputs
         if blocks.chunk:
             constexprs['DC'] = blocks.chunk
+        if part.kernel == 'text':  # token-major, ∂qᵀ and ∂pᵀ are DK rows tall: 64 where d > 32, as for ∂key
+            constexprs['DK'] = blocks.dk(head_dim, constexprs['DC']) if blocks.mix_t else constexprs['DC']
         if part.kernel == 'image':
             rp = blocks.rp(plan.KP)
             constexprs.update(DK=blocks.dk(head_dim, constexprs['DC']), GRAM_T=blocks.gram_t, RP=rp)

@@ -104,8 +104,9 @@ def test_every_split_matches_reference(monkeypatch):
 
 
 def test_panels_of_two_heads_and_one_launch_for_all_image_gradients(monkeypatch):
-    """Token-major mixing ((G Aᵀ)ᵀ, Aᵀ in shared memory): the forward's in panels of two heads of K = 20 padded
-    to 32, and the backward's (∂q, ∂key); ∂key, ∂value, ∂G in one launch."""
+    """Token-major attention ([KP, BJ] tiles: the logits as key·qᵀ, the softmax over tokens, A G as (G Aᵀ)ᵀ): the
+    forward's in panels of two heads of K = 20 padded to 32, ∂q/∂p as their transposes, ∂key, ∂value and ∂G (from
+    token-major a) in one launch."""
     blocks = fused_loss._Blocks
     part = fused_loss._Part
     plan = fused_loss._Plan(
@@ -120,8 +121,9 @@ def test_panels_of_two_heads_and_one_launch_for_all_image_gradients(monkeypatch)
 @pytest.mark.parametrize('arch', [80, 90])
 @pytest.mark.parametrize('b, B, H, K, d', [
     (2, 20, 4, 20, 24),  # K pads to 32; d to a chunk of 32, ∂key/∂value tiles of 16 channels (sm_80), the last partial
-    (2, 18, 3, 36, 40),  # K pads to 64: the K = 64 plans (several launches on sm_90); H odd
+    (2, 18, 3, 36, 40),  # K pads to 64: the K = 64 plans (sm_90: token-major, partial text tiles); H odd
     (2, 18, 2, 64, 64),  # B/32's K and d: nothing padded (the loads without masks)
+    (2, 17, 2, 50, 96),  # K = 64 with d in chunks of 32 and ∂q, ∂key in tiles of 64 channels (G/14's d = 160)
 ])
 def test_the_gpus_plans_match_reference(monkeypatch, b, B, H, K, d, arch, dtype, rtol):
     """The plan a GPU gets (sm_80: ∂G blocks transposed, ∂key/∂value tiles narrower than K; sm_90), whatever the

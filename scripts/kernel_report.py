@@ -9,8 +9,9 @@ the same constexprs, ``num_warps`` and ``num_stages`` (``fused_loss._launches`` 
 the autograd function and this script), and the JIT's specialisation of the arguments (16-byte-aligned pointers
 and integers divisible by 16 get ``tt.divisibility = 16``; an integer equal to 1 becomes a constexpr). It prints,
 per kernel: registers and spilled bytes (``ptxas -v`` on the PTX, with Triton's own ptxas flags), shared memory,
-the tensor-core instructions, and the multiply-adds per (image, text) pair that they amount to, beside the
-design's own count and, per shape, the useful count 3·(2·K·D + (H·K)²) (METHOD §4: forward, backward ≈ 2×).
+the tensor-core instructions, the multiply-adds per (image, text) pair that they amount to, beside the design's
+own count and, per shape, the useful count 3·(2·K·D + (H·K)²) (METHOD §4: forward, backward ≈ 2×), and on sm_90
+the share of the issued multiply-adds that are wgmma.
 
 How issued work is counted:
 
@@ -28,8 +29,9 @@ How issued work is counted:
   hold distinct tiles shows up as a ratio of 2 or more.
 
 ``--check`` exits with status 1 if any candidate of any kernel spills, exceeds the architecture's shared memory or
-issues more than 1.3× its design count, or, on sm_90, if a candidate of the launch doing the most multiply-adds of
-a shape issues no wgmma.
+issues more than 1.3× its design count, or, on sm_90, if a candidate of a launch doing at least 10% of its shape's
+design work (its plan's form) issues less than 75% of its multiply-adds on wgmma (``mma.sync`` on sm_90 is the
+Ampere path: a product under 64 rows per warp group).
 
 Example: python scripts/kernel_report.py --shapes b32 b16 l14 h14 g14 --arch 90 80 --json report.json
 """
@@ -65,6 +67,9 @@ INPUTS = {'keys', 'values', 'gram', 'queries', 'targets',
           'grad_keys', 'grad_values', 'grad_gram', 'grad_queries', 'grad_targets'}
 FLOATS = {'query_scale'}
 MAX_RATIO = 1.3
+# sm_90: a launch doing at least LARGE_LAUNCH of its shape's design work issues at least MIN_WGMMA of it on wgmma.
+LARGE_LAUNCH = 0.10
+MIN_WGMMA = 0.75
 TOOLS = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
 _MMA = re.compile(r'\b(mma\.sync\.aligned|wgmma\.mma_async\.sync\.aligned)\.m(\d+)n(\d+)k(\d+)')
 
@@ -124,8 +129,8 @@ def sass_counts(cubin: bytes):
 def tensor_core_work(ptx: str, warps: int):
     """Static tensor-core instructions, split by the kernel's one dynamic loop.
 
-    Returns (instructions, MACs per program outside the loop, MACs per program per iteration); an
-    instruction's MACs count every warp (mma.sync) or warp group (wgmma) that issues it.
+    Returns (instructions, MACs per program outside the loop, MACs per program per iteration), the MACs as
+    {'mma': …, 'wgmma': …}; an instruction's MACs count every warp (mma.sync) or warp group (wgmma) that issues it.
     """
     lines = ptx.splitlines()
     depths = [int(re.search(r'Depth=(\d+)', line).group(1)) for line in lines if 'Loop Header' in line]
@@ -138,19 +143,17 @@ def tensor_core_work(ptx: str, warps: int):
     if not backward:
         raise ValueError('no backward branch found for the loop')
     start, stop = min(t for t, _ in backward), max(j for _, j in backward)
-    instructions, outside, inside = {}, 0, 0
+    instructions, outside, inside = {}, dict(mma=0, wgmma=0), dict(mma=0, wgmma=0)
     for i, line in enumerate(lines):
         match = _MMA.search(line)
         if not match:
             continue
-        kind, m, n, k = match.group(1), *map(int, match.group(2, 3, 4))
-        name = f'{"wgmma" if kind.startswith("wgmma") else "mma"}.m{m}n{n}k{k}'
+        kind = 'wgmma' if match.group(1).startswith('wgmma') else 'mma'
+        m, n, k = map(int, match.group(2, 3, 4))
+        name = f'{kind}.m{m}n{n}k{k}'
         instructions[name] = instructions.get(name, 0) + 1
-        macs = m * n * k * (warps // 4 if kind.startswith('wgmma') else warps)
-        if start <= i <= stop:
-            inside += macs
-        else:
-            outside += macs
+        macs = m * n * k * (warps // 4 if kind == 'wgmma' else warps)
+        (inside if start <= i <= stop else outside)[kind] += macs
     return instructions, outside, inside
 
 
@@ -164,7 +167,8 @@ def report_launch(launch, arch: int, b: int, B: int, dtype: str):
     programs = 1
     for size in launch.grid:
         programs *= size
-    issued = outside * programs + inside * launch.trips
+    issued = {kind: outside[kind] * programs + inside[kind] * launch.trips for kind in outside}
+    total = sum(issued.values())
     c = launch.constexprs
     grads = ''.join(g[0] for g in ('QUERY', 'TARGET', 'KEY', 'VALUE', 'GRAM') if c.get(g))
     return dict(
@@ -172,7 +176,8 @@ def report_launch(launch, arch: int, b: int, B: int, dtype: str):
         warps=launch.options['num_warps'], stages=launch.options['num_stages'], streamed=bool(c['VOL']),
         registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
         instructions=instructions, sass=sass_counts(compiled.asm['cubin']),
-        issued_per_pair=issued / (b * B), design_per_pair=launch.macs / (b * B), compile_s=seconds)
+        issued_per_pair=total / (b * B), design_per_pair=launch.macs / (b * B),
+        wgmma_share=issued['wgmma'] / total if total else 0., compile_s=seconds)
 
 
 def report_shape(name: str, arch: int, b: int, B: int, dtype: str):
@@ -194,7 +199,8 @@ def report_shape(name: str, arch: int, b: int, B: int, dtype: str):
 
 def problems(result) -> list:
     """What fails the targets, for every candidate: shared memory over the limit, issued > 1.3 × design (replicated
-    work) and spills; on sm_90 also no wgmma in the launch doing the most multiply-adds (any of its candidates)."""
+    work) and spills; on sm_90 also, in every candidate of a launch whose plan's form does at least LARGE_LAUNCH of
+    the shape's design work, less than MIN_WGMMA of the issued multiply-adds on wgmma."""
     found = []
     for row in result['kernels']:
         where = f'{result["shape"]} sm_{row["arch"]} {row["kernel"]} candidate {row["candidate"]}'
@@ -205,18 +211,20 @@ def problems(result) -> list:
         if row['spill_bytes']:
             found.append(f'{where}: spills {row["spill_bytes"]} bytes')
     if result['arch'] == 90:
-        largest = max((row for row in result['kernels'] if row['candidate'] == 0), key=lambda row: row['issued_per_pair'])
+        large = {row['launch']: row['design_per_pair'] / result['design_per_pair'] for row in result['kernels']
+                 if row['candidate'] == 0 and row['design_per_pair'] >= LARGE_LAUNCH * result['design_per_pair']}
         for row in result['kernels']:
-            if row['launch'] == largest['launch'] and not any(name.startswith('wgmma') for name in row['instructions']):
-                found.append(f'{result["shape"]} sm_90 {row["kernel"]} candidate {row["candidate"]}: the largest '
-                             'product issues no wgmma')
+            if row['launch'] in large and row['wgmma_share'] < MIN_WGMMA:
+                found.append(f'{result["shape"]} sm_90 {row["kernel"]} candidate {row["candidate"]}: '
+                             f'{row["wgmma_share"]:.0%} of its multiply-adds on wgmma, doing '
+                             f'{large[row["launch"]]:.0%} of the design work')
     return found
 
 
 def table(results) -> str:
     header = (f'{"shape":5s} {"arch":5s} {"kernel":11s} {"c":>1s} {"BJ":>4s} {"HG":>3s} {"w":>2s} {"st":>2s} {"L2":>2s} '
-              f'{"regs":>4s} {"spill":>5s} {"smem KB":>7s} {"MAC/pair issued":>15s} {"design":>10s} {"ratio":>5s}  '
-              'tensor-core instructions (static)')
+              f'{"regs":>4s} {"spill":>5s} {"smem KB":>7s} {"MAC/pair issued":>15s} {"design":>10s} {"ratio":>5s} '
+              f'{"wgmma":>5s}  tensor-core instructions (static)')
     lines = [header, '-' * len(header)]
     for result in results:
         for r in result['kernels']:
@@ -226,11 +234,12 @@ def table(results) -> str:
                 f'{r["heads"]:3d} {r["warps"]:2d} {r["stages"]:2d} {"y" if r["streamed"] else "n":>2s} '
                 f'{r["registers"]:4d} {r["spill_bytes"]:5d} {r["shared_bytes"] / 1024:7.0f} '
                 f'{r["issued_per_pair"]:15,.0f} {r["design_per_pair"]:10,.0f} '
-                f'{r["issued_per_pair"] / r["design_per_pair"]:5.2f}  {instructions}')
+                f'{r["issued_per_pair"] / r["design_per_pair"]:5.2f} '
+                f'{format(r["wgmma_share"], "5.0%") if r["arch"] >= 90 else "-":>5s}  {instructions}')
         lines.append(
             f'{result["shape"]:5s} sm_{result["arch"]:<2d} {"total":11s} {"":36s} '
             f'{result["issued_per_pair"]:15,.0f} {result["design_per_pair"]:10,.0f} '
-            f'{result["issued_per_pair"] / result["design_per_pair"]:5.2f}  useful {result["useful_per_pair"]:,} '
+            f'{result["issued_per_pair"] / result["design_per_pair"]:5.2f} {"":5s}  useful {result["useful_per_pair"]:,} '
             f'(issued/useful {result["issued_per_pair"] / result["useful_per_pair"]:.2f})')
     return '\n'.join(lines)
 
@@ -244,7 +253,8 @@ def parse_args(argv=None):
     parser.add_argument('--dtype', choices=['bf16', 'fp16'], default='bf16')
     add_json_output(parser, 'the results')
     parser.add_argument('--check', action='store_true', help='exit 1 on spills, shared memory over the limit, '
-                        f'issued > {MAX_RATIO}× design, or on sm_90 no wgmma for the largest product')
+                        f'issued > {MAX_RATIO}× design, or on sm_90 under {MIN_WGMMA:.0%} of a launch\'s multiply-adds '
+                        f'on wgmma where it does {LARGE_LAUNCH:.0%} or more of the design work')
     args = parser.parse_args(argv)
     check_json_output(parser, args)
     return args

@@ -38,24 +38,31 @@ def test_tensor_core_work_splits_static_instructions_by_the_loop():
     the header belongs to the loop."""
     instructions, outside, inside = load_report().tensor_core_work(PTX, warps=8)
     assert instructions == {'wgmma.m64n32k16': 1, 'mma.m16n8k16': 2, 'wgmma.m64n64k16': 1}
-    assert outside == 2 * 64 * 32 * 16 + 8 * 16 * 8 * 16
-    assert inside == 8 * 16 * 8 * 16 + 2 * 64 * 64 * 16
+    assert outside == dict(mma=8 * 16 * 8 * 16, wgmma=2 * 64 * 32 * 16)
+    assert inside == dict(mma=8 * 16 * 8 * 16, wgmma=2 * 64 * 64 * 16)
 
 
-def test_problems_flag_spills_shared_memory_replication_and_no_wgmma():
+def test_problems_flag_spills_shared_memory_replication_and_mma_sync_on_sm90():
     report = load_report()
     row = dict(kernel='text[QT]', arch=90, launch=0, candidate=0, spill_bytes=8, shared_bytes=300 * 1024,
-               issued_per_pair=2., design_per_pair=1., instructions={'mma.m16n8k16': 4})
-    found = report.problems(dict(shape='b16', arch=90, kernels=[row]))
+               issued_per_pair=2., design_per_pair=1., wgmma_share=0.)
+    found = report.problems(dict(shape='b16', arch=90, design_per_pair=1., kernels=[row]))
     assert len(found) == 4 and all(problem.startswith('b16 sm_90 text[QT] candidate 0') for problem in found)
-    clean = dict(row, spill_bytes=0, shared_bytes=0, issued_per_pair=1., instructions={'wgmma.m64n32k16': 1})
-    assert not report.problems(dict(shape='b16', arch=90, kernels=[clean]))
-    # Every candidate of the largest launch needs wgmma; sm_80 fails on spills too (it has no wgmma).
-    mma = dict(clean, candidate=1, instructions={'mma.m16n8k16': 4})
-    assert report.problems(dict(shape='b16', arch=90, kernels=[clean, mma])) == [
-        'b16 sm_90 text[QT] candidate 1: the largest product issues no wgmma']
-    spilled = dict(mma, arch=80, spill_bytes=24)
-    assert report.problems(dict(shape='l14', arch=80, kernels=[spilled])) == [
+    clean = dict(row, spill_bytes=0, shared_bytes=0, issued_per_pair=1., wgmma_share=1.)
+    assert not report.problems(dict(shape='b16', arch=90, design_per_pair=1., kernels=[clean]))
+    # Every candidate of a launch doing at least 10% of the design work issues at least 75% of it on wgmma; a
+    # launch doing less may use mma.sync; sm_80 has no wgmma.
+    mostly_mma = dict(clean, candidate=1, wgmma_share=0.7)
+    small = dict(clean, kernel='image[V]', launch=1, design_per_pair=0.09, issued_per_pair=0.09, wgmma_share=0.)
+    shape = dict(shape='b16', arch=90, design_per_pair=1.09, kernels=[clean, mostly_mma, small])
+    assert report.problems(shape) == [
+        'b16 sm_90 text[QT] candidate 1: 70% of its multiply-adds on wgmma, doing 92% of the design work']
+    assert not report.problems(dict(shape, kernels=[clean, dict(mostly_mma, wgmma_share=0.75), small]))
+    larger = dict(small, design_per_pair=0.12, issued_per_pair=0.12)
+    assert report.problems(dict(shape, design_per_pair=1.12, kernels=[clean, larger])) == [
+        'b16 sm_90 image[V] candidate 0: 0% of its multiply-adds on wgmma, doing 11% of the design work']
+    spilled = dict(mostly_mma, arch=80, spill_bytes=24, wgmma_share=0.)
+    assert report.problems(dict(shape='l14', arch=80, design_per_pair=1., kernels=[spilled])) == [
         'l14 sm_80 text[QT] candidate 1: spills 24 bytes']
 
 
@@ -70,7 +77,7 @@ def test_report_at_b16_finds_no_replication_or_spills(tmp_path, capsys):
     for row in result['kernels']:
         assert row['spill_bytes'] == 0, row
         assert row['issued_per_pair'] == pytest.approx(row['design_per_pair'], rel=0.01), row
-        assert any(name.startswith('wgmma') for name in row['instructions']), row
+        assert row['wgmma_share'] == 1 and all(name.startswith('wgmma') for name in row['instructions']), row
     assert result['useful_per_pair'] == 3 * (2 * 32 * 512 + (8 * 32) ** 2)
     printed = capsys.readouterr().out
     assert 'useful' in printed and 'FAIL' not in printed

@@ -28,39 +28,44 @@ issued equals this design's count (×1.00, but on sm_90 ×1.02–1.1 where d = 9
   The bf16 ``a`` of earlier heads stay in registers (K ≤ 32) or, token-major at K = 64, are the B operands Aᵀ of
   (G Aᵀ)ᵀ, an MMA of K rows (in shared memory). Writes cos, |z|² and, per program, Σ loss, Σ g·cos, Σ g
   (g = ∂loss/∂s), so that ∂scale and ∂bias cost nothing more.
-* Backward, two kernels and one pass each, as FlashAttention-2 splits its backward so that every gradient has one
-  owner and nothing is atomic:
+* Backward, two schemes, both in the autotuning space (the GPU's timing chooses, ``_choose``):
 
-  - ``_text_grad_kernel`` (text-stationary: a program owns a text tile and a group of HG heads and loops over all
-    b images): ∂q = Σ ∂logits·key, ∂p = Σ α·a·value (token-major their transposes, in tiles of 64 channels).
-  - ``_image_grad_kernel`` (image-stationary: a program owns an image and HG heads and loops over all B texts):
-    ∂key = Σ ∂logitsᵀ·q, ∂value = Σ (α·a)ᵀ·p and ∂G = Σ (β/2)·a aᵀ over a circulant half (column head c takes the
-    row heads c … c+⌊H/2⌋ mod H: each pair of heads once), in products 64 rows tall (sm_90) or 2·KP columns
-    wide (sm_80).
+  - two-pass, as FlashAttention-2 splits its backward so that every gradient has one owner and nothing is atomic:
+    ``_text_grad_kernel`` (text-stationary: a program owns a text tile and a group of HG heads and loops over all
+    b images) computes ∂q = Σ ∂logits·key, ∂p = Σ α·a·value (token-major their transposes, in
+    tiles of 64 channels); ``_image_grad_kernel`` (image-stationary: a program
+    owns an image and HG heads and loops over all B texts) ∂key = Σ ∂logitsᵀ·q, ∂value = Σ (α·a)ᵀ·p and
+    ∂G = Σ (β/2)·a aᵀ over a circulant half (column head c takes the row heads c … c+⌊H/2⌋ mod H: each pair of
+    heads once), in products 64 rows tall (sm_90) or 2·KP columns wide (sm_80).
+  - one-pass (``_one_pass``), as FlashAttention-2 computes dQ: the image kernel's program, having ∂logits and
+    α·a of a text tile for ∂key and ∂value, also multiplies them by the image's keys and values (2·K·d per pair
+    and head) and adds the products into fp32 sums of ∂q, ∂p [B, H, d] with atomics: the text kernel's pass,
+    which recomputes every head's attention, is not run. Programs start at different text tiles (image i at
+    tile i) so that concurrent atomics rarely meet at one address. On sm_90 (on sm_80, B/16's ∂key/∂value launch
+    with them issued 4.0× its design count).
 
   With α = g/|z| and β = −g·cos/|z|² per pair (from the stored cos, |z|²), ∂L/∂a = α·<value, p> + β·(G a). The
   heads' attention streams through the program (``_attention_pass``): each head's ``a`` is computed once and
   consumed at once: (β·a_r) G[r, c] into the group's ∂L/∂a (β scales the rows of the MMA's A operand), a_rᵀ (β/2
   a_c) into the group's ∂G. Each gradient can be computed in its own launch or fused with others (``_Part``).
 
-Why the backward does not recompute once: one program would have to accumulate both an image's gradient
-(2·K·D + (H·K)²/2 fp32: 68 K values at B/16, 295 K at G/14) and its texts' (2·D per text: 64 K values for 64
-texts at B/16), far beyond a 64 K-register file; the alternative, partial sums per (image, text tile) through
-memory, moves 2·D fp32 per pair (4 KB at B/16). FlashAttention-2's way out, the image-stationary pass adding
-its texts' gradients with fp32 atomics, costs b·B·2·D atomic adds (8.6e9 per step at B/16, b = 256,
-B = 32,768) to save the texts' own pass (180,224 multiply-adds per pair less the 2·K·D the image pass would add:
-~1.2e12 per step): milliseconds either way, which only a GPU can rank; until one has, each side has its own
-pass over the pairs. Where a
-group's accumulators do not fit with all heads, the heads split into groups (HG per program): ∂q and ∂key
-need every head's attention (through G a), so each group computes all H heads' logits (K·D per pair per group).
-Those recomputed logits are the design's main excess over the useful count. Per pair (sm_90 plans of ``_plan``):
+Why the attention is recomputed more than once even so: an image's gradient state (2·K·D + (H·K)²/2 fp32: 64 K
+values, 256 KiB, at B/16; 295 K at G/14) exceeds a program's registers and even an SM's 227 KiB of shared memory, so
+the heads split into groups (HG per program), and ∂key (and ∂q) need every head's attention (through G a): each
+group computes all H heads' logits (K·D per pair per group), and ∂G's launch its own heads' and ⌊H/2⌋ more.
+Those recomputed logits are the design's main excess over the useful count. The one-pass scheme saves the text
+kernel's pass (B/16: 147,456 multiply-adds per pair, 1.2e12 per step at b = 256, B = 32,768) for 2·D fp32
+atomic adds per pair (8.6e9 per step, 34 GB of read-modify-writes in L2, on sm_90 as 4-wide vector atomics):
+milliseconds either way, which is why both are in the space. The one-pass ∂q, ∂p are sums in no fixed order:
+under ``torch.use_deterministic_algorithms(True)`` only the two-pass scheme runs. Per pair (sm_90 plans of
+``_plan``; the one-pass total with ``_one_pass``'s tiles):
 
-    shape  H  K    d | forward  ∂q,∂p      ∂key,∂value  ∂G        | design     useful     design/useful
-    B/32   8  64   64 | 212,992  655,360    655,360      327,680   | 1,851,392  983,040    1.9
-    B/16   8  32   64 | 69,632   180,224    245,760      131,072   | 626,688    294,912    2.1
-    L/14   8  32   96 | 86,016   335,872    335,872      172,032   | 929,792    344,064    2.7
-    H/14   8  64  128 | 278,528  1,048,576  1,048,576    491,520   | 2,867,200  1,179,648  2.4
-    G/14   8  64  160 | 311,296  1,245,184  1,245,184    573,440   | 3,375,104  1,277,952  2.6
+    shape  H  K    d | forward  ∂q,∂p      ∂key,∂value  ∂G        | two-pass   one-pass   useful     ratios
+    B/32   8  64   64 | 212,992  655,360    655,360      327,680   | 1,851,392  1,261,568  983,040    1.9, 1.3
+    B/16   8  32   64 | 69,632   180,224    245,760      131,072   | 626,688    479,232    294,912    2.1, 1.6
+    L/14   8  32   96 | 86,016   335,872    335,872      172,032   | 929,792    643,072    344,064    2.7, 1.9
+    H/14   8  64  128 | 278,528  1,048,576  1,048,576    491,520   | 2,867,200  1,949,696  1,179,648  2.4, 1.7
+    G/14   8  64  160 | 311,296  1,245,184  1,245,184    573,440   | 3,375,104  2,293,760  1,277,952  2.6, 1.8
 
 (``scripts/kernel_report.py`` prints these per launch, with what the compiled code issues.) Memory traffic per
 pair, bf16, from L2 (the image- or text-stationary side stays in shared memory only where the compiler keeps
@@ -72,7 +77,8 @@ the queries of every head (B/16: 2 KB per pair per group, 8 groups for ∂key/�
 Call pattern: ``LlipLoss`` gathers the texts of a step (OpenCLIP's exchange helpers, for every
 ``--loss-dist-impl``) and calls once per step over all B texts a rank sees, its b positives first. At b = 256,
 B = 32,768 (world size 128) the grids are ≥ 1,024 programs (forward: 4 programs per image; ∂q/∂p: 256 text tiles ×
-4 groups; image kernels: 256 images × 8 groups); the gradients are written once, in the inputs' dtypes.
+4 groups; image kernels: 256 images × 8 groups); the gradients are written once, in the inputs' dtypes (the
+one-pass ∂q, ∂p after their fp32 sums: 2·B·D·4 bytes more, 128 MiB at B/16 with B = 32,768).
 
 Precision: operands in the inputs' dtype (autocast's under autocast), fp32 accumulation and softmax; bf16 ``a``
 only as MMA operands. fp32 inputs multiply in IEEE fp32 (``input_precision='ieee'``: FMAs, not TF32). |z|² is
@@ -87,7 +93,8 @@ sm_80 takes 16 texts, every product wider than tall, on 4 warps (8 at K = 64); f
 4 warps.
 
 Autotuning (``_space``, keyed on (H, K, d, sm_arch)): the plan and up to two variants of it, 1–3 candidates per
-launch, every one of which ``scripts/kernel_report.py --check`` compiles and passes at the shipped shapes:
+launch, then each of those members' one-pass form (sm_90); every candidate ``scripts/kernel_report.py
+--check`` compiles and passes at the shipped shapes:
 
     launch                         candidates besides the plan's
     forward                        the other residency (the image's keys, values, G on chip, or streamed)
@@ -97,12 +104,15 @@ launch, every one of which ``scripts/kernel_report.py --check`` compiles and pas
     ∂q, ∂key (every head's a)      not the other residency: one way or the other spills at some shape
 
 On a GPU the first call at a shape times each launch's candidates (``triton.testing.do_bench``, with the real
-arguments: every kernel only stores, so reruns are harmless) and keeps the fastest for the process, keyed on the
-launch, dtype, sm_arch and b, B rounded up to powers of two (``_fastest``); on the CPU (the interpreter) the
-plan's candidate runs. ``triton.autotune`` is not used because the candidates of a launch differ in more than
-constexprs (the grid and the forward's partial sums follow the text tile) and one kernel serves launches whose
-spaces differ; ``_launches`` describes each candidate for the report as for the run. Nothing here has run on a
-GPU yet: ``scripts/device_check.py`` is the first thing to run on one (it times every candidate).
+arguments: every kernel only stores, or adds into sums zeroed before each run, so reruns are harmless) and keeps
+the fastest for the process, keyed on the launch, dtype, sm_arch and b, B rounded up to powers of two
+(``_fastest``); then the backward's schemes (``_schemes``: members grouped by the launches they make), each with
+its launches' fastest candidates, the same way (``_choose``). On the CPU (the interpreter) the plan's candidates
+and the two-pass scheme run. ``triton.autotune`` is not used because the candidates of a launch differ in more
+than constexprs (the grid and the forward's partial sums follow the text tile) and one kernel serves launches
+whose spaces differ; ``_launches`` describes each candidate for the report as for the run. Nothing here has run
+on a GPU yet: ``scripts/device_check.py`` is the first thing to run on one (it times every candidate and checks
+each scheme).
 
 On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is first
 imported), which is how the tests check them against float64; there ``_mm`` multiplies bf16 operands in fp32,
@@ -526,6 +536,42 @@ def _forward_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr, c
 
 
 @triton.jit
+def _text_products(grad_logits, c: tl.constexpr, weighted, keys, values, head, start: tl.constexpr, grad_q, grad_p,
+                   n: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr, KP: tl.constexpr, DT: tl.constexpr,
+                   QUERY: tl.constexpr, TARGET: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr):
+    """grad_q[n] + ∂logits·key (QUERY; ∂logits = grad_logits[c]) and grad_p[n] + (α·a)·value (TARGET; α·a =
+    ``weighted``) for one image, one head and channels start … start + DT − 1 of a text tile: [BJ, DT], or MIX_T
+    (token-major ∂logits, α·a [KP, BJ]) their transposes [DT, BJ] (keyᵀ ∂logitsᵀ: DT rows, 64 for a warp group's
+    wgmma, where the text tile has fewer); tuples of one tile each, empty where not computed."""
+    new_q = ()
+    new_p = ()
+    if QUERY:
+        key = _image_tile(keys, head, start, K, D_HEAD, KP, DT, MIX_T, VOL)
+        grad = grad_logits[c].to(key.dtype)
+        new_q = ((_mm(key, grad, grad_q[n]) if MIX_T else _mm(grad, key, grad_q[n])),)
+    if TARGET:
+        value = _image_tile(values, head, start, K, D_HEAD, KP, DT, MIX_T, VOL)
+        new_p = ((_mm(value, weighted, grad_p[n]) if MIX_T else _mm(weighted, value, grad_p[n])),)
+    return new_q, new_p
+
+
+@triton.jit
+def _text_offsets(rows, head, start: tl.constexpr, B, H: tl.constexpr, D_HEAD: tl.constexpr, DT: tl.constexpr,
+                  MIX_T: tl.constexpr):
+    """Offsets and mask of head ``head``, channels start … start + DT − 1 of the texts ``rows`` in a contiguous
+    [B, H, d] gradient: [BJ, DT] each, or MIX_T [DT, BJ]. ``head`` may be past H (the last group of heads), which
+    masks it all."""
+    cols = start + tl.arange(0, DT)
+    if MIX_T:
+        offsets = (rows[None, :].to(tl.int64) * H + head) * D_HEAD + cols[:, None]
+        mask = (rows[None, :] < B) & (cols[:, None] < D_HEAD) & (head < H)
+    else:
+        offsets = (rows[:, None].to(tl.int64) * H + head) * D_HEAD + cols[None, :]
+        mask = (rows[:, None] < B) & (cols[None, :] < D_HEAD) & (head < H)
+    return offsets, mask
+
+
+@triton.jit
 def _text_grad_step(grad_q, grad_p, keys, values, gram, queries, targets, text_stride, row0, B, first_head, query_scale,
                     alpha, beta, H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr, HG: tl.constexpr,
                     BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, QUERY: tl.constexpr, TARGET: tl.constexpr,
@@ -541,18 +587,12 @@ def _text_grad_step(grad_q, grad_p, keys, values, gram, queries, targets, text_s
     new_q = ()
     new_p = ()
     for c in tl.static_range(HG):
-        head = (first_head + c) % H
         weighted = (_per_text(alpha, MIX_T) * own[c].to(tl.float32)).to(own[c].dtype)
         for start in tl.static_range(0, D_HEAD, DK):
-            if QUERY:
-                key = _image_tile(keys, head, start, K, D_HEAD, KP, DK, MIX_T, VOL)
-                grad = grad_logits[c].to(key.dtype)
-                new_q = new_q + ((_mm(key, grad, grad_q[c * CHUNKS + start // DK]) if MIX_T
-                                  else _mm(grad, key, grad_q[c * CHUNKS + start // DK])),)
-            if TARGET:
-                value = _image_tile(values, head, start, K, D_HEAD, KP, DK, MIX_T, VOL)
-                new_p = new_p + ((_mm(value, weighted, grad_p[c * CHUNKS + start // DK]) if MIX_T
-                                  else _mm(weighted, value, grad_p[c * CHUNKS + start // DK])),)
+            q, p = _text_products(grad_logits, c, weighted, keys, values, (first_head + c) % H, start, grad_q, grad_p,
+                                  c * CHUNKS + start // DK, K, D_HEAD, KP, DK, QUERY, TARGET, MIX_T, VOL)
+            new_q = new_q + q
+            new_p = new_p + p
     return new_q, new_p
 
 
@@ -585,15 +625,8 @@ def _text_grad_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr,
             gram + tl.cast(i, tl.int64) * (H * K) * (H * K), queries, targets, text_stride, row0, B, first_head,
             query_scale, alpha, beta, H, K, D_HEAD, HG, BJ, KP, DC, QUERY, TARGET, MIX_T, VOL, DK)
     for c in tl.static_range(HG):
-        head = first_head + c
         for start in tl.static_range(0, D_HEAD, DK):
-            cols = start + tl.arange(0, DK)
-            if MIX_T:
-                offsets = (rows[None, :].to(tl.int64) * H + head) * D_HEAD + cols[:, None]
-                mask = (rows[None, :] < B) & (cols[:, None] < D_HEAD) & (head < H)
-            else:
-                offsets = (rows[:, None].to(tl.int64) * H + head) * D_HEAD + cols[None, :]
-                mask = (rows[:, None] < B) & (cols[None, :] < D_HEAD) & (head < H)
+            offsets, mask = _text_offsets(rows, first_head + c, start, B, H, D_HEAD, DK, MIX_T)
             if QUERY:
                 tl.store(grad_queries + offsets, grad_q[c * CHUNKS + start // DK] * (query_scale * _LN2), mask=mask)
             if TARGET:
@@ -601,23 +634,37 @@ def _text_grad_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr,
 
 
 @triton.jit
-def _image_grad_step(grad_k, grad_v, grad_g, keys, values, gram, queries, targets, text_stride, row0, B, first_head,
-                     query_scale, alpha, beta, H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr,
-                     HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, KEY: tl.constexpr,
-                     VALUE: tl.constexpr, GRAM: tl.constexpr, ROWS: tl.constexpr, RP: tl.constexpr,
-                     NEEDED: tl.constexpr, DK: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr,
-                     GRAM_T: tl.constexpr):
+def _image_grad_step(grad_k, grad_v, grad_g, keys, values, gram, queries, targets, grad_queries_sum, grad_targets_sum,
+                     text_stride, row0, B, first_head, query_scale, alpha, beta, H: tl.constexpr, K: tl.constexpr,
+                     D_HEAD: tl.constexpr, HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr,
+                     KEY: tl.constexpr, VALUE: tl.constexpr, GRAM: tl.constexpr, QUERY: tl.constexpr,
+                     TARGET: tl.constexpr, ROWS: tl.constexpr, RP: tl.constexpr, NEEDED: tl.constexpr,
+                     DK: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr, GRAM_T: tl.constexpr):
     """One text tile's contribution to the image's ∂key (KEY), ∂value (VALUE) and ∂G columns (GRAM) of the group's
-    heads; ∂key, ∂value in tiles [DK channels, KP]."""
+    heads, ∂key, ∂value in tiles [DK channels, KP]; and the tile's ∂q (QUERY), ∂p (TARGET) from this image, added
+    to the fp32 sums ``grad_queries_sum``, ``grad_targets_sum`` [B, H, d] with atomics, in tiles of DT channels
+    (as the text kernel's: DK token-major, else DC)."""
     CHUNKS: tl.constexpr = (D_HEAD + DK - 1) // DK
+    DT: tl.constexpr = DK if MIX_T else DC
     own, grad_logits, grad_g = _attention_pass(queries, targets, text_stride, row0, B, keys, values, gram, first_head,
-                                               query_scale, alpha, beta, grad_g, NEEDED, HG, KEY, GRAM, ROWS, RP, H,
-                                               K, D_HEAD, BJ, KP, DC, MIX_T, VOL, GRAM_T)
+                                               query_scale, alpha, beta, grad_g, NEEDED, HG, KEY or QUERY, GRAM, ROWS,
+                                               RP, H, K, D_HEAD, BJ, KP, DC, MIX_T, VOL, GRAM_T)
     new_k = ()
     new_v = ()
+    rows = row0 + tl.arange(0, BJ)
     for c in tl.static_range(HG):
         head = (first_head + c) % H
         weighted = (_per_text(alpha, MIX_T) * own[c].to(tl.float32)).to(own[c].dtype)
+        if QUERY or TARGET:
+            for start in tl.static_range(0, D_HEAD, DT):
+                zeros = (tl.zeros((DT, BJ) if MIX_T else (BJ, DT), dtype=tl.float32),)
+                q, p = _text_products(grad_logits, c, weighted, keys, values, head, start, zeros, zeros, 0, K,
+                                      D_HEAD, KP, DT, QUERY, TARGET, MIX_T, VOL)
+                offsets, mask = _text_offsets(rows, first_head + c, start, B, H, D_HEAD, DT, MIX_T)
+                if QUERY:
+                    tl.atomic_add(grad_queries_sum + offsets, q[0] * (query_scale * _LN2), mask=mask, sem='relaxed')
+                if TARGET:
+                    tl.atomic_add(grad_targets_sum + offsets, p[0], mask=mask, sem='relaxed')
         if KEY:
             grad = grad_logits[c].to(own[c].dtype)
         if MIX_T:  # B operands [BJ, KP], in shared memory: the transposes are in how they are stored there
@@ -636,24 +683,28 @@ def _image_grad_step(grad_k, grad_v, grad_g, keys, values, gram, queries, target
 
 @triton.jit
 def _image_grad_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr, grad_ptr, cos_ptr, sq_norm_ptr,
-                       grad_keys, grad_values, grad_gram, B, image_stride, text_stride, first_text, query_scale,
-                       H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr, HAS_POSITIVES: tl.constexpr,
-                       HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr, DC: tl.constexpr, KEY: tl.constexpr,
-                       VALUE: tl.constexpr, GRAM: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr,
+                       grad_keys, grad_values, grad_gram, grad_queries_sum, grad_targets_sum, B, image_stride,
+                       text_stride, first_text, query_scale, H: tl.constexpr, K: tl.constexpr, D_HEAD: tl.constexpr,
+                       HAS_POSITIVES: tl.constexpr, HG: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr,
+                       DC: tl.constexpr, KEY: tl.constexpr, VALUE: tl.constexpr, GRAM: tl.constexpr,
+                       QUERY: tl.constexpr, TARGET: tl.constexpr, MIX_T: tl.constexpr, VOL: tl.constexpr,
                        DK: tl.constexpr, GRAM_T: tl.constexpr, RP: tl.constexpr):
     """One image and HG heads (a group), summed over all B texts: ∂L/∂key (KEY), ∂L/∂value (VALUE) [b, H, K, d] and
     the group's columns of ∂L/∂G = Σ_j (β/2)·a aᵀ over a circulant half (GRAM): column head c takes the row heads
     c, c+1, …, c+⌊H/2⌋ (mod H), so that every pair of heads is computed once (twice only for the H/2-apart pairs
-    when H is even; the larger c does not store them); each block is stored with its mirror.
+    when H is even; the larger c does not store them); each block is stored with its mirror. With QUERY, TARGET
+    (the one-pass backward) also this image's share of its texts' ∂q, ∂p, added to the zeroed fp32 sums
+    ``grad_queries_sum``, ``grad_targets_sum`` [B, H, d] with atomics; programs start at different text tiles
+    (image i at tile i) so that the images' atomics rarely meet at one address.
 
     ∂key, ∂value accumulate as [DK channels, KP] tiles; ∂G in blocks [RP·KP, KP] (A_qᵀ · β/2 a_c) of RP row heads,
     or with GRAM_T [KP, RP·KP] ((β/2 a_c)ᵀ A_q). The plan picks DK, RP and GRAM_T for the MMA's layout (``_plan``).
     """
     CHUNKS: tl.constexpr = (D_HEAD + DK - 1) // DK
     ROWS: tl.constexpr = H // 2 + 1 if H // 2 + 1 < H else H  # row heads per ∂G column
-    # Heads whose attention the program needs: all for ∂L/∂key (through G a); the group and ⌊H/2⌋ more for ∂G;
-    # the group for ∂L/∂value.
-    NEEDED: tl.constexpr = H if KEY else ((HG + ROWS - 1 if HG + ROWS - 1 < H else H) if GRAM else HG)
+    # Heads whose attention the program needs: all for ∂L/∂key and ∂L/∂q (through G a); the group and ⌊H/2⌋ more
+    # for ∂G; the group for ∂L/∂value and ∂L/∂p.
+    NEEDED: tl.constexpr = H if KEY or QUERY else ((HG + ROWS - 1 if HG + ROWS - 1 < H else H) if GRAM else HG)
     NB: tl.constexpr = (NEEDED + RP - 1) // RP
     i = tl.program_id(0)
     first_head = tl.program_id(1) * HG
@@ -668,14 +719,19 @@ def _image_grad_kernel(keys, values, gram, queries, targets, scale_ptr, bias_ptr
     grad_k = _zeros(HG * CHUNKS if KEY else 0, DK, KP)
     grad_v = _zeros(HG * CHUNKS if VALUE else 0, DK, KP)
     grad_g = _zeros(HG * NB if GRAM else 0, KP if GRAM_T else RP * KP, RP * KP if GRAM_T else KP)
-    for start in range(0, B, BJ):
+    span = tl.cdiv(B, BJ) * BJ
+    shift = (i * BJ) % span
+    for row0 in range(0, B, BJ):
+        start = row0
+        if QUERY or TARGET:
+            start = (row0 + shift) % span
         rows = start + tl.arange(0, BJ)
         alpha, beta = _pair_coefficients(cos_ptr, sq_norm_ptr, pair_offset, rows, B, i, first_text,
                                          scale, bias, grad, HAS_POSITIVES)
         grad_k, grad_v, grad_g = _image_grad_step(
-            grad_k, grad_v, grad_g, keys, values, gram, queries, targets, text_stride, start, B, first_head,
-            query_scale, alpha, beta, H, K, D_HEAD, HG, BJ, KP, DC, KEY, VALUE, GRAM, ROWS, RP, NEEDED, DK, MIX_T, VOL,
-            GRAM_T)
+            grad_k, grad_v, grad_g, keys, values, gram, queries, targets, grad_queries_sum, grad_targets_sum,
+            text_stride, start, B, first_head, query_scale, alpha, beta, H, K, D_HEAD, HG, BJ, KP, DC, KEY, VALUE,
+            GRAM, QUERY, TARGET, ROWS, RP, NEEDED, DK, MIX_T, VOL, GRAM_T)
     tokens = tl.arange(0, KP)
     for c in tl.static_range(HG):
         head = first_head + c
@@ -837,8 +893,9 @@ def _plan(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = F
 
 def _space(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = False) -> tuple:
     """The autotuning space of (H, K, d) on sm_``arch``: ``_plan``'s plan first (what runs where nothing is timed),
-    then variants of it; on a GPU ``_fastest`` times each launch's distinct candidates (``_candidates``) the first
-    time it meets a shape and keeps the fastest, launch by launch. The variants are those that pass
+    then variants of it, then the one-pass form of each (``_one_pass``); on a GPU ``_fastest`` times each launch's
+    distinct candidates (``_schemes``) the first time it meets a shape and keeps the fastest, launch by launch,
+    and ``_choose`` the two backward schemes. The variants are those that pass
     scripts/kernel_report.py --check at every shipped shape (it compiles every member): no spills, no replication,
     shared memory within the limit.
 
@@ -849,6 +906,7 @@ def _space(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = 
       sm_90 at d > 128 (G/14: on chip they spill).
     * sm_90, K ≤ 32: ∂key/∂value and ∂G on 128 texts and 8 warps (two warp groups) besides 64 texts on 4.
     * sm_90, K = 64: the forward on 16 texts besides 32 (fewer registers: 174–208 against 245–252).
+    * sm_90: every member's one-pass form (on sm_80 its extra products replicate 4×).
 
     fp32 (for checking) has one member.
     """
@@ -870,7 +928,29 @@ def _space(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = 
         space += (plan._replace(backward=wide),)
     elif arch >= 90:  # K = 64: the forward on 16 texts besides 32
         space += (plan._replace(forward=plan.forward._replace(texts=16)),)
+    if arch >= 90:
+        space += tuple(dict.fromkeys(_one_pass(member) for member in space))
     return space
+
+
+def _one_pass(plan: _Plan) -> _Plan:
+    """The plan's one-pass backward: no text kernel; ∂q computed beside ∂key (from the same ∂L/∂logits) and ∂p
+    beside ∂value (from the same α·a), in the image kernel's programs, and added into fp32 sums with atomics.
+
+    The image kernel's tiles are the plan's, but for one head per program where ∂value/∂p has a launch of its own
+    (K = 64: two heads, as the plan's ∂value, spill 20–32 bytes at H/14 with ∂p beside them)."""
+    parts = []
+    for part in plan.backward:
+        if part.kernel == 'text':
+            continue
+        grads, blocks = part.grads, part.blocks
+        if 'key' in grads:
+            grads += ('query',)
+        if 'value' in grads:
+            grads += ('target',)
+            blocks = blocks._replace(heads=1)
+        parts.append(part._replace(grads=grads, blocks=blocks))
+    return plan._replace(backward=tuple(parts))
 
 
 # Programs the forward aims for: an image's text tiles are split among programs until about this many.
@@ -933,7 +1013,7 @@ def _launches(stage: str, plan: _Plan, b: int, B: int, heads: int, tokens: int, 
         own, groups = blocks.heads, triton.cdiv(heads, blocks.heads)
         constexprs = dict(common, BJ=blocks.texts, HG=own, MIX_T=blocks.mix_t, VOL=not blocks.resident,
                           **{g.upper(): g in wanted for g in (('query', 'target') if part.kernel == 'text'
-                                                              else ('key', 'value', 'gram'))})
+                                                              else GRADIENTS)})
         mixing = k * d + h * k * k  # <p, value> and G a for one head: the softmax backward's inputs
         if blocks.chunk:
             constexprs['DC'] = blocks.chunk
@@ -951,28 +1031,40 @@ def _launches(stage: str, plan: _Plan, b: int, B: int, heads: int, tokens: int, 
                                     b * tiles * blocks.texts * groups * per_pair))
         else:
             tiles = triton.cdiv(B, blocks.texts)
-            streamed = h if constexprs['KEY'] else min(h, own + rows - 1) if constexprs['GRAM'] else own
-            per_pair = (streamed * k * d + own * (constexprs['KEY'] * (mixing + k * d) + constexprs['VALUE'] * k * d)
+            logits = constexprs['KEY'] or constexprs['QUERY']  # ∂L/∂logits of the group: every head's attention
+            streamed = h if logits else min(h, own + rows - 1) if constexprs['GRAM'] else own
+            products = sum(constexprs[g] for g in ('KEY', 'VALUE', 'QUERY', 'TARGET'))  # K·d each per head
+            per_pair = (streamed * k * d + own * (logits * mixing + products * k * d)
                         + constexprs['GRAM'] * _gram_blocks(heads, own, streamed, rp) * rp * k * k)
             launches.append(_Launch('image', _image_grad_kernel, (b, groups), constexprs, options(blocks),
                                     dict(B=B, **strides), b * groups * tiles, b * tiles * blocks.texts * groups * per_pair))
     return launches
 
 
-def _candidates(stage: str, space: tuple, *shape, grads=GRADIENTS):
-    """Per launch of ``stage``, its distinct forms across the members of ``space`` (``_space``), the first
-    member's first: what ``_fastest`` chooses among."""
-    per_member = [_launches(stage, plan, *shape, grads=grads) for plan in space]
-    if len({len(launches) for launches in per_member}) != 1:
-        raise ValueError('the members of a space must make the same launches')
-    out = []
-    for forms in zip(*per_member):
-        distinct = []
-        for launch in forms:
+def _gradients(launch: _Launch) -> tuple:
+    """The gradients a launch computes (GRADIENTS' names)."""
+    return tuple(g for g in GRADIENTS if launch.constexprs.get(g.upper()))
+
+
+def _adds_atomically(launch: _Launch) -> bool:
+    """Whether a launch adds its texts' gradients into fp32 sums with atomics (the one-pass backward)."""
+    return launch.name == 'image' and bool(launch.constexprs['QUERY'] or launch.constexprs['TARGET'])
+
+
+def _schemes(stage: str, space: tuple, *shape, grads=GRADIENTS) -> list:
+    """The launches of ``stage`` over the members of ``space`` (``_space``), grouped into schemes, members that
+    make the same launches (the same kernels computing the same gradients: the forward has one scheme, the
+    backward two, two-pass and one-pass), in the space's order; per scheme, per launch, its distinct forms across
+    the scheme's members, the first member's first: what ``_fastest`` chooses among."""
+    schemes = {}
+    for plan in space:
+        launches = _launches(stage, plan, *shape, grads=grads)
+        structure = tuple((launch.name, _gradients(launch)) for launch in launches)
+        forms = schemes.setdefault(structure, [[] for _ in launches])
+        for distinct, launch in zip(forms, launches):
             if launch not in distinct:
                 distinct.append(launch)
-        out.append(distinct)
-    return out
+    return list(schemes.values())
 
 
 def _run(launch: _Launch, args: dict):
@@ -982,23 +1074,27 @@ def _run(launch: _Launch, args: dict):
     launch.kernel[launch.grid](*values, **launch.constexprs, **launch.options)
 
 
-# The candidate each launch runs with, timed once per process: (launch name and constexprs, dtype, sm_arch, b and B
-# rounded up to powers of two) -> index into the launch's candidates.
+# What runs, timed once per process: a launch's candidate, keyed on (launch name and constexprs, dtype, sm_arch, b
+# and B rounded up to powers of two), and the backward's scheme (the same, with H, K, d and the gradients wanted).
 _CHOSEN = {}
 
 
-def _fastest(candidates: list, run, key: tuple) -> _Launch:
-    """The candidate to launch: the first where there is nothing to choose or nothing to time (the interpreter),
-    else the one that ``run`` (which launches a candidate with the real arguments) ran fastest the first time
-    ``key`` was seen. Timing reruns kernels, which is harmless: each only stores, and reads nothing it writes."""
-    if len(candidates) == 1 or INTERPRETED:
-        return candidates[0]
-    first = candidates[0]
-    key = (first.name, tuple(sorted(first.constexprs.items())), *key)
+def _choose(options: list, run, key: tuple):
+    """The option to run: the first where there is nothing to choose or nothing to time (the interpreter), else the
+    one that ``run`` ran fastest the first time ``key`` was seen. Timing reruns kernels, which is harmless: each
+    only stores, or adds into sums that ``run`` zeroes first, and reads nothing it writes."""
+    if len(options) == 1 or INTERPRETED:
+        return options[0]
     if key not in _CHOSEN:
-        times = [triton.testing.do_bench(lambda launch=launch: run(launch), warmup=5, rep=25) for launch in candidates]
+        times = [triton.testing.do_bench(lambda option=option: run(option), warmup=5, rep=25) for option in options]
         _CHOSEN[key] = times.index(min(times))
-    return candidates[_CHOSEN[key]]
+    return options[_CHOSEN[key]]
+
+
+def _fastest(candidates: list, run, tuning: tuple) -> _Launch:
+    """The candidate of one launch to run (``_choose``), keyed on the launch and ``tuning``."""
+    first = candidates[0]
+    return _choose(candidates, run, (first.name, tuple(sorted(first.constexprs.items())), *tuning))
 
 
 def _launch_args(keys, values, gram, queries, targets):
@@ -1071,7 +1167,7 @@ class _FusedSigmoidLoss(torch.autograd.Function):
             return partial
 
         tuning = (keys_.dtype, arch, triton.next_power_of_2(b), triton.next_power_of_2(num_texts))
-        (candidates,) = _candidates('forward', *shape)
+        ((candidates,),) = _schemes('forward', *shape)
         with _on_device(keys):
             partial = run(_fastest(candidates, run, tuning))
         ctx.save_for_backward(keys_, values_, gram_, queries_, targets_, scale, bias, cos, sq_norm, partial)
@@ -1095,13 +1191,36 @@ class _FusedSigmoidLoss(torch.autograd.Function):
                     grad_queries=empty(queries.shape, dtypes[3]), grad_targets=empty(targets.shape, dtypes[4]),
                     grad_keys=empty(keys.shape, dtypes[0]), grad_values=empty(values.shape, dtypes[1]),
                     grad_gram=empty(gram.shape, dtypes[2]))
+        # The one-pass backward's fp32 sums of the texts' gradients: the gradients themselves where they are fp32;
+        # made when a one-pass scheme first runs (the two-pass kernels never touch them).
+        no_sums = empty((0,), torch.float32)
+        args.update(grad_queries_sum=no_sums, grad_targets_sum=no_sums)
 
         def run(launch):
             _run(launch, args)
 
-        with _on_device(keys):
-            for candidates in _candidates('backward', *ctx.shape, grads=[g for g, need in zip(GRADIENTS, needs) if need]):
+        def run_scheme(scheme):
+            atomic = any(_adds_atomically(candidates[0]) for candidates in scheme)
+            if atomic:
+                for name in summed:
+                    if args[name + '_sum'] is no_sums:
+                        out = args[name]
+                        args[name + '_sum'] = out if out.dtype == torch.float32 else empty(out.shape, torch.float32)
+                    args[name + '_sum'].zero_()
+            for candidates in scheme:
                 run(_fastest(candidates, run, ctx.tuning))
+            if atomic:
+                for name in summed:
+                    if args[name] is not args[name + '_sum']:
+                        args[name].copy_(args[name + '_sum'])
+
+        wanted = [g for g, need in zip(GRADIENTS, needs) if need]
+        summed = [name for name, g in (('grad_queries', 'query'), ('grad_targets', 'target')) if g in wanted]
+        schemes = _schemes('backward', *ctx.shape, grads=wanted)
+        if torch.are_deterministic_algorithms_enabled():  # fp32 atomics add in no fixed order
+            schemes = [scheme for scheme in schemes if not any(_adds_atomically(c[0]) for c in scheme)]
+        with _on_device(keys):
+            run_scheme(_choose(schemes, run_scheme, ('backward', *ctx.shape[3:6], tuple(wanted), *ctx.tuning)))
         sums = partial[..., 1:].sum(dim=(0, 1)) * grad  # Σ ∂L/∂s·cos, Σ ∂L/∂s
         scale_shape, bias_shape = ctx.scalar_shapes
         grads = (args['grad_keys'], args['grad_values'], args['grad_gram'], args['grad_queries'], args['grad_targets'],

@@ -1,14 +1,16 @@
 """The first thing a session with a GPU runs: the fused loss checked and timed on the device, in one call.
 
-1. Correctness, at every shipped config's (H, K, d), bf16 and fp32: the loss and all seven gradients of
-   ``fused_sigmoid_loss`` against float64 (``reference``: the formula written out) and against the PyTorch path
-   (``open_clip_llip.loss._block_loss``), with partial text tiles (B not a multiple of any tile), positives off
-   the diagonal, raw queries with τ = 5, and one image whose values and Gram matrix are zero (|z| = 0: checked
-   against the PyTorch path, which clamps as the kernels do; the float64 formula would divide by zero).
+1. Correctness, at every shipped config's (H, K, d), bf16 and fp32, for each backward scheme the autotuning space
+   has there (two-pass; one-pass, whose texts' gradients are fp32 atomic sums: ``fused_loss._one_pass``), the
+   space restricted to it: the loss and all seven gradients of ``fused_sigmoid_loss`` against float64
+   (``reference``: the formula written out) and against the PyTorch path (``open_clip_llip.loss._block_loss``),
+   with partial text tiles (B not a multiple of any tile), positives off the diagonal, raw queries with τ = 5, and
+   one image whose values and Gram matrix are zero (|z| = 0: checked against the PyTorch path, which clamps as
+   the kernels do; the float64 formula would divide by zero).
 2. Per-kernel times: every candidate (``fused_loss._space``; 0 is the plan's) of every launch of the forward and
-   the backward at b = 256, B = 32,768 (one rank's step at world size 128), bf16, median of
-   ``triton.testing.do_bench``, with the design's TFLOP/s: what the run-time choice (``fused_loss._fastest``)
-   chooses among.
+   of both backward schemes at b = 256, B = 32,768 (one rank's step at world size 128), bf16, median of
+   ``triton.testing.do_bench``, with the design's TFLOP/s; then per scheme forward + backward with each launch's
+   fastest candidate: what the run-time choice (``fused_loss._fastest``, ``fused_loss._choose``) chooses among.
 3. ``scripts/bench_loss.py`` at b = 256, B = 32,768 for B/16 and G/14: the direct formulation, ours (Triton; the
    PyTorch path too at B/16) and SigLIP, forward+backward time and peak memory.
 4. ``tests/test_precision.py`` on the GPU (``OPEN_CLIP_LLIP_TEST_DEVICE=cuda``): the stock loop with validation,
@@ -16,15 +18,18 @@
 5. A few ``open_clip_train`` steps of Llip-ViT-B-16 and of its SigLIP twin (ViT-B-16-quickgelu with ``--siglip``:
    the same towers) at 256 per GPU, amp_bf16, synthetic data: samples/s of each, from the loop's tensorboard.
 
-Prints every figure and writes them all to ``--json``. Budget, estimated before the autotuning space: sections 1-3
-under 8 minutes on one H100/H200 (4 and 5 add about 3; ``--skip precision train`` for the kernels alone), most of
-it Triton compiling each kernel once per shape and dtype; now every candidate compiles (the first call at a shape
-times them all; ``--skip`` leaves sections out for a quicker rerun).
+Prints every figure, with the seconds elapsed after each, and writes them all to ``--json``. Budget: not measured
+(no GPU has run it). Most of sections 1–3 is Triton compiling: section 1 compiles each scheme's first candidates
+per shape and dtype (~70 kernels), section 2 every candidate at the five timed shapes (~75, the same as
+``scripts/kernel_report.py`` compiles per architecture, 2.5 minutes on 2 CPU cores with ptxas -v and nvdisasm);
+their timing at full size is ~1 s per candidate. Sections 4 and 5 add about 3 minutes. If the first run is over
+8 minutes, ``--skip`` leaves sections out and ``--shapes`` narrows section 1 for the rerun.
 ``--dry-run`` runs section 1 at the tiny shapes only, on the CPU under TRITON_INTERPRET=1 (how CI tests it).
 
 Example: python scripts/device_check.py --json $OUT/device_check.json
 """
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -90,11 +95,47 @@ def relative_errors(ours, refs):
             for a, r in zip(ours, refs)]
 
 
-def check_shape(name, dtype, device, b=16, B=208, temperature=5., first_text=1):
-    """Loss and gradients against float64 and the PyTorch path; one more run with a zero image against the
-    PyTorch path. Returns a record with the errors and whether all are within TOLERANCE[dtype]."""
+SCHEMES = ('two-pass', 'one-pass')
+
+
+def scheme_of(plan) -> str:
+    """A member of the autotuning space by its backward: 'one-pass' where no text kernel runs (``_one_pass``)."""
+    return 'one-pass' if all(part.kernel == 'image' for part in plan.backward) else 'two-pass'
+
+
+def schemes_at(name, dtype, device) -> list:
+    """The backward schemes whose members the autotuning space has at a shape, for the device and dtype."""
     heads, tokens, head_dim = SHAPES[name]
-    record = dict(section='correctness', shape=name, dtype=str(dtype).replace('torch.', ''), b=b, B=B)
+    arch = fused_loss._arch(torch.empty(0, device=device))
+    space = fused_loss._space(heads, tokens, head_dim, arch, dtype == torch.float32)
+    return [scheme for scheme in SCHEMES if any(scheme_of(plan) == scheme for plan in space)]
+
+
+@contextlib.contextmanager
+def only(scheme):
+    """The fused loss with its autotuning space restricted to one backward scheme (and the timed choices
+    forgotten before and after), so that each scheme is checked whichever the timing would choose."""
+    space = fused_loss._space
+    fused_loss._space = lambda *shape: tuple(plan for plan in space(*shape) if scheme_of(plan) == scheme)
+    fused_loss._CHOSEN.clear()
+    try:
+        yield
+    finally:
+        fused_loss._space = space
+        fused_loss._CHOSEN.clear()
+
+
+def check_shape(name, dtype, device, scheme, b=16, B=208, temperature=5., first_text=1):
+    """Loss and gradients, with the backward ``scheme``, against float64 and the PyTorch path; one more run with
+    a zero image against the PyTorch path. Returns a record with the errors and whether all are within
+    TOLERANCE[dtype]."""
+    with only(scheme):
+        return _check_shape(name, dtype, device, scheme, b, B, temperature, first_text)
+
+
+def _check_shape(name, dtype, device, scheme, b, B, temperature, first_text):
+    heads, tokens, head_dim = SHAPES[name]
+    record = dict(section='correctness', shape=name, dtype=str(dtype).replace('torch.', ''), scheme=scheme, b=b, B=B)
     for case, zero_image in (('float64', None), ('pytorch_path_zero_image', 1)):
         features, gram, texts, scale, bias = make_inputs(b, B, heads, tokens, head_dim, dtype, device, zero_image)
         keys, values = features.unbind(dim=1)
@@ -123,7 +164,9 @@ def check_shape(name, dtype, device, b=16, B=208, temperature=5., first_text=1):
 
 def kernel_times(name, device, b=256, B=32768):
     """Median time of every candidate of every launch (``fused_loss._space``) at b images × B texts (bf16), forward
-    then backward, with design TFLOP/s; candidate 0 is the plan's, the one that runs where nothing is timed."""
+    then the backward of each scheme (two-pass, one-pass: ``fused_loss._schemes``), with design TFLOP/s;
+    candidate 0 is the plan's, the one that runs where nothing is timed. Then per scheme the forward and backward
+    with each launch's fastest candidate: what the run-time choice (``fused_loss._choose``) compares."""
     import triton.testing
     heads, tokens, head_dim = SHAPES[name]
     features, gram, texts, scale, bias = make_inputs(b, B, heads, tokens, head_dim, torch.bfloat16, device)
@@ -138,21 +181,33 @@ def kernel_times(name, device, b=256, B=32768):
                 sq_norm_ptr=torch.empty(b, B, **fp32), query_scale=math.log2(math.e) / 5.,
                 grad_queries=torch.empty_like(queries), grad_targets=torch.empty_like(targets),
                 grad_keys=torch.empty_like(keys), grad_values=torch.empty_like(values),
-                grad_gram=torch.empty_like(gram))
+                grad_gram=torch.empty_like(gram),  # the one-pass backward's sums (timing only adds more)
+                grad_queries_sum=torch.zeros(queries.shape, **fp32), grad_targets_sum=torch.zeros(targets.shape, **fp32))
     records = []
-    for stage in ('forward', 'backward'):
-        for candidates in fused_loss._candidates(stage, *shape):
+    stages = [('forward', None, launches) for launches in fused_loss._schemes('forward', *shape)]
+    stages += [('backward', SCHEMES[index], launches)
+               for index, launches in enumerate(fused_loss._schemes('backward', *shape))]
+    fastest = {}
+    for stage, scheme, launches in stages:
+        for candidates in launches:
+            times = []
             for index, launch in enumerate(candidates):
                 if stage == 'forward':
                     args['partial_ptr'] = torch.empty(b, launch.grid[0], 3, **fp32)
                 fused_loss._run(launch, args)  # compile, and the forward's cos and |z|² for the backward
                 ms = triton.testing.do_bench(lambda launch=launch: fused_loss._run(launch, args), warmup=25, rep=100,
                                              return_mode='median')
+                times.append(ms)
                 flags = ''.join(g[0] for g in ('QUERY', 'TARGET', 'KEY', 'VALUE', 'GRAM') if launch.constexprs.get(g))
                 records.append(dict(section='kernel_time', shape=name, kernel=launch.name + (f'[{flags}]' if flags else ''),
-                                    candidate=index, texts=launch.constexprs['BJ'], warps=launch.options['num_warps'],
-                                    streamed=launch.constexprs['VOL'], b=b, B=B, time_ms=ms,
-                                    design_tflop_per_s=2 * launch.macs / ms / 1e9))
+                                    scheme=scheme, candidate=index, texts=launch.constexprs['BJ'],
+                                    warps=launch.options['num_warps'], streamed=launch.constexprs['VOL'], b=b, B=B,
+                                    time_ms=ms, design_tflop_per_s=2 * launch.macs / ms / 1e9))
+            fastest[stage, scheme] = fastest.get((stage, scheme), 0.) + min(times)
+    for scheme in SCHEMES:
+        if ('backward', scheme) in fastest:
+            records.append(dict(section='step_time', shape=name, scheme=scheme, b=b, B=B,
+                                forward_ms=fastest['forward', None], backward_ms=fastest['backward', scheme]))
     return records
 
 
@@ -215,11 +270,14 @@ def summary(records) -> str:
     lines = []
     for r in records:
         if r['section'] == 'correctness':
-            lines.append(f'correctness {r["shape"]:5s} {r["dtype"]:9s} max error {r["max_error"]:.2e} '
+            lines.append(f'correctness {r["shape"]:5s} {r["dtype"]:9s} {r["scheme"]:8s} max error {r["max_error"]:.2e} '
                          f'{"ok" if r["ok"] else "FAIL"}')
         elif r['section'] == 'kernel_time':
-            lines.append(f'kernel      {r["shape"]:5s} {r["kernel"]:12s} {r["candidate"]} {r["time_ms"]:8.3f} ms '
-                         f'{r["design_tflop_per_s"]:7.1f} TFLOP/s (design)')
+            lines.append(f'kernel      {r["shape"]:5s} {r["kernel"]:12s} {r["scheme"] or "":8s} {r["candidate"]} '
+                         f'{r["time_ms"]:8.3f} ms {r["design_tflop_per_s"]:7.1f} TFLOP/s (design)')
+        elif r['section'] == 'step_time':
+            lines.append(f'step        {r["shape"]:5s} {r["scheme"]:8s} forward {r["forward_ms"]:.2f} ms + backward '
+                         f'{r["backward_ms"]:.2f} ms = {r["forward_ms"] + r["backward_ms"]:.2f} ms (fastest candidates)')
         elif r['section'] == 'bench':
             time_ms = f'{r["time_ms"]:.2f} ms' if r['time_ms'] is not None else 'n/a'
             lines.append(f'bench       {r["shape"]:5s} {r["impl"]:12s} {time_ms:>11s} {r["peak_mem_mb"]:9.1f} MB')
@@ -261,12 +319,13 @@ def main(argv=None):
         sizes = dict(b=3, B=21) if args.dry_run else {}
         for name in shapes:
             for dtype in (torch.bfloat16, torch.float32):
-                records.append(check_shape(name, dtype, device, **sizes))
-                print(summary(records[-1:]), f'({time.perf_counter() - started:.0f} s)', flush=True)
+                for scheme in schemes_at(name, dtype, device):
+                    records.append(check_shape(name, dtype, device, scheme, **sizes))
+                    print(summary(records[-1:]), f'({time.perf_counter() - started:.0f} s)', flush=True)
     if not args.dry_run and 'kernels' not in args.skip:
         for name in TIMED:
             records += kernel_times(name, device)
-            print(summary([r for r in records if r.get('shape') == name and r['section'] == 'kernel_time']),
+            print(summary([r for r in records if r.get('shape') == name and r['section'] in ('kernel_time', 'step_time')]),
                   f'({time.perf_counter() - started:.0f} s)', flush=True)
     if not args.dry_run and 'bench' not in args.skip:
         for name in ('b16', 'g14'):

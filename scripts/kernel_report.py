@@ -3,11 +3,12 @@
 For each shape (H, K, d of a shipped config) and architecture (sm_90: H100/H200; sm_80: A100), every launch
 that ``open_clip_llip.fused_loss`` makes for b images against B texts (default b = 256, B = 32,768, one
 rank's step at world size 128; bf16), in every form its autotuning space (``fused_loss._space``) gives it
-(column ``c``: candidate 0 is the plan's; the totals are the plan's), is compiled with ``triton.compile`` exactly
-as the JIT would compile it:
-the same constexprs, ``num_warps`` and ``num_stages`` (``fused_loss._launches`` describes each launch for both
-the autograd function and this script), and the JIT's specialisation of the arguments (16-byte-aligned pointers
-and integers divisible by 16 get ``tt.divisibility = 16``; an integer equal to 1 becomes a constexpr). It prints,
+(column ``c``: candidate 0 is the plan's; column ``s``: the backward's scheme, 0 two-pass, 1 one-pass; the totals
+are per scheme, of each launch's candidate 0), is compiled with ``triton.compile`` exactly as the JIT would
+compile it: the same constexprs, ``num_warps`` and ``num_stages`` (``fused_loss._launches`` describes each
+launch for both the autograd function and this script), and the JIT's specialisation of the arguments
+(16-byte-aligned pointers and integers divisible by 16 get ``tt.divisibility = 16``; an integer equal to 1
+becomes a constexpr). It prints,
 per kernel: registers and spilled bytes (``ptxas -v`` on the PTX, with Triton's own ptxas flags), shared memory,
 the tensor-core instructions, the multiply-adds per (image, text) pair that they amount to, beside the design's
 own count and, per shape, the useful count 3·(2·K·D + (H·K)²) (METHOD §4: forward, backward ≈ 2×), and on sm_90
@@ -24,6 +25,8 @@ How issued work is counted:
   two runs once per iteration, any other once per program. The launch description gives the programs and the
   iterations summed over all programs, so issued = (Σ inside × iterations + Σ outside × programs) × warps (or
   warp groups) per program, exactly. A kernel with another loop structure is reported as an error.
+* fp32 atomic adds (the one-pass backward's ∂q, ∂p: ``atom``/``red`` ``.add.f32``, a ``.v4`` vector counting 4
+  values) are counted the same way, per thread (32 per warp), as values added per pair: 2·D by design.
 * Per pair: issued / (b·B). The design count is the multiply-adds ``fused_loss._launches`` says the design does
   (K and d unpadded). issued/design above 1 is padding or replicated work: a product computed by more warps than
   hold distinct tiles shows up as a ratio of 2 or more.
@@ -71,6 +74,7 @@ MAX_RATIO = 1.3
 LARGE_LAUNCH = 0.10
 MIN_WGMMA = 0.75
 TOOLS = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
+_ATOMIC = re.compile(r'\b(?:atom|red)\.global\.[\w.]*?add\.(?:v(\d)\.)?f32\b')
 _MMA = re.compile(r'\b(mma\.sync\.aligned|wgmma\.mma_async\.sync\.aligned)\.m(\d+)n(\d+)k(\d+)')
 
 
@@ -126,13 +130,8 @@ def sass_counts(cubin: bytes):
     return len(re.findall(r'\bHMMA\.', sass)), len(re.findall(r'\bHGMMA\.', sass))
 
 
-def tensor_core_work(ptx: str, warps: int):
-    """Static tensor-core instructions, split by the kernel's one dynamic loop.
-
-    Returns (instructions, MACs per program outside the loop, MACs per program per iteration), the MACs as
-    {'mma': …, 'wgmma': …}; an instruction's MACs count every warp (mma.sync) or warp group (wgmma) that issues it.
-    """
-    lines = ptx.splitlines()
+def loop_span(lines: list) -> tuple:
+    """(first, last) line of the kernel's one dynamic loop in its PTX lines."""
     depths = [int(re.search(r'Depth=(\d+)', line).group(1)) for line in lines if 'Loop Header' in line]
     if depths != [1]:
         raise ValueError(f'expected one dynamic loop, found loop headers of depths {depths}')
@@ -142,7 +141,17 @@ def tensor_core_work(ptx: str, warps: int):
                 if (m := re.search(r'\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);', line)) and labels[m.group(1)] < i]
     if not backward:
         raise ValueError('no backward branch found for the loop')
-    start, stop = min(t for t, _ in backward), max(j for _, j in backward)
+    return min(t for t, _ in backward), max(j for _, j in backward)
+
+
+def tensor_core_work(ptx: str, warps: int):
+    """Static tensor-core instructions, split by the kernel's one dynamic loop.
+
+    Returns (instructions, MACs per program outside the loop, MACs per program per iteration), the MACs as
+    {'mma': …, 'wgmma': …}; an instruction's MACs count every warp (mma.sync) or warp group (wgmma) that issues it.
+    """
+    lines = ptx.splitlines()
+    start, stop = loop_span(lines)
     instructions, outside, inside = {}, dict(mma=0, wgmma=0), dict(mma=0, wgmma=0)
     for i, line in enumerate(lines):
         match = _MMA.search(line)
@@ -157,6 +166,23 @@ def tensor_core_work(ptx: str, warps: int):
     return instructions, outside, inside
 
 
+def atomic_adds(ptx: str, warps: int):
+    """fp32 values added with atomics (``atom``/``red`` ``.add``, ``.v2``/``.v4`` vectors counted per value) by
+    every thread of a program: (outside the loop, per iteration)."""
+    lines = ptx.splitlines()
+    start, stop = loop_span(lines)
+    outside = inside = 0
+    for i, line in enumerate(lines):
+        match = _ATOMIC.search(line)
+        if match:
+            values = int(match.group(1) or 1) * 32 * warps
+            if start <= i <= stop:
+                inside += values
+            else:
+                outside += values
+    return outside, inside
+
+
 def report_launch(launch, arch: int, b: int, B: int, dtype: str):
     started = time.perf_counter()
     compiled = compile_launch(launch, arch, dtype)
@@ -164,11 +190,13 @@ def report_launch(launch, arch: int, b: int, B: int, dtype: str):
     ptx = compiled.asm['ptx']
     registers, spills = ptxas_resources(ptx)
     instructions, outside, inside = tensor_core_work(ptx, launch.options['num_warps'])
+    atomics_outside, atomics_inside = atomic_adds(ptx, launch.options['num_warps'])
     programs = 1
     for size in launch.grid:
         programs *= size
     issued = {kind: outside[kind] * programs + inside[kind] * launch.trips for kind in outside}
     total = sum(issued.values())
+    atomics = atomics_outside * programs + atomics_inside * launch.trips
     c = launch.constexprs
     grads = ''.join(g[0] for g in ('QUERY', 'TARGET', 'KEY', 'VALUE', 'GRAM') if c.get(g))
     return dict(
@@ -177,24 +205,32 @@ def report_launch(launch, arch: int, b: int, B: int, dtype: str):
         registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
         instructions=instructions, sass=sass_counts(compiled.asm['cubin']),
         issued_per_pair=total / (b * B), design_per_pair=launch.macs / (b * B),
-        wgmma_share=issued['wgmma'] / total if total else 0., compile_s=seconds)
+        wgmma_share=issued['wgmma'] / total if total else 0., atomics_per_pair=atomics / (b * B), compile_s=seconds)
 
 
 def report_shape(name: str, arch: int, b: int, B: int, dtype: str):
     """Every launch of every member of the shape's autotuning space (``fused_loss._space``): a row per distinct
     candidate, numbered per launch (``launch``) and within it (``candidate``, 0 for the first member's, which runs
-    where nothing is timed). The totals are the first member's."""
+    where nothing is timed), with the backward's scheme (``scheme``: 0 two-pass, 1 one-pass; ``fused_loss._schemes``).
+    The totals are per scheme, of the forward and the scheme's backward, with the first candidate of each launch;
+    the shape's own are scheme 0's."""
     heads, tokens, head_dim = SHAPES[name]
     space = fused_loss._space(heads, tokens, head_dim, arch)
     shape = (space, b, B, heads, tokens, head_dim, 2 * heads * tokens * head_dim, 2 * heads * head_dim, 0, False)
-    launches = [candidates for stage in ('forward', 'backward') for candidates in fused_loss._candidates(stage, *shape)]
-    rows = [dict(report_launch(launch, arch, b, B, dtype), launch=position, candidate=index)
-            for position, candidates in enumerate(launches) for index, launch in enumerate(candidates)]
-    first = [row for row in rows if row['candidate'] == 0]
+    ((forward,),) = fused_loss._schemes('forward', *shape)
+    launches = [(None, forward)] + [(scheme, candidates)
+                                    for scheme, launches in enumerate(fused_loss._schemes('backward', *shape))
+                                    for candidates in launches]
+    rows = [dict(report_launch(launch, arch, b, B, dtype), launch=position, candidate=index, scheme=scheme)
+            for position, (scheme, candidates) in enumerate(launches) for index, launch in enumerate(candidates)]
+    totals = []
+    for scheme in range(max(row['scheme'] or 0 for row in rows) + 1):
+        first = [row for row in rows if row['candidate'] == 0 and row['scheme'] in (None, scheme)]
+        totals.append({key: sum(row[key] for row in first)
+                       for key in ('issued_per_pair', 'design_per_pair', 'atomics_per_pair')})
     useful = 3 * (2 * tokens * heads * head_dim + (heads * tokens) ** 2)
     return dict(shape=name, H=heads, K=tokens, d=head_dim, arch=arch, b=b, B=B, members=len(space), kernels=rows,
-                useful_per_pair=useful, issued_per_pair=sum(r['issued_per_pair'] for r in first),
-                design_per_pair=sum(r['design_per_pair'] for r in first))
+                useful_per_pair=useful, schemes=totals, **totals[0])
 
 
 def problems(result) -> list:
@@ -221,26 +257,32 @@ def problems(result) -> list:
     return found
 
 
+SCHEMES = ('two-pass', 'one-pass')
+
+
 def table(results) -> str:
-    header = (f'{"shape":5s} {"arch":5s} {"kernel":11s} {"c":>1s} {"BJ":>4s} {"HG":>3s} {"w":>2s} {"st":>2s} {"L2":>2s} '
-              f'{"regs":>4s} {"spill":>5s} {"smem KB":>7s} {"MAC/pair issued":>15s} {"design":>10s} {"ratio":>5s} '
-              f'{"wgmma":>5s}  tensor-core instructions (static)')
+    header = (f'{"shape":5s} {"arch":5s} {"kernel":12s} {"s":>1s} {"c":>1s} {"BJ":>4s} {"HG":>3s} {"w":>2s} {"st":>2s} '
+              f'{"L2":>2s} {"regs":>4s} {"spill":>5s} {"smem KB":>7s} {"MAC/pair issued":>15s} {"design":>10s} '
+              f'{"ratio":>5s} {"wgmma":>5s} {"atomics":>7s}  tensor-core instructions (static)')
     lines = [header, '-' * len(header)]
     for result in results:
         for r in result['kernels']:
             instructions = ', '.join(f'{name}×{count}' for name, count in sorted(r['instructions'].items()))
             lines.append(
-                f'{result["shape"]:5s} sm_{r["arch"]:<2d} {r["kernel"]:11s} {r["candidate"]:1d} {r["texts"]:4d} '
-                f'{r["heads"]:3d} {r["warps"]:2d} {r["stages"]:2d} {"y" if r["streamed"] else "n":>2s} '
-                f'{r["registers"]:4d} {r["spill_bytes"]:5d} {r["shared_bytes"] / 1024:7.0f} '
-                f'{r["issued_per_pair"]:15,.0f} {r["design_per_pair"]:10,.0f} '
+                f'{result["shape"]:5s} sm_{r["arch"]:<2d} {r["kernel"]:12s} {"" if r["scheme"] is None else r["scheme"]:>1} '
+                f'{r["candidate"]:1d} {r["texts"]:4d} {r["heads"]:3d} {r["warps"]:2d} {r["stages"]:2d} '
+                f'{"y" if r["streamed"] else "n":>2s} {r["registers"]:4d} {r["spill_bytes"]:5d} '
+                f'{r["shared_bytes"] / 1024:7.0f} {r["issued_per_pair"]:15,.0f} {r["design_per_pair"]:10,.0f} '
                 f'{r["issued_per_pair"] / r["design_per_pair"]:5.2f} '
-                f'{format(r["wgmma_share"], "5.0%") if r["arch"] >= 90 else "-":>5s}  {instructions}')
-        lines.append(
-            f'{result["shape"]:5s} sm_{result["arch"]:<2d} {"total":11s} {"":36s} '
-            f'{result["issued_per_pair"]:15,.0f} {result["design_per_pair"]:10,.0f} '
-            f'{result["issued_per_pair"] / result["design_per_pair"]:5.2f} {"":5s}  useful {result["useful_per_pair"]:,} '
-            f'(issued/useful {result["issued_per_pair"] / result["useful_per_pair"]:.2f})')
+                f'{format(r["wgmma_share"], "5.0%") if r["arch"] >= 90 else "-":>5s} {r["atomics_per_pair"]:7,.0f}  '
+                f'{instructions}')
+        for scheme, total in enumerate(result['schemes']):
+            lines.append(
+                f'{result["shape"]:5s} sm_{result["arch"]:<2d} {"total":12s} {scheme:1d} {SCHEMES[scheme]:34s} '
+                f'{total["issued_per_pair"]:15,.0f} {total["design_per_pair"]:10,.0f} '
+                f'{total["issued_per_pair"] / total["design_per_pair"]:5.2f} {"":5s} {total["atomics_per_pair"]:7,.0f}  '
+                f'useful {result["useful_per_pair"]:,} '
+                f'(issued/useful {total["issued_per_pair"] / result["useful_per_pair"]:.2f})')
     return '\n'.join(lines)
 
 

@@ -161,6 +161,45 @@ def test_every_tile_variant_of_the_autotuning_space_matches_reference(monkeypatc
         check_against_reference(make_inputs(b, B, H, K, d, torch.float32), 1, False, rtol=2e-5)
 
 
+def one_pass_members(H, K, d):
+    """sm_90's one-pass members (no text kernel: ∂q, ∂p added with atomics by the image kernel)."""
+    members = [plan for plan in fused_loss._space(H, K, d, 90)
+               if all(part.kernel == 'image' for part in plan.backward)]
+    assert members
+    return members
+
+
+@pytest.mark.parametrize('dtype, rtol', [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize('b, B, H, K, d', [
+    (3, 150, 4, 20, 24),  # K ≤ 32: 64-text tiles, 3 of them (the last partial); images start at tiles 0, 1, 2
+    (3, 40, 3, 36, 40),  # K = 64 (padded): ∂key/∂q on 16 texts token-major, ∂value/∂p on 128; H odd
+])
+def test_the_one_pass_backward_matches_reference(monkeypatch, b, B, H, K, d, dtype, rtol):
+    """The one-pass scheme's first member on its own, in both dtypes: the texts' gradients summed over images by
+    atomics from programs that start at different tiles and wrap around."""
+    plan = one_pass_members(H, K, d)[0]
+    monkeypatch.setattr(fused_loss, '_space', lambda *shape: (plan,))
+    check_against_reference(make_inputs(b, B, H, K, d, dtype), 1, False, rtol=rtol)
+
+
+def test_deterministic_algorithms_run_the_two_pass_backward(monkeypatch):
+    """Atomics add in no fixed order: under torch.use_deterministic_algorithms(True) the one-pass scheme is left
+    out even where it comes first (the interpreter runs the first scheme otherwise)."""
+    space = fused_loss._space(2, 5, 6, 90)
+    one_pass = one_pass_members(2, 5, 6)[0]
+    monkeypatch.setattr(fused_loss, '_space', lambda *shape: (one_pass, space[0]))
+    ran = []
+    run = fused_loss._run
+    monkeypatch.setattr(fused_loss, '_run', lambda launch, args: ran.append(launch.name) or run(launch, args))
+    inputs = make_inputs(2, 5, 2, 5, 6, torch.float32)
+    torch.autograd.grad(fused_loss.fused_sigmoid_loss(*inputs), inputs)
+    assert 'text' not in ran
+    ran.clear()
+    monkeypatch.setattr(torch, 'are_deterministic_algorithms_enabled', lambda: True)
+    check_against_reference(inputs, 0, False, rtol=2e-5)
+    assert 'text' in ran
+
+
 def test_raw_queries_with_a_temperature():
     """``temperature`` divides the raw queries' logits: the same loss as queries divided beforehand, and the
     gradient with respect to the raw queries."""

@@ -39,7 +39,8 @@ def test_dry_run_checks_loss_and_gradients_under_the_interpreter(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = json.loads(out.read_text())
     checks = [r for r in records if r['section'] == 'correctness']
-    assert {(r['shape'], r['dtype']) for r in checks} == {('tiny', 'bfloat16'), ('tiny', 'float32')}
+    assert {(r['shape'], r['dtype'], r['scheme']) for r in checks} == {
+        ('tiny', 'bfloat16', 'two-pass'), ('tiny', 'bfloat16', 'one-pass'), ('tiny', 'float32', 'two-pass')}
     for record in checks:
         assert record['ok'], record
         assert set(record['float64']) == {'loss', 'features', 'gram', 'texts', 'logit_scale', 'logit_bias'}

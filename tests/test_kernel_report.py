@@ -42,6 +42,13 @@ def test_tensor_core_work_splits_static_instructions_by_the_loop():
     assert inside == dict(mma=8 * 16 * 8 * 16, wgmma=2 * 64 * 64 * 16)
 
 
+def test_atomic_adds_count_vector_values_per_thread_by_the_loop():
+    """A 4-wide atomic in the loop adds 4 values per thread per iteration; a scalar one outside, 1 per thread."""
+    ptx = PTX.replace('@%p1 bra', '@%p2 atom.global.gpu.relaxed.add.v4.f32 {%f1, %f2, %f3, %f4}, [%rd1], '
+                      '{%f5, %f6, %f7, %f8};\n\t@%p1 bra') + '\tred.global.add.f32 [%rd2], %f1;\n'
+    assert load_report().atomic_adds(ptx, warps=4) == (128, 4 * 128)
+
+
 def test_problems_flag_spills_shared_memory_replication_and_mma_sync_on_sm90():
     report = load_report()
     row = dict(kernel='text[QT]', arch=90, launch=0, candidate=0, spill_bytes=8, shared_bytes=300 * 1024,
@@ -73,11 +80,16 @@ def test_report_at_b16_finds_no_replication_or_spills(tmp_path, capsys):
     load_report().main(['--shapes', 'b16', '--arch', '90', '--check', '--json', str(out)])
     (result,) = json.loads(out.read_text())
     assert [row['kernel'].split('[')[0] for row in result['kernels']][0] == 'forward'
-    assert result['members'] == 3 and max(row['candidate'] for row in result['kernels']) == 2
+    assert result['members'] == 6 and max(row['candidate'] for row in result['kernels']) == 2
     for row in result['kernels']:
         assert row['spill_bytes'] == 0, row
         assert row['issued_per_pair'] == pytest.approx(row['design_per_pair'], rel=0.01), row
         assert row['wgmma_share'] == 1 and all(name.startswith('wgmma') for name in row['instructions']), row
+        # 2·D = 1,024 fp32 atomic adds per pair where the one-pass image kernel adds ∂q, ∂p; none elsewhere
+        assert row['atomics_per_pair'] == (1024 if 'Q' in row['kernel'] and row['kernel'].startswith('image') else 0)
     assert result['useful_per_pair'] == 3 * (2 * 32 * 512 + (8 * 32) ** 2)
+    two_pass, one_pass = result['schemes']
+    assert result['design_per_pair'] == two_pass['design_per_pair'] == 626_688
+    assert one_pass['design_per_pair'] == 479_232 and one_pass['atomics_per_pair'] == 1024
     printed = capsys.readouterr().out
     assert 'useful' in printed and 'FAIL' not in printed

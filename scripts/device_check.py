@@ -18,12 +18,14 @@
 5. A few ``open_clip_train`` steps of Llip-ViT-B-16 and of its SigLIP twin (ViT-B-16-quickgelu with ``--siglip``:
    the same towers) at 256 per GPU, amp_bf16, synthetic data: samples/s of each, from the loop's tensorboard.
 
-Prints every figure, with the seconds elapsed after each, and writes them all to ``--json``. Budget: not measured
-(no GPU has run it). Most of sections 1–3 is Triton compiling: section 1 compiles each scheme's first candidates
-per shape and dtype (~70 kernels), section 2 every candidate at the five timed shapes (~75, the same as
-``scripts/kernel_report.py`` compiles per architecture, 2.5 minutes on 2 CPU cores with ptxas -v and nvdisasm);
-their timing at full size is ~1 s per candidate. Sections 4 and 5 add about 3 minutes. If the first run is over
-8 minutes, ``--skip`` leaves sections out and ``--shapes`` narrows section 1 for the rerun.
+Prints every figure, with the seconds elapsed after each, and writes them all to ``--json``. Budget: 8 minutes for
+sections 1–3, not yet measured (no GPU has run it). Most of it is Triton compiling, each kernel once: the timed
+choice in section 1 compiles every candidate at each shape (about 60 distinct bf16 kernels at the five shipped
+shapes on sm_90, of the 70 rows ``scripts/kernel_report.py`` prints there, which section 2 reuses; about 30 more
+for fp32 and the tiny shape); kernel_report compiles 106 kernels for both architectures, with ptxas -v and
+nvdisasm, in 2.5–6 minutes on 2 CPU cores. Timing takes ~0.15 s per candidate (``do_bench``'s 25 + 100 ms).
+Sections 4 and 5 add about 3 minutes. If the first run is over budget, ``--skip`` leaves sections out and
+``--shapes`` narrows section 1 for the rerun.
 ``--dry-run`` runs section 1 at the tiny shapes only, on the CPU under TRITON_INTERPRET=1 (how CI tests it).
 
 Example: python scripts/device_check.py --json $OUT/device_check.json

@@ -42,7 +42,8 @@ issued equals this design's count (×1.00, but on sm_90 ×1.02–1.1 where d = 9
     and head) and adds the products into fp32 sums of ∂q, ∂p [B, H, d] with atomics: the text kernel's pass,
     which recomputes every head's attention, is not run. Programs start at different text tiles (image i at
     tile i) so that concurrent atomics rarely meet at one address. On sm_90 (on sm_80, B/16's ∂key/∂value launch
-    with them issued 4.0× its design count).
+    with them issued 4.0× its design count). At B/16 also in one launch (``_one_launch``): every gradient from one
+    image kernel, each head group's attention computed once per pair for all five (at L/14 and K = 64 it spills).
 
   With α = g/|z| and β = −g·cos/|z|² per pair (from the stored cos, |z|²), ∂L/∂a = α·<value, p> + β·(G a). The
   heads' attention streams through the program (``_attention_pass``): each head's ``a`` is computed once and
@@ -67,7 +68,8 @@ under ``torch.use_deterministic_algorithms(True)`` only the two-pass scheme runs
     H/14   8  64  128 | 278,528  1,048,576  1,048,576    491,520   | 2,867,200  1,949,696  1,179,648  2.4, 1.7
     G/14   8  64  160 | 311,296  1,245,184  1,245,184    573,440   | 3,375,104  2,293,760  1,277,952  2.6, 1.8
 
-(``scripts/kernel_report.py`` prints these per launch, with what the compiled code issues.) Memory traffic per
+At B/16 the one-pass backward in one launch (``_one_launch``) does 397,312 per pair, 1.35× the useful count
+(``scripts/kernel_report.py`` prints these per launch, with what the compiled code issues). Memory traffic per
 pair, bf16, from L2 (the image- or text-stationary side stays in shared memory only where the compiler keeps
 it): the forward reads a text tile (4·D bytes per text) and the image's keys, values and half of G per tile of
 64 texts (B/16: 2 + 2.2 KB per pair); ∂q/∂p reads per image and group the keys of every head, the group's
@@ -906,7 +908,8 @@ def _space(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = 
       sm_90 at d > 128 (G/14: on chip they spill).
     * sm_90, K ≤ 32: ∂key/∂value and ∂G on 128 texts and 8 warps (two warp groups) besides 64 texts on 4.
     * sm_90, K = 64: the forward on 16 texts besides 32 (fewer registers: 174–208 against 245–252).
-    * sm_90: every member's one-pass form (on sm_80 its extra products replicate 4×).
+    * sm_90: every member's one-pass form (on sm_80 its extra products replicate 4×); at K ≤ 32, d ≤ 64 (B/16)
+      also the one-pass backward in one launch (``_one_launch``).
 
     fp32 (for checking) has one member.
     """
@@ -930,6 +933,8 @@ def _space(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = 
         space += (plan._replace(forward=plan.forward._replace(texts=16)),)
     if arch >= 90:
         space += tuple(dict.fromkeys(_one_pass(member) for member in space))
+        if plan.KP <= 32 and head_dim <= 64:
+            space += (_one_launch(plan),)
     return space
 
 
@@ -951,6 +956,14 @@ def _one_pass(plan: _Plan) -> _Plan:
             blocks = blocks._replace(heads=1)
         parts.append(part._replace(grads=grads, blocks=blocks))
     return plan._replace(backward=tuple(parts))
+
+
+def _one_launch(plan: _Plan) -> _Plan:
+    """The one-pass backward in a single launch: one image kernel computes all five gradients, each head group's
+    attention recomputed once per pair. On sm_90 at K ≤ 32, d ≤ 64 (B/16), on 128 texts and two warp groups, it
+    compiles without spills (255 registers); at L/14 it spills 40 bytes, at K = 64 over 1 KB."""
+    return plan._replace(backward=(_Part('image', GRADIENTS, _Blocks(texts=128, heads=1, warps=8, stages=1,
+                                                                         resident=False)),))
 
 
 # Programs the forward aims for: an image's text tiles are split among programs until about this many.
@@ -1051,11 +1064,21 @@ def _adds_atomically(launch: _Launch) -> bool:
     return launch.name == 'image' and bool(launch.constexprs['QUERY'] or launch.constexprs['TARGET'])
 
 
+def _scheme_name(structure) -> str:
+    """A backward scheme's name from its launches' (kernel, gradients) (or its parts'): 'two-pass' where the text
+    kernel computes ∂q, ∂p; else 'one-pass', where the image kernel adds them with atomics, or 'one launch' where
+    that kernel computes every gradient in one launch."""
+    structure = list(structure)
+    if any(kernel == 'text' for kernel, _ in structure):
+        return 'two-pass'
+    return 'one launch' if len(structure) == 1 else 'one-pass'
+
+
 def _schemes(stage: str, space: tuple, *shape, grads=GRADIENTS) -> list:
     """The launches of ``stage`` over the members of ``space`` (``_space``), grouped into schemes, members that
     make the same launches (the same kernels computing the same gradients: the forward has one scheme, the
-    backward two, two-pass and one-pass), in the space's order; per scheme, per launch, its distinct forms across
-    the scheme's members, the first member's first: what ``_fastest`` chooses among."""
+    backward two or three, named by ``_scheme_name``), in the space's order; per scheme, per launch, its distinct
+    forms across the scheme's members, the first member's first: what ``_fastest`` chooses among."""
     schemes = {}
     for plan in space:
         launches = _launches(stage, plan, *shape, grads=grads)

@@ -1,14 +1,14 @@
 """The first thing a session with a GPU runs: the fused loss checked and timed on the device, in one call.
 
-1. Correctness, at every shipped config's (H, K, d), bf16 and fp32, for each backward scheme the autotuning space
-   has there (two-pass; one-pass, whose texts' gradients are fp32 atomic sums: ``fused_loss._one_pass``), the
-   space restricted to it: the loss and all seven gradients of ``fused_sigmoid_loss`` against float64
-   (``reference``: the formula written out) and against the PyTorch path (``open_clip_llip.loss._block_loss``),
-   with partial text tiles (B not a multiple of any tile), positives off the diagonal, raw queries with τ = 5, and
-   one image whose values and Gram matrix are zero (|z| = 0: checked against the PyTorch path, which clamps as
-   the kernels do; the float64 formula would divide by zero).
+1. Correctness, at every shipped config's (H, K, d), bf16 and fp32, for each backward scheme the autotuning space has
+   there (two-pass; one-pass, whose texts' gradients are fp32 atomic sums: ``fused_loss._one_pass``; at B/16 one
+   launch: ``fused_loss._one_launch``), the space restricted to it: the loss and all seven gradients of
+   ``fused_sigmoid_loss`` against float64 (``reference``: the formula written out) and against the PyTorch path
+   (``open_clip_llip.loss._block_loss``), with partial text tiles (B not a multiple of any tile), positives off the
+   diagonal, raw queries with τ = 5, and one image whose values and Gram matrix are zero (|z| = 0: checked against
+   the PyTorch path, which clamps as the kernels do; the float64 formula would divide by zero).
 2. Per-kernel times: every candidate (``fused_loss._space``; 0 is the plan's) of every launch of the forward and
-   of both backward schemes at b = 256, B = 32,768 (one rank's step at world size 128), bf16, median of
+   of each backward scheme at b = 256, B = 32,768 (one rank's step at world size 128), bf16, median of
    ``triton.testing.do_bench``, with the design's TFLOP/s; then per scheme forward + backward with each launch's
    fastest candidate: what the run-time choice (``fused_loss._fastest``, ``fused_loss._choose``) chooses among.
 3. ``scripts/bench_loss.py`` at b = 256, B = 32,768 for B/16 and G/14: the direct formulation, ours (Triton; the
@@ -97,12 +97,12 @@ def relative_errors(ours, refs):
             for a, r in zip(ours, refs)]
 
 
-SCHEMES = ('two-pass', 'one-pass')
+SCHEMES = ('two-pass', 'one-pass', 'one launch')
 
 
 def scheme_of(plan) -> str:
-    """A member of the autotuning space by its backward: 'one-pass' where no text kernel runs (``_one_pass``)."""
-    return 'one-pass' if all(part.kernel == 'image' for part in plan.backward) else 'two-pass'
+    """A member of the autotuning space by its backward (``fused_loss._scheme_name``)."""
+    return fused_loss._scheme_name((part.kernel, part.grads) for part in plan.backward)
 
 
 def schemes_at(name, dtype, device) -> list:
@@ -187,8 +187,8 @@ def kernel_times(name, device, b=256, B=32768):
                 grad_queries_sum=torch.zeros(queries.shape, **fp32), grad_targets_sum=torch.zeros(targets.shape, **fp32))
     records = []
     stages = [('forward', None, launches) for launches in fused_loss._schemes('forward', *shape)]
-    stages += [('backward', SCHEMES[index], launches)
-               for index, launches in enumerate(fused_loss._schemes('backward', *shape))]
+    stages += [('backward', fused_loss._scheme_name((c[0].name, fused_loss._gradients(c[0])) for c in launches),
+                launches) for launches in fused_loss._schemes('backward', *shape)]
     fastest = {}
     for stage, scheme, launches in stages:
         for candidates in launches:

@@ -1,18 +1,17 @@
 """What the fused loss's kernels issue on the GPU, read offline from their compiled code (no GPU needed).
 
-For each shape (H, K, d of a shipped config) and architecture (sm_90: H100/H200; sm_80: A100), every launch
-that ``open_clip_llip.fused_loss`` makes for b images against B texts (default b = 256, B = 32,768, one
-rank's step at world size 128; bf16), in every form its autotuning space (``fused_loss._space``) gives it
-(column ``c``: candidate 0 is the plan's; column ``s``: the backward's scheme, 0 two-pass, 1 one-pass; the totals
-are per scheme, of each launch's candidate 0), is compiled with ``triton.compile`` exactly as the JIT would
-compile it: the same constexprs, ``num_warps`` and ``num_stages`` (``fused_loss._launches`` describes each
-launch for both the autograd function and this script), and the JIT's specialisation of the arguments
-(16-byte-aligned pointers and integers divisible by 16 get ``tt.divisibility = 16``; an integer equal to 1
-becomes a constexpr). It prints,
-per kernel: registers and spilled bytes (``ptxas -v`` on the PTX, with Triton's own ptxas flags), shared memory,
-the tensor-core instructions, the multiply-adds per (image, text) pair that they amount to, beside the design's
-own count and, per shape, the useful count 3·(2·K·D + (H·K)²) (METHOD §4: forward, backward ≈ 2×), and on sm_90
-the share of the issued multiply-adds that are wgmma.
+For each shape (H, K, d of a shipped config) and architecture (sm_90: H100/H200; sm_80: A100), every launch that
+``open_clip_llip.fused_loss`` makes for b images against B texts (default b = 256, B = 32,768, one rank's step at
+world size 128; bf16), in every form its autotuning space (``fused_loss._space``) gives it (column ``c``: candidate 0
+is the plan's; column ``s``: the backward's scheme, 0 two-pass, then one-pass and, at B/16, one launch; the totals
+are per scheme, of each launch's candidate 0), is compiled with ``triton.compile`` exactly as the JIT would compile
+it: the same constexprs, ``num_warps`` and ``num_stages`` (``fused_loss._launches`` describes each launch for both
+the autograd function and this script), and the JIT's specialisation of the arguments (16-byte-aligned pointers and
+integers divisible by 16 get ``tt.divisibility = 16``; an integer equal to 1 becomes a constexpr). It prints, per
+kernel: registers and spilled bytes (``ptxas -v`` on the PTX, with Triton's own ptxas flags), shared memory, the
+tensor-core instructions, the multiply-adds per (image, text) pair that they amount to, beside the design's own count
+and, per shape, the useful count 3·(2·K·D + (H·K)²) (METHOD §4: forward, backward ≈ 2×), and on sm_90 the share of
+the issued multiply-adds that are wgmma.
 
 How issued work is counted:
 
@@ -211,23 +210,25 @@ def report_launch(launch, arch: int, b: int, B: int, dtype: str):
 def report_shape(name: str, arch: int, b: int, B: int, dtype: str):
     """Every launch of every member of the shape's autotuning space (``fused_loss._space``): a row per distinct
     candidate, numbered per launch (``launch``) and within it (``candidate``, 0 for the first member's, which runs
-    where nothing is timed), with the backward's scheme (``scheme``: 0 two-pass, 1 one-pass; ``fused_loss._schemes``).
+    where nothing is timed), with the backward's scheme (``scheme``: its index in ``fused_loss._schemes``; the
+    totals name it).
     The totals are per scheme, of the forward and the scheme's backward, with the first candidate of each launch;
     the shape's own are scheme 0's."""
     heads, tokens, head_dim = SHAPES[name]
     space = fused_loss._space(heads, tokens, head_dim, arch)
     shape = (space, b, B, heads, tokens, head_dim, 2 * heads * tokens * head_dim, 2 * heads * head_dim, 0, False)
     ((forward,),) = fused_loss._schemes('forward', *shape)
+    backward = fused_loss._schemes('backward', *shape)
     launches = [(None, forward)] + [(scheme, candidates)
-                                    for scheme, launches in enumerate(fused_loss._schemes('backward', *shape))
-                                    for candidates in launches]
+                                    for scheme, launches in enumerate(backward) for candidates in launches]
     rows = [dict(report_launch(launch, arch, b, B, dtype), launch=position, candidate=index, scheme=scheme)
             for position, (scheme, candidates) in enumerate(launches) for index, launch in enumerate(candidates)]
     totals = []
-    for scheme in range(max(row['scheme'] or 0 for row in rows) + 1):
+    for scheme, launches in enumerate(backward):
         first = [row for row in rows if row['candidate'] == 0 and row['scheme'] in (None, scheme)]
-        totals.append({key: sum(row[key] for row in first)
-                       for key in ('issued_per_pair', 'design_per_pair', 'atomics_per_pair')})
+        totals.append(dict(name=fused_loss._scheme_name((c[0].name, fused_loss._gradients(c[0])) for c in launches),
+                           **{key: sum(row[key] for row in first)
+                              for key in ('issued_per_pair', 'design_per_pair', 'atomics_per_pair')}))
     useful = 3 * (2 * tokens * heads * head_dim + (heads * tokens) ** 2)
     return dict(shape=name, H=heads, K=tokens, d=head_dim, arch=arch, b=b, B=B, members=len(space), kernels=rows,
                 useful_per_pair=useful, schemes=totals, **totals[0])
@@ -257,9 +258,6 @@ def problems(result) -> list:
     return found
 
 
-SCHEMES = ('two-pass', 'one-pass')
-
-
 def table(results) -> str:
     header = (f'{"shape":5s} {"arch":5s} {"kernel":12s} {"s":>1s} {"c":>1s} {"BJ":>4s} {"HG":>3s} {"w":>2s} {"st":>2s} '
               f'{"L2":>2s} {"regs":>4s} {"spill":>5s} {"smem KB":>7s} {"MAC/pair issued":>15s} {"design":>10s} '
@@ -278,7 +276,7 @@ def table(results) -> str:
                 f'{instructions}')
         for scheme, total in enumerate(result['schemes']):
             lines.append(
-                f'{result["shape"]:5s} sm_{result["arch"]:<2d} {"total":12s} {scheme:1d} {SCHEMES[scheme]:34s} '
+                f'{result["shape"]:5s} sm_{result["arch"]:<2d} {"total":12s} {scheme:1d} {total["name"]:34s} '
                 f'{total["issued_per_pair"]:15,.0f} {total["design_per_pair"]:10,.0f} '
                 f'{total["issued_per_pair"] / total["design_per_pair"]:5.2f} {"":5s} {total["atomics_per_pair"]:7,.0f}  '
                 f'useful {result["useful_per_pair"]:,} '

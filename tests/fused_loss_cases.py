@@ -161,23 +161,26 @@ def test_every_tile_variant_of_the_autotuning_space_matches_reference(monkeypatc
         check_against_reference(make_inputs(b, B, H, K, d, torch.float32), 1, False, rtol=2e-5)
 
 
-def one_pass_members(H, K, d):
-    """sm_90's one-pass members (no text kernel: ∂q, ∂p added with atomics by the image kernel)."""
-    members = [plan for plan in fused_loss._space(H, K, d, 90)
-               if all(part.kernel == 'image' for part in plan.backward)]
-    assert members
-    return members
+def members(scheme, H, K, d):
+    """sm_90's members of a backward scheme: 'one-pass' (no text kernel: the image kernel adds ∂q, ∂p with
+    atomics), 'one launch' (all five gradients from one image kernel)."""
+    found = [plan for plan in fused_loss._space(H, K, d, 90)
+             if fused_loss._scheme_name((part.kernel, part.grads) for part in plan.backward) == scheme]
+    assert found
+    return found
 
 
 @pytest.mark.parametrize('dtype, rtol', [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize('b, B, H, K, d', [
-    (3, 150, 4, 20, 24),  # K ≤ 32: 64-text tiles, 3 of them (the last partial); images start at tiles 0, 1, 2
-    (3, 40, 3, 36, 40),  # K = 64 (padded): ∂key/∂q on 16 texts token-major, ∂value/∂p on 128; H odd
+@pytest.mark.parametrize('scheme, b, B, H, K, d', [
+    # K ≤ 32: 64-text tiles, 3 of them (the last partial); images start at tiles 0, 1, 2
+    ('one-pass', 3, 150, 4, 20, 24),
+    ('one launch', 3, 300, 4, 20, 24),  # 128-text tiles, the same way
+    ('one-pass', 3, 40, 3, 36, 40),  # K = 64 (padded): ∂key/∂q on 16 texts token-major, ∂value/∂p on 128; H odd
 ])
-def test_the_one_pass_backward_matches_reference(monkeypatch, b, B, H, K, d, dtype, rtol):
-    """The one-pass scheme's first member on its own, in both dtypes: the texts' gradients summed over images by
-    atomics from programs that start at different tiles and wrap around."""
-    plan = one_pass_members(H, K, d)[0]
+def test_the_one_pass_backward_matches_reference(monkeypatch, scheme, b, B, H, K, d, dtype, rtol):
+    """The scheme's first member on its own, in both dtypes: the texts' gradients summed over images by atomics
+    from programs that start at different tiles and wrap around."""
+    plan = members(scheme, H, K, d)[0]
     monkeypatch.setattr(fused_loss, '_space', lambda *shape: (plan,))
     check_against_reference(make_inputs(b, B, H, K, d, dtype), 1, False, rtol=rtol)
 
@@ -186,7 +189,7 @@ def test_deterministic_algorithms_run_the_two_pass_backward(monkeypatch):
     """Atomics add in no fixed order: under torch.use_deterministic_algorithms(True) the one-pass scheme is left
     out even where it comes first (the interpreter runs the first scheme otherwise)."""
     space = fused_loss._space(2, 5, 6, 90)
-    one_pass = one_pass_members(2, 5, 6)[0]
+    one_pass = members('one-pass', 2, 5, 6)[0]
     monkeypatch.setattr(fused_loss, '_space', lambda *shape: (one_pass, space[0]))
     ran = []
     run = fused_loss._run

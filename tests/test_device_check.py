@@ -40,7 +40,8 @@ def test_dry_run_checks_loss_and_gradients_under_the_interpreter(tmp_path):
     records = json.loads(out.read_text())
     checks = [r for r in records if r['section'] == 'correctness']
     assert {(r['shape'], r['dtype'], r['scheme']) for r in checks} == {
-        ('tiny', 'bfloat16', 'two-pass'), ('tiny', 'bfloat16', 'one-pass'), ('tiny', 'float32', 'two-pass')}
+        ('tiny', 'bfloat16', 'two-pass'), ('tiny', 'bfloat16', 'one-pass'), ('tiny', 'bfloat16', 'one launch'),
+        ('tiny', 'float32', 'two-pass')}
     for record in checks:
         assert record['ok'], record
         assert set(record['float64']) == {'loss', 'features', 'gram', 'texts', 'logit_scale', 'logit_bias'}

@@ -82,23 +82,25 @@ def test_the_fastest_candidate_is_timed_once_per_key(monkeypatch):
     assert fused_loss._fastest(candidates[:1], run, key) is candidates[0] and len(timed) == 4
 
 
-@pytest.mark.parametrize('shape, arch, one_pass', [
-    ((8, 32, 64), 90, True), ((8, 64, 160), 90, True),  # B/16, G/14 on sm_90
-    ((8, 32, 64), 80, False),  # sm_80 replicates the one-pass products 4×
+@pytest.mark.parametrize('shape, arch, names', [
+    ((8, 32, 64), 90, ['two-pass', 'one-pass', 'one launch']),  # B/16 on sm_90
+    ((8, 64, 160), 90, ['two-pass', 'one-pass']),  # G/14: in one launch it would spill
+    ((8, 32, 64), 80, ['two-pass']),  # sm_80 replicates the one-pass products 4×
 ])
-def test_the_backward_has_two_schemes_where_the_one_pass_compiles_clean(shape, arch, one_pass):
-    """The two-pass scheme first (what the interpreter runs); the one-pass scheme's launches add ∂q, ∂p with atomics
-    beside ∂key, ∂value, and no text kernel runs."""
+def test_the_backward_schemes_where_they_compile_clean(shape, arch, names):
+    """The two-pass scheme first (what the interpreter runs); the others add ∂q, ∂p with atomics in the image
+    kernel beside ∂key, ∂value, and no text kernel runs."""
     space = fused_loss._space(*shape, arch)
     schemes = fused_loss._schemes('backward', space, 256, 32768, *shape, 0, 0, 0, False)
-    assert len(schemes) == 1 + one_pass
+    assert [fused_loss._scheme_name((c[0].name, fused_loss._gradients(c[0])) for c in launches)
+            for launches in schemes] == names
     assert not any(fused_loss._adds_atomically(candidates[0]) for candidates in schemes[0])
-    if one_pass:
-        launches = [candidates[0] for candidates in schemes[1]]
+    for scheme in schemes[1:]:
+        launches = [candidates[0] for candidates in scheme]
         assert all(launch.name == 'image' for launch in launches)
         assert {g for launch in launches for g in fused_loss._gradients(launch)} == set(fused_loss.GRADIENTS)
         assert {fused_loss._gradients(launch) for launch in launches if fused_loss._adds_atomically(launch)} <= {
-            ('key', 'value', 'query', 'target'), ('key', 'query'), ('value', 'target')}
+            ('key', 'value', 'query', 'target'), ('key', 'query'), ('value', 'target'), fused_loss.GRADIENTS}
     assert len(fused_loss._space(*shape, arch, fp32=True)) == 1
 
 

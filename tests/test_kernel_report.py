@@ -80,7 +80,7 @@ def test_report_at_b16_finds_no_replication_or_spills(tmp_path, capsys):
     load_report().main(['--shapes', 'b16', '--arch', '90', '--check', '--json', str(out)])
     (result,) = json.loads(out.read_text())
     assert [row['kernel'].split('[')[0] for row in result['kernels']][0] == 'forward'
-    assert result['members'] == 6 and max(row['candidate'] for row in result['kernels']) == 2
+    assert result['members'] == 7 and max(row['candidate'] for row in result['kernels']) == 2
     for row in result['kernels']:
         assert row['spill_bytes'] == 0, row
         assert row['issued_per_pair'] == pytest.approx(row['design_per_pair'], rel=0.01), row
@@ -88,8 +88,10 @@ def test_report_at_b16_finds_no_replication_or_spills(tmp_path, capsys):
         # 2·D = 1,024 fp32 atomic adds per pair where the one-pass image kernel adds ∂q, ∂p; none elsewhere
         assert row['atomics_per_pair'] == (1024 if 'Q' in row['kernel'] and row['kernel'].startswith('image') else 0)
     assert result['useful_per_pair'] == 3 * (2 * 32 * 512 + (8 * 32) ** 2)
-    two_pass, one_pass = result['schemes']
+    assert [scheme['name'] for scheme in result['schemes']] == ['two-pass', 'one-pass', 'one launch']
+    two_pass, one_pass, one_launch = result['schemes']
     assert result['design_per_pair'] == two_pass['design_per_pair'] == 626_688
     assert one_pass['design_per_pair'] == 479_232 and one_pass['atomics_per_pair'] == 1024
+    assert one_launch['design_per_pair'] == 397_312 and one_launch['atomics_per_pair'] == 1024
     printed = capsys.readouterr().out
     assert 'useful' in printed and 'FAIL' not in printed

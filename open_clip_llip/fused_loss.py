@@ -28,7 +28,7 @@ issued equals this design's count (×1.00, but on sm_90 ×1.02–1.1 where d = 9
   The bf16 ``a`` of earlier heads stay in registers (K ≤ 32) or, token-major at K = 64, are the B operands Aᵀ of
   (G Aᵀ)ᵀ, an MMA of K rows (in shared memory). Writes cos, |z|² and, per program, Σ loss, Σ g·cos, Σ g
   (g = ∂loss/∂s), so that ∂scale and ∂bias cost nothing more.
-* Backward, two schemes, both in the autotuning space (the GPU's timing chooses, ``_choose``):
+* Backward, in schemes that are all in the autotuning space (the GPU's timing chooses, ``_choose``):
 
   - two-pass, as FlashAttention-2 splits its backward so that every gradient has one owner and nothing is atomic:
     ``_text_grad_kernel`` (text-stationary: a program owns a text tile and a group of HG heads and loops over all
@@ -57,7 +57,7 @@ group computes all H heads' logits (K·D per pair per group), and ∂G's launch 
 Those recomputed logits are the design's main excess over the useful count. The one-pass scheme saves the text
 kernel's pass (B/16: 147,456 multiply-adds per pair, 1.2e12 per step at b = 256, B = 32,768) for 2·D fp32
 atomic adds per pair (8.6e9 per step, 34 GB of read-modify-writes in L2, on sm_90 as 4-wide vector atomics):
-milliseconds either way, which is why both are in the space. The one-pass ∂q, ∂p are sums in no fixed order:
+milliseconds either way, which is why all are in the space. The one-pass ∂q, ∂p are sums in no fixed order:
 under ``torch.use_deterministic_algorithms(True)`` only the two-pass scheme runs. Per pair (sm_90 plans of
 ``_plan``; the one-pass total with ``_one_pass``'s tiles):
 
@@ -897,7 +897,7 @@ def _space(heads: int, tokens: int, head_dim: int, arch: int = 90, fp32: bool = 
     """The autotuning space of (H, K, d) on sm_``arch``: ``_plan``'s plan first (what runs where nothing is timed),
     then variants of it, then the one-pass form of each (``_one_pass``); on a GPU ``_fastest`` times each launch's
     distinct candidates (``_schemes``) the first time it meets a shape and keeps the fastest, launch by launch,
-    and ``_choose`` the two backward schemes. The variants are those that pass
+    and ``_choose`` the backward schemes. The variants are those that pass
     scripts/kernel_report.py --check at every shipped shape (it compiles every member): no spills, no replication,
     shared memory within the limit.
 

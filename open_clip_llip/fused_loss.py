@@ -32,11 +32,11 @@ issued equals this design's count (×1.00, but on sm_90 ×1.02–1.1 where d = 9
 
   - two-pass, as FlashAttention-2 splits its backward so that every gradient has one owner and nothing is atomic:
     ``_text_grad_kernel`` (text-stationary: a program owns a text tile and a group of HG heads and loops over all
-    b images) computes ∂q = Σ ∂logits·key, ∂p = Σ α·a·value (token-major their transposes, in
-    tiles of 64 channels); ``_image_grad_kernel`` (image-stationary: a program
-    owns an image and HG heads and loops over all B texts) ∂key = Σ ∂logitsᵀ·q, ∂value = Σ (α·a)ᵀ·p and
-    ∂G = Σ (β/2)·a aᵀ over a circulant half (column head c takes the row heads c … c+⌊H/2⌋ mod H: each pair of
-    heads once), in products 64 rows tall (sm_90) or 2·KP columns wide (sm_80).
+    b images) computes ∂q = Σ ∂logits·key, ∂p = Σ α·a·value (token-major their transposes, in tiles of 64
+    channels); ``_image_grad_kernel`` (image-stationary: a program owns an image and HG heads and loops over all B
+    texts) ∂key = Σ ∂logitsᵀ·q, ∂value = Σ (α·a)ᵀ·p and ∂G = Σ (β/2)·a aᵀ over a circulant half (column head c
+    takes the row heads c … c+⌊H/2⌋ mod H: each pair of heads once), in products 64 rows tall (sm_90) or 2·KP
+    columns wide (sm_80).
   - one-pass (``_one_pass``), as FlashAttention-2 computes dQ: the image kernel's program, having ∂logits and
     α·a of a text tile for ∂key and ∂value, also multiplies them by the image's keys and values (2·K·d per pair
     and head) and adds the products into fp32 sums of ∂q, ∂p [B, H, d] with atomics: the text kernel's pass,
@@ -1064,14 +1064,20 @@ def _adds_atomically(launch: _Launch) -> bool:
     return launch.name == 'image' and bool(launch.constexprs['QUERY'] or launch.constexprs['TARGET'])
 
 
-def _scheme_name(structure) -> str:
-    """A backward scheme's name from its launches' (kernel, gradients) (or its parts'): 'two-pass' where the text
-    kernel computes ∂q, ∂p; else 'one-pass', where the image kernel adds them with atomics, or 'one launch' where
-    that kernel computes every gradient in one launch."""
-    structure = list(structure)
-    if any(kernel == 'text' for kernel, _ in structure):
+def _label(launch: _Launch) -> str:
+    """A launch as reports name it: its kernel and the initials of its gradients, e.g. 'image[QTKV]'."""
+    initials = ''.join(g[0] for g in ('QUERY', 'TARGET', 'KEY', 'VALUE', 'GRAM') if launch.constexprs.get(g))
+    return launch.name + (f'[{initials}]' if initials else '')
+
+
+def _scheme_name(kernels) -> str:
+    """A backward scheme's name from the kernels of its launches (or of a plan's parts), 'text' or 'image':
+    'two-pass' where the text kernel computes ∂q, ∂p; else 'one-pass', where the image kernel adds them with
+    atomics, or 'one launch' where that kernel computes every gradient in one launch."""
+    kernels = list(kernels)
+    if 'text' in kernels:
         return 'two-pass'
-    return 'one launch' if len(structure) == 1 else 'one-pass'
+    return 'one launch' if len(kernels) == 1 else 'one-pass'
 
 
 def _schemes(stage: str, space: tuple, *shape, grads=GRADIENTS) -> list:
@@ -1222,9 +1228,11 @@ class _FusedSigmoidLoss(torch.autograd.Function):
         def run(launch):
             _run(launch, args)
 
+        def atomic(scheme):  # whether the scheme adds the texts' gradients into the fp32 sums
+            return any(_adds_atomically(candidates[0]) for candidates in scheme)
+
         def run_scheme(scheme):
-            atomic = any(_adds_atomically(candidates[0]) for candidates in scheme)
-            if atomic:
+            if atomic(scheme):
                 for name in summed:
                     if args[name + '_sum'] is no_sums:
                         out = args[name]
@@ -1232,7 +1240,7 @@ class _FusedSigmoidLoss(torch.autograd.Function):
                     args[name + '_sum'].zero_()
             for candidates in scheme:
                 run(_fastest(candidates, run, ctx.tuning))
-            if atomic:
+            if atomic(scheme):
                 for name in summed:
                     if args[name] is not args[name + '_sum']:
                         args[name].copy_(args[name + '_sum'])
@@ -1241,7 +1249,7 @@ class _FusedSigmoidLoss(torch.autograd.Function):
         summed = [name for name, g in (('grad_queries', 'query'), ('grad_targets', 'target')) if g in wanted]
         schemes = _schemes('backward', *ctx.shape, grads=wanted)
         if torch.are_deterministic_algorithms_enabled():  # fp32 atomics add in no fixed order
-            schemes = [scheme for scheme in schemes if not any(_adds_atomically(c[0]) for c in scheme)]
+            schemes = [scheme for scheme in schemes if not atomic(scheme)]
         with _on_device(keys):
             run_scheme(_choose(schemes, run_scheme, ('backward', *ctx.shape[3:6], tuple(wanted), *ctx.tuning)))
         sums = partial[..., 1:].sum(dim=(0, 1)) * grad  # Σ ∂L/∂s·cos, Σ ∂L/∂s

@@ -102,7 +102,7 @@ SCHEMES = ('two-pass', 'one-pass', 'one launch')
 
 def scheme_of(plan) -> str:
     """A member of the autotuning space by its backward (``fused_loss._scheme_name``)."""
-    return fused_loss._scheme_name((part.kernel, part.grads) for part in plan.backward)
+    return fused_loss._scheme_name(part.kernel for part in plan.backward)
 
 
 def schemes_at(name, dtype, device) -> list:
@@ -187,7 +187,7 @@ def kernel_times(name, device, b=256, B=32768):
                 grad_queries_sum=torch.zeros(queries.shape, **fp32), grad_targets_sum=torch.zeros(targets.shape, **fp32))
     records = []
     stages = [('forward', None, launches) for launches in fused_loss._schemes('forward', *shape)]
-    stages += [('backward', fused_loss._scheme_name((c[0].name, fused_loss._gradients(c[0])) for c in launches),
+    stages += [('backward', fused_loss._scheme_name(c[0].name for c in launches),
                 launches) for launches in fused_loss._schemes('backward', *shape)]
     fastest = {}
     for stage, scheme, launches in stages:
@@ -200,8 +200,7 @@ def kernel_times(name, device, b=256, B=32768):
                 ms = triton.testing.do_bench(lambda launch=launch: fused_loss._run(launch, args), warmup=25, rep=100,
                                              return_mode='median')
                 times.append(ms)
-                flags = ''.join(g[0] for g in ('QUERY', 'TARGET', 'KEY', 'VALUE', 'GRAM') if launch.constexprs.get(g))
-                records.append(dict(section='kernel_time', shape=name, kernel=launch.name + (f'[{flags}]' if flags else ''),
+                records.append(dict(section='kernel_time', shape=name, kernel=fused_loss._label(launch),
                                     scheme=scheme, candidate=index, texts=launch.constexprs['BJ'],
                                     warps=launch.options['num_warps'], streamed=launch.constexprs['VOL'], b=b, B=B,
                                     time_ms=ms, design_tflop_per_s=2 * launch.macs / ms / 1e9))

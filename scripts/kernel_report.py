@@ -197,9 +197,8 @@ def report_launch(launch, arch: int, b: int, B: int, dtype: str):
     total = sum(issued.values())
     atomics = atomics_outside * programs + atomics_inside * launch.trips
     c = launch.constexprs
-    grads = ''.join(g[0] for g in ('QUERY', 'TARGET', 'KEY', 'VALUE', 'GRAM') if c.get(g))
     return dict(
-        kernel=launch.name + (f'[{grads}]' if grads else ''), arch=arch, texts=c['BJ'], heads=c.get('HG', c['H']),
+        kernel=fused_loss._label(launch), arch=arch, texts=c['BJ'], heads=c.get('HG', c['H']),
         warps=launch.options['num_warps'], stages=launch.options['num_stages'], streamed=bool(c['VOL']),
         registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
         instructions=instructions, sass=sass_counts(compiled.asm['cubin']),
@@ -226,7 +225,7 @@ def report_shape(name: str, arch: int, b: int, B: int, dtype: str):
     totals = []
     for scheme, launches in enumerate(backward):
         first = [row for row in rows if row['candidate'] == 0 and row['scheme'] in (None, scheme)]
-        totals.append(dict(name=fused_loss._scheme_name((c[0].name, fused_loss._gradients(c[0])) for c in launches),
+        totals.append(dict(name=fused_loss._scheme_name(c[0].name for c in launches),
                            **{key: sum(row[key] for row in first)
                               for key in ('issued_per_pair', 'design_per_pair', 'atomics_per_pair')}))
     useful = 3 * (2 * tokens * heads * head_dim + (heads * tokens) ** 2)

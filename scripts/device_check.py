@@ -97,20 +97,18 @@ def relative_errors(ours, refs):
             for a, r in zip(ours, refs)]
 
 
-SCHEMES = ('two-pass', 'one-pass', 'one launch')
-
-
 def scheme_of(plan) -> str:
     """A member of the autotuning space by its backward (``fused_loss._scheme_name``)."""
     return fused_loss._scheme_name(part.kernel for part in plan.backward)
 
 
 def schemes_at(name, dtype, device) -> list:
-    """The backward schemes whose members the autotuning space has at a shape, for the device and dtype."""
+    """The backward schemes whose members the autotuning space has at a shape, for the device and dtype, in the
+    space's order."""
     heads, tokens, head_dim = SHAPES[name]
     arch = fused_loss._arch(torch.empty(0, device=device))
     space = fused_loss._space(heads, tokens, head_dim, arch, dtype == torch.float32)
-    return [scheme for scheme in SCHEMES if any(scheme_of(plan) == scheme for plan in space)]
+    return list(dict.fromkeys(scheme_of(plan) for plan in space))
 
 
 @contextlib.contextmanager
@@ -128,14 +126,9 @@ def only(scheme):
 
 
 def check_shape(name, dtype, device, scheme, b=16, B=208, temperature=5., first_text=1):
-    """Loss and gradients, with the backward ``scheme``, against float64 and the PyTorch path; one more run with
-    a zero image against the PyTorch path. Returns a record with the errors and whether all are within
-    TOLERANCE[dtype]."""
-    with only(scheme):
-        return _check_shape(name, dtype, device, scheme, b, B, temperature, first_text)
-
-
-def _check_shape(name, dtype, device, scheme, b, B, temperature, first_text):
+    """Loss and gradients, with the backward ``scheme`` (run within ``only(scheme)``), against float64 and the
+    PyTorch path; one more run with a zero image against the PyTorch path. Returns a record with the errors and
+    whether all are within TOLERANCE[dtype]."""
     heads, tokens, head_dim = SHAPES[name]
     record = dict(section='correctness', shape=name, dtype=str(dtype).replace('torch.', ''), scheme=scheme, b=b, B=B)
     for case, zero_image in (('float64', None), ('pytorch_path_zero_image', 1)):
@@ -205,10 +198,10 @@ def kernel_times(name, device, b=256, B=32768):
                                     warps=launch.options['num_warps'], streamed=launch.constexprs['VOL'], b=b, B=B,
                                     time_ms=ms, design_tflop_per_s=2 * launch.macs / ms / 1e9))
             fastest[stage, scheme] = fastest.get((stage, scheme), 0.) + min(times)
-    for scheme in SCHEMES:
-        if ('backward', scheme) in fastest:
+    for (stage, scheme), backward_ms in fastest.items():
+        if stage == 'backward':
             records.append(dict(section='step_time', shape=name, scheme=scheme, b=b, B=B,
-                                forward_ms=fastest['forward', None], backward_ms=fastest['backward', scheme]))
+                                forward_ms=fastest['forward', None], backward_ms=backward_ms))
     return records
 
 
@@ -321,7 +314,8 @@ def main(argv=None):
         for name in shapes:
             for dtype in (torch.bfloat16, torch.float32):
                 for scheme in schemes_at(name, dtype, device):
-                    records.append(check_shape(name, dtype, device, scheme, **sizes))
+                    with only(scheme):
+                        records.append(check_shape(name, dtype, device, scheme, **sizes))
                     print(summary(records[-1:]), f'({time.perf_counter() - started:.0f} s)', flush=True)
     if not args.dry_run and 'kernels' not in args.skip:
         for name in TIMED:

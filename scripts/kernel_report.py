@@ -129,8 +129,9 @@ def sass_counts(cubin: bytes):
     return len(re.findall(r'\bHMMA\.', sass)), len(re.findall(r'\bHGMMA\.', sass))
 
 
-def loop_span(lines: list) -> tuple:
-    """(first, last) line of the kernel's one dynamic loop in its PTX lines."""
+def lines_by_loop(ptx: str):
+    """(line, whether it is inside the kernel's one dynamic loop) for each line of its PTX."""
+    lines = ptx.splitlines()
     depths = [int(re.search(r'Depth=(\d+)', line).group(1)) for line in lines if 'Loop Header' in line]
     if depths != [1]:
         raise ValueError(f'expected one dynamic loop, found loop headers of depths {depths}')
@@ -140,7 +141,8 @@ def loop_span(lines: list) -> tuple:
                 if (m := re.search(r'\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);', line)) and labels[m.group(1)] < i]
     if not backward:
         raise ValueError('no backward branch found for the loop')
-    return min(t for t, _ in backward), max(j for _, j in backward)
+    start, stop = min(t for t, _ in backward), max(j for _, j in backward)
+    return [(line, start <= i <= stop) for i, line in enumerate(lines)]
 
 
 def tensor_core_work(ptx: str, warps: int):
@@ -149,10 +151,8 @@ def tensor_core_work(ptx: str, warps: int):
     Returns (instructions, MACs per program outside the loop, MACs per program per iteration), the MACs as
     {'mma': …, 'wgmma': …}; an instruction's MACs count every warp (mma.sync) or warp group (wgmma) that issues it.
     """
-    lines = ptx.splitlines()
-    start, stop = loop_span(lines)
     instructions, outside, inside = {}, dict(mma=0, wgmma=0), dict(mma=0, wgmma=0)
-    for i, line in enumerate(lines):
+    for line, in_loop in lines_by_loop(ptx):
         match = _MMA.search(line)
         if not match:
             continue
@@ -161,25 +161,18 @@ def tensor_core_work(ptx: str, warps: int):
         name = f'{kind}.m{m}n{n}k{k}'
         instructions[name] = instructions.get(name, 0) + 1
         macs = m * n * k * (warps // 4 if kind == 'wgmma' else warps)
-        (inside if start <= i <= stop else outside)[kind] += macs
+        (inside if in_loop else outside)[kind] += macs
     return instructions, outside, inside
 
 
 def atomic_adds(ptx: str, warps: int):
     """fp32 values added with atomics (``atom``/``red`` ``.add``, ``.v2``/``.v4`` vectors counted per value) by
     every thread of a program: (outside the loop, per iteration)."""
-    lines = ptx.splitlines()
-    start, stop = loop_span(lines)
-    outside = inside = 0
-    for i, line in enumerate(lines):
-        match = _ATOMIC.search(line)
-        if match:
-            values = int(match.group(1) or 1) * 32 * warps
-            if start <= i <= stop:
-                inside += values
-            else:
-                outside += values
-    return outside, inside
+    values = {False: 0, True: 0}
+    for line, in_loop in lines_by_loop(ptx):
+        if match := _ATOMIC.search(line):
+            values[in_loop] += int(match.group(1) or 1) * 32 * warps
+    return values[False], values[True]
 
 
 def report_launch(launch, arch: int, b: int, B: int, dtype: str):

@@ -185,6 +185,23 @@ def test_the_one_pass_backward_matches_reference(monkeypatch, scheme, b, B, H, K
     check_against_reference(make_inputs(b, B, H, K, d, dtype), 1, False, rtol=rtol)
 
 
+@pytest.mark.parametrize('scheme', ['two-pass', 'one-pass', 'one launch'])
+def test_every_scheme_under_autocast(monkeypatch, scheme):
+    """amp_bf16's mix (fp32 inputs, bf16 operands): the loss and every gradient within bf16 of the float64
+    reference, the gradients in the inputs' fp32 (the one-pass schemes add ∂q, ∂p straight into them)."""
+    plan = members(scheme, 2, 5, 6)[0] if scheme != 'two-pass' else fused_loss._space(2, 5, 6, 90)[0]
+    monkeypatch.setattr(fused_loss, '_space', lambda *shape: (plan,))
+    inputs = make_inputs(3, 70, 2, 5, 6, torch.float32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = fused_loss.fused_sigmoid_loss(*inputs, first_text=1)
+    grads = torch.autograd.grad(loss, inputs)
+    ref = reference_loss(*inputs, 1, False)
+    assert_close(loss, ref, 2e-2, 'loss')
+    for name, grad, ref_grad in zip(NAMES, grads, torch.autograd.grad(ref, inputs)):
+        assert grad.dtype == torch.float32, name
+        assert_close(grad, ref_grad, 3e-2, name)
+
+
 def test_deterministic_algorithms_run_the_two_pass_backward(monkeypatch):
     """Atomics add in no fixed order: under torch.use_deterministic_algorithms(True) the one-pass scheme is left
     out even where it comes first (the interpreter runs the first scheme otherwise)."""

@@ -3,19 +3,20 @@
 Importing this package registers the Llip model configs and model class with ``open_clip``;
 an installed package also does so by itself whenever ``open_clip`` is imported (see README).
 """
-from .checkpoint import convert_authors_config, convert_state_dict, load_checkpoint
-from .config import LlipCfg
-from .evaluation import RetrievalTask, ZeroShotTask, evaluate, load_model
-from .features import pack_image, pack_text, unpack_image, unpack_text
-from .loss import LlipLoss
-from .mixer import LlipMixer, TextQueryHead
-from .model import LlipModel
-from .plugin import llip_model_names, register
-from .retrieval import encode_images, encode_texts, evaluate_retrieval, retrieval_metrics
-from .scoring import conditioned_cosine
+from .evaluation.retrieval import encode_images, encode_texts, evaluate_retrieval, retrieval_metrics
+from .evaluation.tasks import RetrievalTask, ZeroShotTask, evaluate, load_model
+from .evaluation.zero_shot import run_zero_shot, topk_correct, zero_shot_cosine
+from .integration.plugin import register
+from .loss.sigmoid import LlipLoss
+from .modeling.checkpoint import convert_authors_config, convert_state_dict, load_checkpoint
+from .modeling.classifier import build_zero_shot_classifier
+from .modeling.config import LlipCfg
+from .modeling.features import pack_image, pack_text, unpack_image, unpack_text
+from .modeling.mixer import LlipMixer, TextQueryHead
+from .modeling.model import LlipModel, llip_model_names
+from .modeling.scoring import conditioned_cosine
+from .modeling.vision import MixtureTokenViT
 from .version import __version__
-from .vision import MixtureTokenViT
-from .zero_shot import build_zero_shot_classifier, run_zero_shot, topk_correct, zero_shot_cosine
 
 __all__ = [
     '__version__', 'LlipCfg', 'LlipLoss', 'LlipMixer', 'LlipModel', 'MixtureTokenViT', 'RetrievalTask', 'TextQueryHead',

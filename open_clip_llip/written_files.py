@@ -4,7 +4,7 @@ A command that writes one file the user names (``--json``) checks it before doin
 (``check_output_file``) and writes it whole or not at all (``write_json``); it replaces an
 existing file only when asked to (``--overwrite``).
 
-A command that writes into a folder the user names (``python -m open_clip_llip.data OUT``, the
+A command that writes into a folder the user names (``open_clip_llip data OUT``, the
 main job's ``--output``) keeps a record of every file it wrote and what it held (SHA-256). Asked
 to overwrite, it removes those files and nothing else: a file the user put there stays, and a
 file of ours that was changed since is not removed (the command refuses, before removing

@@ -1,4 +1,4 @@
-"""The Llip index (``open_clip_llip.index``) on this machine: recall against exhaustive search, and speed at 1M images.
+"""The Llip index (``open_clip_llip.search``) on this machine: recall against exhaustive search, and speed at 1M images.
 
 1. **Recall** (a trained ``Llip-Tiny`` on built-in data): the model is trained with OpenCLIP's stock
    loop on the built-in scenes (as ``scripts/demo.py`` does), unless ``--checkpoint`` gives one. The
@@ -48,9 +48,9 @@ import open_clip
 import torch
 
 from open_clip_llip.data import write_dataset
-from open_clip_llip.eval_data import RetrievalImages, read_retrieval_set
-from open_clip_llip.evaluation import load_model
-from open_clip_llip.index import (
+from open_clip_llip.evaluation.readers import RetrievalImages, read_retrieval_set
+from open_clip_llip.evaluation.tasks import load_model
+from open_clip_llip.search.index import (
     FEATURES,
     FIRST_STAGE,
     LlipIndex,

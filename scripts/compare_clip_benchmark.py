@@ -1,4 +1,4 @@
-"""CLIP_benchmark on Llip (``open_clip_llip.benchmark``) against ``open_clip_llip_eval``, on the same tiny datasets.
+"""CLIP_benchmark on Llip (``open_clip_llip benchmark``) against ``open_clip_llip eval``, on the same tiny datasets.
 
     python scripts/compare_clip_benchmark.py --json compare.json         # trains Llip-Tiny briefly; CPU, minutes
     python scripts/compare_clip_benchmark.py --pretrained epoch_2.pt     # a given Llip-Tiny checkpoint
@@ -9,14 +9,14 @@
    with the same PNG files: ``wds/<task>/test/0.tar`` (``cls`` labels, or ``txt`` captions one a
    line), ``test/nshards.txt``, ``classnames.txt`` and ``zeroshot_classification_templates.txt``
    (``{c}`` for the class), or ``dataset_type.txt`` for retrieval.
-3. Runs CLIP_benchmark's own command through ``python -m open_clip_llip.benchmark`` (printed), and
-   ``open_clip_llip_eval``'s evaluation (``open_clip_llip.evaluation``) on the ImageFolders those shards
+3. Runs CLIP_benchmark's own command through ``open_clip_llip benchmark`` (printed), and
+   ``open_clip_llip eval``'s evaluation (``open_clip_llip.evaluation.tasks``) on the ImageFolders those shards
    were made from and on the retrieval shard itself; both fp32 (CLIP_benchmark's ``--no_amp``),
    on CUDA when there is one (CLIP_benchmark chooses so itself).
 4. Prints every metric both report, side by side, and their difference; exits with status 1 if one differs.
 
 Both count the same hits as long as no two scores tie: CLIP_benchmark's ``topk`` orders tied scores
-arbitrarily, ``open_clip_llip_eval`` counts ties against the model.
+arbitrarily, ``open_clip_llip eval`` counts ties against the model.
 """
 import argparse
 import io
@@ -31,13 +31,13 @@ from pathlib import Path
 
 import torch
 
-from open_clip_llip import benchmark
+from open_clip_llip.commands import benchmark
 from open_clip_llip.data import write_dataset
-from open_clip_llip.eval_data import read_retrieval_set
-from open_clip_llip.evaluation import RetrievalTask, ZeroShotTask, evaluate, load_model
+from open_clip_llip.evaluation.readers import read_retrieval_set
+from open_clip_llip.evaluation.tasks import RetrievalTask, ZeroShotTask, evaluate, load_model
 from open_clip_llip.written_files import add_json_output, check_json_output, write_json
 
-# open_clip_llip_eval's metric -> CLIP_benchmark's (image→text retrieval is its "text retrieval").
+# open_clip_llip eval's metric -> CLIP_benchmark's (image→text retrieval is its "text retrieval").
 METRICS = {'top1': 'acc1', 'top5': 'acc5', **{f'{ours}_R@{k}': f'{theirs}_recall@{k}' for k in (1, 5, 10)
                                                 for ours, theirs in (('image_to_text', 'text_retrieval'),
                                                                      ('text_to_image', 'image_retrieval'))}}
@@ -93,13 +93,13 @@ def train(args, data: Path, manifest: dict) -> Path:
 
 
 def clip_benchmark(args, pretrained: Path, datasets, task: str) -> dict:
-    """CLIP_benchmark's metrics per dataset, from its own command run through ``python -m open_clip_llip.benchmark``."""
+    """CLIP_benchmark's metrics per dataset, from its own command run through ``open_clip_llip benchmark``."""
     command = ['eval', '--model', args.model, '--pretrained', str(pretrained), '--task', task,
                '--dataset', *[f'wds/{name}' for name in datasets],
                '--dataset_root', str(args.work_dir / 'wds' / '{dataset}'),
                '--recall_k', '1', '5', '10', '--batch_size', str(args.batch_size), '--num_workers', '0', '--no_amp',
                '--quiet', '--output', str(args.work_dir / 'clip_benchmark' / '{dataset}.json')]
-    print('python -m open_clip_llip.benchmark', shlex.join(command), flush=True)
+    print('open_clip_llip benchmark', shlex.join(command), flush=True)
     (args.work_dir / 'clip_benchmark').mkdir(exist_ok=True)
     benchmark.main(command)
     return {name: json.loads((args.work_dir / 'clip_benchmark' / f'{name}.json').read_text())['metrics']
@@ -160,7 +160,7 @@ def main(argv=None):
 
     rows = compare(records, theirs)
     differing = sum(abs(row['difference']) > SAME for row in rows)
-    print('\n| task | CLIP_benchmark / open_clip_llip_eval | items | CLIP_benchmark (%) | open_clip_llip_eval (%) '
+    print('\n| task | CLIP_benchmark / open_clip_llip eval | items | CLIP_benchmark (%) | open_clip_llip eval (%) '
           '| difference (items) |\n|---|---|---|---|---|---|')
     for row in rows:
         print(f"| {row['task']} | {row['clip_benchmark_metric']} / {row['metric']} | {row['items']} | "

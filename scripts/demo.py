@@ -24,7 +24,7 @@ control`` adds the control. Runs go ``--parallel`` at a time (default: one per C
    built-in data, whose captions use a few dozen of the tokenizer's 49,408 tokens, the text tower's token
    and position embeddings keep their initial values (OpenCLIP's ``--lock-text`` with every layer above
    them unlocked; ``--train-text-embedding`` trains them too).
-3. Evaluates every checkpoint with ``open_clip_llip.evaluation`` (zero-shot tasks, retrieval), prints the
+3. Evaluates every checkpoint with ``open_clip_llip.evaluation.tasks`` (zero-shot tasks, retrieval), prints the
    table (mean ± standard deviation over seeds) and writes ``results.json``, ``results.md`` and plots:
    ``training_curves.png`` (from the loop's tensorboard scalars), ``gap.png`` (each arm's difference from
    SigLIP per metric, with its spread over seeds) and ``attention.png`` (for a few held-out images, how
@@ -54,10 +54,10 @@ import torch
 
 import open_clip_llip
 from open_clip_llip import unpack_image, unpack_text
+from open_clip_llip.commands.evaluate import add_task_arguments, tasks_from_arguments
 from open_clip_llip.data import write_dataset
-from open_clip_llip.eval import add_task_arguments, tasks_from_arguments
-from open_clip_llip.evaluation import RetrievalTask, ZeroShotTask, load_model
-from open_clip_llip.evaluation import evaluate as evaluate_tasks
+from open_clip_llip.evaluation.tasks import RetrievalTask, ZeroShotTask, load_model
+from open_clip_llip.evaluation.tasks import evaluate as evaluate_tasks
 from open_clip_llip.written_files import WrittenFiles, prepare_folder
 
 MARKER = 'demo.json'  # this script's record of a run in --output
@@ -79,7 +79,7 @@ def parse_args(argv=None):
                         help='llip: the model; siglip: its twin without the mixer; control: the model mixing uniformly')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (then torchrun-free, one GPU)")
-    add_task_arguments(parser)  # evaluation data, as open_clip_llip_eval takes it
+    add_task_arguments(parser)  # evaluation data, as open_clip_llip eval takes it
     data = parser.add_argument_group('training data (default: the built-in scenes, written to OUTPUT/data)')
     data.add_argument('--train-data', help='your own training data instead: webdataset shards (brace pattern) or a CSV')
     data.add_argument('--dataset-type', choices=['webdataset', 'csv'], default='webdataset', help='of --train-data')
@@ -261,7 +261,7 @@ def training_curve(run_dir, batch_size):
 
 
 def evaluate(args, model, checkpoint):
-    """Task name -> metrics of one checkpoint, through open_clip_llip.evaluation."""
+    """Task name -> metrics of one checkpoint, through open_clip_llip.evaluation.tasks."""
     model, transform, tokenizer = load_model(model, str(checkpoint), device=args.device)
     records = evaluate_tasks(model, args.tasks, transform, tokenizer, batch_size=256, workers=0)
     return {record['task']: record['metrics'] for record in records}
@@ -362,7 +362,7 @@ def plot_attention(model_name, found_as, checkpoint, retrieval_csv, path, num_im
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from open_clip_llip.eval_data import read_retrieval_set
+    from open_clip_llip.evaluation.readers import read_retrieval_set
 
     model, transform, tokenizer = load_model(found_as, str(checkpoint))
     retrieval_set = read_retrieval_set(retrieval_csv)

@@ -4,7 +4,7 @@
    there (two-pass; one-pass, whose texts' gradients are fp32 atomic sums: ``fused_loss._one_pass``; at B/16 one
    launch: ``fused_loss._one_launch``), the space restricted to it: the loss and all seven gradients of
    ``fused_sigmoid_loss`` against float64 (``reference``: the formula written out) and against the PyTorch path
-   (``open_clip_llip.loss._block_loss``), with partial text tiles (B not a multiple of any tile), positives off the
+   (``open_clip_llip.loss.sigmoid._block_loss``), with partial text tiles (B not a multiple of any tile), positives off the
    diagonal, raw queries with τ = 5, and one image whose values and Gram matrix are zero (|z| = 0: checked against
    the PyTorch path, which clamps as the kernels do; the float64 formula would divide by zero).
 2. Per-kernel times: every candidate (``fused_loss._space``; 0 is the plan's) of every launch of the forward and
@@ -46,8 +46,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from open_clip_llip import fused_loss  # noqa: E402
-from open_clip_llip.loss import _block_loss  # noqa: E402
+from open_clip_llip.loss import fused as fused_loss  # noqa: E402
+from open_clip_llip.loss.sigmoid import _block_loss  # noqa: E402
 from open_clip_llip.written_files import add_json_output, check_json_output, write_json  # noqa: E402
 
 # H, K, d of the shipped configs (as scripts/kernel_report.py)

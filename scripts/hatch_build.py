@@ -1,6 +1,6 @@
 """Hatch build hook: ship ``open_clip_llip.pth``, the autoload hook, at the root of the wheel.
 
-The .pth line embeds the source of ``open_clip_llip/autoload.py``, so that starting Python
+The .pth line embeds the source of ``open_clip_llip/integration/autoload.py``, so that starting Python
 imports none of our modules. Editable installs get the .pth alone: their model configs are
 read from the source tree.
 """
@@ -15,7 +15,7 @@ PTH_NAME = 'open_clip_llip.pth'
 
 class AutoloadPthHook(BuildHookInterface):
     def initialize(self, version, build_data):
-        source = (Path(self.root) / 'open_clip_llip' / 'autoload.py').read_text()
+        source = (Path(self.root) / 'open_clip_llip' / 'integration' / 'autoload.py').read_text()
         line = (f'import sys; exec(compile({source!r}, "<{PTH_NAME}>", "exec"), '
                 "{'__name__': 'open_clip_llip_autoload'})\n")
         self._tmp = tempfile.mkdtemp()

@@ -1,7 +1,7 @@
 """What the fused loss's kernels issue on the GPU, read offline from their compiled code (no GPU needed).
 
 For each shape (H, K, d of a shipped config) and architecture (sm_90: H100/H200; sm_80: A100), every launch that
-``open_clip_llip.fused_loss`` makes for b images against B texts (default b = 256, B = 32,768, one rank's step at
+``open_clip_llip.loss.fused`` makes for b images against B texts (default b = 256, B = 32,768, one rank's step at
 world size 128; bf16), in every form its autotuning space (``fused_loss._space``) gives it (column ``c``: candidate 0
 is the plan's; column ``s``: the backward's scheme, 0 two-pass, then one-pass and, at B/16, one launch; the totals
 are per scheme, of each launch's candidate 0), is compiled with ``triton.compile`` exactly as the JIT would compile
@@ -50,7 +50,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from open_clip_llip import fused_loss  # noqa: E402
+from open_clip_llip.loss import fused as fused_loss  # noqa: E402
 from open_clip_llip.written_files import add_json_output, check_json_output, write_json  # noqa: E402
 
 # H, K, d of the shipped configs (model_configs/Llip-*.json: llip_cfg.heads, mixture_tokens, embed_dim / heads).

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from open_clip_llip import LlipLoss, fused_loss
-from open_clip_llip.loss import _block_loss
+from open_clip_llip import LlipLoss
+from open_clip_llip.loss import fused as fused_loss
+from open_clip_llip.loss.sigmoid import _block_loss
 
 if not fused_loss.INTERPRETED:
     pytest.skip('needs TRITON_INTERPRET=1 from the start (see test_fused_loss.py)', allow_module_level=True)

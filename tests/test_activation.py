@@ -49,7 +49,8 @@ def test_open_clip_train_modules_imported_before_open_clip_are_adapted_once_load
         import open_clip
         print(evaluate.__module__, run.__module__, 'Llip-Tiny' in open_clip.list_models())
     """)
-    assert out.stdout.split() == ['open_clip_llip.adapters.similarity', 'open_clip_llip.adapters.similarity', 'True']
+    adapter = 'open_clip_llip.integration.adapters.similarity'
+    assert out.stdout.split() == [adapter, adapter, 'True']
     assert 'could not register' not in out.stderr
 
 
@@ -106,7 +107,7 @@ def test_wheel_carries_configs_hook_and_entry_point(tmp_path):
     assert sorted(n for n in names if n.startswith('open_clip_llip/model_configs/')) == \
         [f'open_clip_llip/model_configs/{m}.json' for m in LLIP_MODELS]
     assert 'open_clip_llip.pth' in names
-    assert '[open_clip.plugins]\nllip = open_clip_llip.plugin:register' in entry_points
+    assert '[open_clip.plugins]\nllip = open_clip_llip.integration.plugin:register' in entry_points
 
     # A Python without site processing, given the wheel's files before the dependencies:
     # running the wheel's .pth line must make `import open_clip` activate the wheel's package.

@@ -48,7 +48,7 @@ def test_every_adapter_applies_to_a_stock_open_clip():
     modules = json.loads(result.stdout.splitlines()[-1])
     for adapter, paths in REPLACED.items():
         for path in paths:
-            assert modules[path] == f'open_clip_llip.adapters.{adapter}', (path, modules[path])
+            assert modules[path] == f'open_clip_llip.integration.adapters.{adapter}', (path, modules[path])
     assert 'leaves OpenCLIP alone' not in result.stderr
 
 
@@ -61,8 +61,8 @@ def test_an_adapter_that_does_not_recognise_its_target_leaves_it_alone_and_warns
             return 'the stock loss'
         open_clip.factory.create_loss = open_clip.create_loss = create_loss
         import open_clip_llip
-        import open_clip_llip.plugin
-        open_clip_llip.plugin.register()  # idempotent: no second warning
+        import open_clip_llip.integration.plugin
+        open_clip_llip.integration.plugin.register()  # idempotent: no second warning
         assert open_clip.create_loss('x') == 'the stock loss'
         assert type(open_clip.create_model('Llip-Tiny')).__name__ == 'LlipModel'
         REPLACED.pop('losses')
@@ -72,7 +72,7 @@ def test_an_adapter_that_does_not_recognise_its_target_leaves_it_alone_and_warns
     assert result.stderr.count('leaves OpenCLIP alone') == 1, result.stderr
     assert "losses (patches/0002) adapter expects (open_clip.factory.create_loss takes no args" in result.stderr
     modules = json.loads(result.stdout.splitlines()[-1])
-    assert all(module.startswith('open_clip_llip.adapters.') for module in modules.values())
+    assert all(module.startswith('open_clip_llip.integration.adapters.') for module in modules.values())
 
 
 def test_llip_configs_stay_unbuildable_rather_than_half_adapted():

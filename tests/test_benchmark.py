@@ -1,9 +1,9 @@
-"""CLIP_benchmark on Llip (``open_clip_llip.benchmark``): its own evaluation, our scores, open_clip_llip_eval's numbers.
+"""CLIP_benchmark on Llip (``open_clip_llip benchmark``): its own evaluation, our scores, ``open_clip_llip eval``'s numbers.
 
 Tiny datasets in CLIP_benchmark's formats (webdataset ``wds/…`` for classification and retrieval, flickr-style
 for retrieval) and the same images, captions, class names and templates in ours. Metric names:
 
-    CLIP_benchmark                      open_clip_llip_eval
+    CLIP_benchmark                      open_clip_llip eval
     acc1, acc5                          top1, top5
     image_retrieval_recall@k (text→image)   text_to_image_R@k
     text_retrieval_recall@k (image→text)    image_to_text_R@k
@@ -28,11 +28,13 @@ import torch
 from conftest import REPO
 from PIL import Image
 
-from open_clip_llip import benchmark, build_zero_shot_classifier, zero_shot_cosine
-from open_clip_llip.benchmark import METRICS_MODULES, REFUSED_TASKS, llip_support, main
-from open_clip_llip.data.tasks import ZERO_SHOT_TASKS
-from open_clip_llip.eval import main as eval_main
-from open_clip_llip.eval_data import RetrievalImages, read_retrieval_set
+from open_clip_llip import build_zero_shot_classifier, zero_shot_cosine
+from open_clip_llip.commands.benchmark import main
+from open_clip_llip.commands.evaluate import main as eval_main
+from open_clip_llip.data.classification import ZERO_SHOT_TASKS
+from open_clip_llip.evaluation.readers import RetrievalImages, read_retrieval_set
+from open_clip_llip.integration import clip_benchmark as benchmark
+from open_clip_llip.integration.clip_benchmark import METRICS_MODULES, REFUSED_TASKS, llip_support
 
 clip_benchmark = pytest.importorskip('clip_benchmark', reason="CLIP_benchmark is not installed (the 'benchmark' extra)")
 from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval  # noqa: E402
@@ -86,7 +88,7 @@ def write_data(root):
     (root / 'templates.txt').write_text('\n'.join(TEMPLATES) + '\n')
 
     # Retrieval: CLIP_benchmark's webdataset (dataset_type.txt "retrieval"; captions one a line), which
-    # open_clip_llip_eval reads as it is, and a flickr-style folder (JPEG images, an annotation file) with our CSV.
+    # open_clip_llip eval reads as it is, and a flickr-style folder (JPEG images, an annotation file) with our CSV.
     write_shard(root / 'wds_retrieval' / 'test' / '0.tar',
                 [{'png': image_bytes(seed=100 + i), 'txt': '\n'.join(captions).encode()}
                  for i, captions in enumerate(RETRIEVAL_CAPTIONS)])
@@ -128,7 +130,7 @@ def our_args(data, dataset):
 
 
 def open_clip_llip_eval(data, checkpoint, dataset, tmp_path) -> dict:
-    """open_clip_llip_eval's metrics on the same data, same batch size, fp32."""
+    """open_clip_llip eval's metrics on the same data, same batch size, fp32."""
     output = tmp_path / f'ours-{dataset}.json'
     eval_main(['--model', 'Llip-Tiny', '--pretrained', str(checkpoint), *our_args(data, dataset), '--batch-size', '8',
                '--workers', '0', '--device', 'cpu', '--json', str(output)])
@@ -147,7 +149,7 @@ def count(fraction, total) -> int:
 
 
 def assert_same_numbers(theirs, ours, dataset):
-    """CLIP_benchmark's metrics equal open_clip_llip_eval's: the same number of images (texts) right at each k."""
+    """CLIP_benchmark's metrics equal open_clip_llip eval's: the same number of images (texts) right at each k."""
     if dataset == 'zeroshot':
         images = len(CLASSNAMES) * IMAGES_PER_CLASS
         assert count(theirs['acc1'], images) == count(ours['top1'], images)
@@ -178,10 +180,10 @@ def assert_no_ties(scores):
 
 
 def test_zero_shot_classification_gives_open_clip_llip_evals_numbers(data, checkpoint, tmp_path):
-    """``python -m open_clip_llip.benchmark eval`` (CLIP_benchmark's own CLI, datasets and metrics) on its
-    webdataset format, against open_clip_llip_eval on an ImageFolder of the same images."""
+    """``open_clip_llip benchmark eval`` (CLIP_benchmark's own CLI, datasets and metrics) on its
+    webdataset format, against open_clip_llip eval on an ImageFolder of the same images."""
     output = tmp_path / 'clip_benchmark.json'
-    result = subprocess.run([sys.executable, '-m', 'open_clip_llip.benchmark',
+    result = subprocess.run([sys.executable, '-m', 'open_clip_llip', 'benchmark',
                              *clip_benchmark_args(data, checkpoint, 'zeroshot', output)],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -189,7 +191,7 @@ def test_zero_shot_classification_gives_open_clip_llip_evals_numbers(data, check
     assert_same_numbers(theirs, ours, 'zeroshot')
     assert 0 < ours['top1'] < ours['top5'] < 1  # numbers that could differ
 
-    # mean_per_class_recall (which open_clip_llip_eval does not report) is that of the conditioned cosines too.
+    # mean_per_class_recall (which open_clip_llip eval does not report) is that of the conditioned cosines too.
     scores = llip_scores(checkpoint, sorted(map(str, (data / 'imagefolder').glob('*/*.png'))), classnames=CLASSNAMES)
     assert_no_ties(scores)
     hits = (scores.argmax(dim=1) == torch.arange(len(CLASSNAMES)).repeat_interleave(IMAGES_PER_CLASS))
@@ -199,7 +201,7 @@ def test_zero_shot_classification_gives_open_clip_llip_evals_numbers(data, check
 
 @pytest.mark.parametrize('dataset', ['wds', 'flickr'])
 def test_retrieval_gives_open_clip_llip_evals_numbers(data, checkpoint, tmp_path, dataset):
-    """CLIP_benchmark's webdataset (read as it is by open_clip_llip_eval) and flickr-style format (our CSV)."""
+    """CLIP_benchmark's webdataset (read as it is by open_clip_llip eval) and flickr-style format (our CSV)."""
     output = tmp_path / 'clip_benchmark.json'
     main(clip_benchmark_args(data, checkpoint, dataset, output))
     theirs, ours = clip_benchmark_metrics(output), open_clip_llip_eval(data, checkpoint, dataset, tmp_path)
@@ -257,7 +259,7 @@ def test_class_specific_prompts(checkpoint):
 
 
 def metrics_names():
-    """Every name in CLIP_benchmark's metrics modules that open_clip_llip.benchmark knows, and its value."""
+    """Every name in CLIP_benchmark's metrics modules that open_clip_llip.integration.clip_benchmark knows, and its value."""
     return {(name, attribute): value for name in METRICS_MODULES
             for attribute, value in vars(import_module(f'clip_benchmark.metrics.{name}')).items()}
 
@@ -339,7 +341,7 @@ def test_importing_open_clip_adapts_nothing_of_clip_benchmark():
     result = subprocess.run([sys.executable, '-c', """if True:
         import sys, open_clip, open_clip_llip
         from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
-        assert 'open_clip_llip.benchmark' not in sys.modules
+        assert 'open_clip_llip.integration.clip_benchmark' not in sys.modules
         for function in zeroshot_classification.zero_shot_classifier, zeroshot_retrieval.evaluate:
             assert function.__module__.startswith('clip_benchmark.'), function
         """], capture_output=True, text=True)

@@ -7,8 +7,8 @@ import torch
 from conftest import REFERENCE
 
 from open_clip_llip import LlipModel, llip_model_names
-from open_clip_llip.checkpoint import convert_state_dict
-from open_clip_llip.config import CONFIG_RECORD_KEY
+from open_clip_llip.modeling.checkpoint import convert_state_dict
+from open_clip_llip.modeling.config import CONFIG_RECORD_KEY
 
 # config -> (the authors' checkpoint layout, K, D, τ, norm), METHOD §5.
 PAPER_CONFIGS = {

@@ -1,4 +1,4 @@
-"""``python -m open_clip_llip.eval``: results against plain Llip, progress, JSON, and bad input."""
+"""``open_clip_llip eval``: results against plain Llip, progress, JSON, and bad input."""
 import io
 import json
 import os
@@ -20,8 +20,8 @@ from test_bad_input import tiny_config
 from test_retrieval import plain_metrics
 
 from open_clip_llip import LlipModel, build_zero_shot_classifier, run_zero_shot, unpack_image
-from open_clip_llip.eval import main
-from open_clip_llip.eval_data import RetrievalImages, read_retrieval_set
+from open_clip_llip.commands.evaluate import main
+from open_clip_llip.evaluation.readers import RetrievalImages, read_retrieval_set
 
 CLASS_FOLDERS = ['b_dog', 'a_cat', 'c_red_car']  # sorted: a_cat, b_dog, c_red_car
 CLASSNAMES = ['cat', '', 'dog', 'red car']  # a blank line is ignored
@@ -134,7 +134,7 @@ def test_results_match_plain_llip(data, checkpoint, tmp_path, capsys):
 
 def test_class_names_follow_sorted_class_folders(data, checkpoint, monkeypatch):
     """Random weights give every image one class, so check the wiring: names and targets in folder order."""
-    import open_clip_llip.evaluation as cli_module
+    import open_clip_llip.evaluation.tasks as cli_module
     seen = {}
 
     def build(model, tokenizer, classnames, templates, **kwargs):
@@ -326,7 +326,7 @@ def test_usage_errors(args, message, capsys):
 
 def cli(*args):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, '-m', 'open_clip_llip.eval', *map(str, args)],
+    return subprocess.run([sys.executable, '-m', 'open_clip_llip', 'eval', *map(str, args)],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
@@ -350,10 +350,12 @@ def test_checkpoint_of_another_model_is_a_short_error(data, tmp_path):
     assert 'was made for another architecture (K = 4 mixture tokens' in result.stderr
 
 
-def test_console_command_is_declared():
+def test_console_command_is_declared_and_eval_is_its_subcommand():
     scripts = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['scripts']
-    module, _, function = scripts['open_clip_llip_eval'].partition(':')
-    assert getattr(import_module(module), function) is main
+    module, _, function = scripts['open_clip_llip'].partition(':')
+    command = import_module(module)
+    assert getattr(command, function) is command.main
+    assert import_module(f'{module}.{command.SUBCOMMANDS["eval"][0]}').main is main
 
 
 def retrieval_json(output):
@@ -372,7 +374,7 @@ def trained_like(tmp_path_factory):
 
 def test_every_model_form_of_open_clip_train_evaluates_exactly_the_weights_given(data, trained_like, tmp_path):
     """A name, local-dir: (with --pretrained, or its own weights file) and a JSON config file."""
-    from open_clip_llip.evaluation import load_model
+    from open_clip_llip.evaluation.tasks import load_model
     expected = torch.load(trained_like, weights_only=True)['state_dict']
     config = open_clip.get_model_config('Llip-Tiny')
     folder = tmp_path / 'my-llip'

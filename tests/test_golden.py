@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import REFERENCE, reference_config, reference_model, reference_tensors
 
 from open_clip_llip import LlipLoss, conditioned_cosine, unpack_image, unpack_text
-from open_clip_llip.checkpoint import convert_state_dict
+from open_clip_llip.modeling.checkpoint import convert_state_dict
 
 # fp32 round-off: every golden tensor is matched to 1e-5 of its largest entry.
 RTOL = 1e-5

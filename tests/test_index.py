@@ -1,4 +1,4 @@
-"""``open_clip_llip.index``: exact re-scoring against ``LlipModel.similarity``, build/persist/reload/search, folders
+"""``open_clip_llip.search.index``: exact re-scoring against ``LlipModel.similarity``, build/persist/reload/search, folders
 that are not ours, bad input, and the command."""
 import json
 import os
@@ -14,7 +14,8 @@ from conftest import REPO
 from PIL import Image
 
 from open_clip_llip import unpack_image, unpack_text
-from open_clip_llip.index import (
+from open_clip_llip.commands.index import main
+from open_clip_llip.search.index import (
     FEATURES,
     FIRST_STAGE,
     MANIFEST,
@@ -22,7 +23,6 @@ from open_clip_llip.index import (
     LlipIndex,
     build_index,
     first_stage_vectors,
-    main,
     mixed_cosine,
     paired_cosine,
     prototype_queries,
@@ -244,7 +244,7 @@ def test_folders_that_are_not_ours_are_kept(model, tmp_path):
     (user / 'notes.txt').write_text('mine')
     with pytest.raises(FileExistsError, match='not empty'):
         write_index(user, model, [features], 5)
-    with pytest.raises(FileExistsError, match='holds nothing that open_clip_llip.index wrote'):
+    with pytest.raises(FileExistsError, match='holds nothing that open_clip_llip.search.index wrote'):
         write_index(user, model, [features], 5, overwrite=True)
     assert os.listdir(user) == ['notes.txt'] and (user / 'notes.txt').read_text() == 'mine'
     with pytest.raises(NotADirectoryError):
@@ -306,7 +306,7 @@ def test_bad_input(index, model, tokenizer, tmp_path):
         write_index(tmp_path / 'e', torch.nn.Linear(2, 2), [features], 5)
     (index.folder / 'not-an-index').mkdir()
     (index.folder / 'not-an-index' / MANIFEST).write_text('{"generator": "someone else"}')
-    with pytest.raises(ValueError, match='not written by open_clip_llip.index'):
+    with pytest.raises(ValueError, match='not written by open_clip_llip.search.index'):
         LlipIndex.open(index.folder / 'not-an-index', model)
 
 
@@ -338,7 +338,7 @@ def test_command(checkpoint, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == 'a red circle' and lines[4] == 'a blue square' and len(lines) == 8
     # The same as from Python, with the same model.
-    from open_clip_llip.evaluation import load_model
+    from open_clip_llip.evaluation.tasks import load_model
     model, _, tokenizer = load_model('Llip-Tiny', str(checkpoint))
     results = LlipIndex.open(output, model, tokenizer).search(['a red circle'], k=3, candidates=5)
     for line, score, image in zip(lines[1:4], results.scores[0].tolist(), results.ids[0].tolist()):
@@ -383,10 +383,10 @@ def test_command(checkpoint, tmp_path, capsys):
 
 
 def test_command_exit_status_without_traceback(tmp_path):
-    process = subprocess.run([sys.executable, '-m', 'open_clip_llip.index', 'query', str(tmp_path), 'a red circle'],
+    process = subprocess.run([sys.executable, '-m', 'open_clip_llip', 'index', 'query', str(tmp_path), 'a red circle'],
                              capture_output=True, text=True, cwd=REPO)
     assert process.returncode == 1
-    assert 'open_clip_llip_index query: error:' in process.stderr and 'Traceback' not in process.stderr
+    assert 'open_clip_llip index query: error:' in process.stderr and 'Traceback' not in process.stderr
 
 
 def test_empty_queries_are_refused(index, model, tokenizer):
@@ -399,8 +399,8 @@ def test_empty_queries_are_refused(index, model, tokenizer):
 def test_models_that_are_not_llip_are_refused(index, monkeypatch, tmp_path):
     with pytest.raises(TypeError, match='searched with a LlipModel; got Linear'):
         LlipIndex.open(index.folder, torch.nn.Linear(2, 2))
-    import open_clip_llip.evaluation
-    monkeypatch.setattr(open_clip_llip.evaluation, 'load_model', lambda *args: (torch.nn.Linear(2, 2), None, None))
+    import open_clip_llip.evaluation.tasks
+    monkeypatch.setattr(open_clip_llip.evaluation.tasks, 'load_model', lambda *args: (torch.nn.Linear(2, 2), None, None))
     with pytest.raises(SystemExit) as exit_info:
         main(['query', str(index.folder), 'a red circle', '--model', 'ViT-B-32', '--device', 'cpu'])
     assert '--model ViT-B-32 is not a Llip model' in str(exit_info.value.code)
@@ -419,11 +419,11 @@ def test_missing_faiss_is_named(model, monkeypatch, tmp_path):
 
 
 def test_command_in_a_subprocess(checkpoint, tmp_path):
-    """``python -m open_clip_llip.index`` builds and queries, as the console script ``open_clip_llip_index`` does."""
+    """``open_clip_llip index`` builds and queries, as the console script ``open_clip_llip index`` does."""
     images, output = tmp_path / 'images', tmp_path / 'index'
     write_images(images, 6)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
-    command = [sys.executable, '-m', 'open_clip_llip.index']
+    command = [sys.executable, '-m', 'open_clip_llip', 'index']
     built = subprocess.run([*command, 'build', str(output), '--images', str(images), '--model', 'Llip-Tiny',
                             '--pretrained', str(checkpoint), '--workers', '0'], capture_output=True, text=True, env=env)
     assert built.returncode == 0, built.stderr

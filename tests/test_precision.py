@@ -2,7 +2,7 @@
 
 Cells: the stock loop (a few steps, then ``--val-data`` and ``--imagenet-val``), ``get_logits``,
 ``similarity`` (features from an autocast forward, scored outside it, as OpenCLIP's evaluation
-does), zero-shot with a τ sweep, and ``open_clip_llip_eval``; each under ``fp32``, ``amp_bf16``,
+does), zero-shot with a τ sweep, and ``open_clip_llip eval``; each under ``fp32``, ``amp_bf16``,
 ``amp`` (fp16) and ``pure_bf16``. Every result must be finite and within the tolerance stated in
 ``COSINE_TOLERANCE`` of fp32's. On the CPU by default; ``OPEN_CLIP_LLIP_TEST_DEVICE=cuda`` runs the
 same cells on a GPU (``scripts/device_check.py``).
@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from open_clip_llip import build_zero_shot_classifier, zero_shot_cosine
-from open_clip_llip.eval import main as eval_main
+from open_clip_llip.commands.evaluate import main as eval_main
 
 DEVICE = os.environ.get('OPEN_CLIP_LLIP_TEST_DEVICE', 'cpu')
 PRECISIONS = ('fp32', 'amp_bf16', 'amp', 'pure_bf16')

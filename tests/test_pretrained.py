@@ -15,8 +15,8 @@ from open_clip_train.main import main as open_clip_train_main
 from test_bad_input import tiny_config
 
 from open_clip_llip import LlipModel
-from open_clip_llip.adapters import pretrained_tags
-from open_clip_llip.plugin import register_pretrained_tags
+from open_clip_llip.integration.adapters import pretrained_tags
+from open_clip_llip.integration.plugin import register_pretrained_tags
 
 pytestmark = pytest.mark.usefixtures('restore_logging')
 
@@ -77,7 +77,7 @@ def test_the_stock_loop_and_the_eval_command_take_a_tag(register_config, registe
                           '--name', 'tag'])
     trained = torch.load(tmp_path / 'logs' / 'tag' / 'checkpoints' / 'epoch_1.pt', weights_only=True)['state_dict']
     assert torch.equal(trained['mixer.out_proj'], source.state_dict()['mixer.out_proj'])
-    from open_clip_llip.evaluation import load_model
+    from open_clip_llip.evaluation.tasks import load_model
     monkeypatch.setenv('HOME', str(tmp_path))  # the command downloads into OpenCLIP's default cache, ~/.cache/clip
     evaluated, _, _ = load_model('tiny-release', 'release-test')
     assert torch.equal(evaluated.state_dict()['visual.k_proj'], source.state_dict()['visual.k_proj'])

@@ -122,7 +122,7 @@ def test_clip_benchmark_patches_pass_their_own_tests(patched_clip_benchmark):
 
 
 def test_patched_clip_benchmark_scores_llip_itself(patched_clip_benchmark, checkpoint, tmp_path):
-    """No scoring adaptation inside llip_support(), and CLIP_benchmark's own command gives open_clip_llip_eval's numbers."""
+    """No scoring adaptation inside llip_support(), and CLIP_benchmark's own command gives open_clip_llip eval's numbers."""
     from test_benchmark import REFUSED_TASKS, assert_same_numbers, clip_benchmark_args, open_clip_llip_eval, write_data
     data = write_data(tmp_path / 'data')
     runs = {dataset: clip_benchmark_args(data, checkpoint, dataset, tmp_path / f'{dataset}.json')
@@ -131,7 +131,7 @@ def test_patched_clip_benchmark_scores_llip_itself(patched_clip_benchmark, check
         import json, sys
         from clip_benchmark.cli import main
         from clip_benchmark.metrics import {', '.join(REFUSED_TASKS)}, zeroshot_classification, zeroshot_retrieval
-        from open_clip_llip.benchmark import llip_support
+        from open_clip_llip.integration.clip_benchmark import llip_support
         assert zeroshot_classification.__file__.startswith({str(patched_clip_benchmark)!r})
         modules = [{', '.join(REFUSED_TASKS)}, zeroshot_classification, zeroshot_retrieval]
         before = [dict(vars(module)) for module in modules]

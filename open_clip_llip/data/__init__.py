@@ -1,6 +1,6 @@
 """Built-in data: seeded scenes of coloured shapes, each image with several captions that describe part of it.
 
-``write_dataset`` (or ``python -m open_clip_llip.data OUTPUT_DIR``) writes OpenCLIP-ready
+``write_dataset`` (or ``open_clip_llip data OUTPUT_DIR``) writes OpenCLIP-ready
 training shards, an image-text retrieval set and zero-shot classification tasks; see
 ``writer.py`` for the layout, ``scenes.py`` for the held-out colour-shape pairs and
 ``tasks.py`` for the tasks.

@@ -29,10 +29,10 @@ from tqdm import tqdm
 from ..version import __version__
 from ..written_files import WrittenFiles, prepare_folder
 from .captions import named_pairs, sample_captions
+from .classification import ZERO_SHOT_TASKS
 from .render import png_bytes, render
-from .retrieval import sample_retrieval_set
+from .retrieval_set import sample_retrieval_set
 from .scenes import HELD_OUT_PAIRS, MAX_OBJECTS, TRAIN_PAIRS, rng_for, sample_scene
-from .tasks import ZERO_SHOT_TASKS
 
 GENERATOR = 'open_clip_llip.data'
 # How many objects a training scene holds, with what probability (1 to MAX_OBJECTS).

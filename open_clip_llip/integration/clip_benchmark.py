@@ -1,10 +1,10 @@
 """CLIP_benchmark's zero-shot classification and retrieval on Llip models, with conditioned scores.
 
-``python -m open_clip_llip.benchmark`` is CLIP_benchmark's own command line (``clip_benchmark``: the
+``open_clip_llip benchmark`` is CLIP_benchmark's own command line (``clip_benchmark``: the
 same subcommands and arguments, its datasets, metrics and output files), run inside ``llip_support()``::
 
     pip install 'open_clip_llip[benchmark]'
-    python -m open_clip_llip.benchmark eval --model Llip-ViT-B-16 --pretrained llip_b16_k32.pt \\
+    open_clip_llip benchmark eval --model Llip-ViT-B-16 --pretrained llip_b16_k32.pt \\
         --dataset wds/imagenet1k --dataset_root DIR --task zeroshot_classification
 
 From Python, CLIP_benchmark's functions called inside the block score Llip the same way::
@@ -16,7 +16,7 @@ From Python, CLIP_benchmark's functions called inside the block score Llip the s
 CLIP_benchmark (1.6) scores an image against a text by the dot product of their normalised
 embeddings; a Llip image is a set of K tokens whose embedding depends on the text. Inside
 ``llip_support()``, for Llip models only, these names of ``clip_benchmark.metrics`` hand the work to
-``open_clip_llip`` (what ``open_clip_llip_eval`` runs), and every other model goes to the function
+``open_clip_llip`` (what ``open_clip_llip eval`` runs), and every other model goes to the function
 they replace:
 
 - ``zeroshot_classification.zero_shot_classifier``: the class text features [C, 2, H, d] of
@@ -29,7 +29,7 @@ they replace:
   models (they need one vector per image, or a text decoder).
 
 Scores are at the model's τ: CLIP_benchmark reports one set of metrics per model and dataset
-(``open_clip_llip_eval --temperatures`` scores several τ in one pass). With ``amp`` (CLIP_benchmark's
+(``open_clip_llip eval --temperatures`` scores several τ in one pass). With ``amp`` (CLIP_benchmark's
 default), Llip runs under autocast on the evaluation device, as CLIP_benchmark 1.6.2 runs other models.
 
 numpy ≥ 2.4: CLIP_benchmark's ``accuracy`` (``zeroshot_classification``'s, also imported by
@@ -37,7 +37,7 @@ numpy ≥ 2.4: CLIP_benchmark's ``accuracy`` (``zeroshot_classification``'s, als
 classification fails for every model. Inside the block, where it fails so, it is replaced by the same
 count taken with ``.item()``.
 
-The rules of ``open_clip_llip.adapters`` hold: every name is checked (a function taking these
+The rules of ``open_clip_llip.integration.adapters`` hold: every name is checked (a function taking these
 arguments) before it is replaced, and where one is missing or has another shape, that part is left
 alone with a warning, given once. When the block exits, every name is restored: outside it,
 CLIP_benchmark is unchanged. Where CLIP_benchmark lets a model score images against texts itself
@@ -48,17 +48,17 @@ scoring replacements are not made; patch 0002 fixes ``accuracy``.
 import contextlib
 import functools
 import importlib
-import sys
 import warnings
 
 import torch
 from tqdm import tqdm
 
+from ..evaluation.retrieval import encode_images, encode_texts
+from ..evaluation.zero_shot import zero_shot_cosine
+from ..modeling.classifier import build_zero_shot_classifier
+from ..modeling.model import LlipModel
 from .adapters import Unexpected, expect_function
 from .adapters.accuracy import accuracy as count_top_k
-from .model import LlipModel
-from .retrieval import encode_images, encode_texts
-from .zero_shot import build_zero_shot_classifier, zero_shot_cosine
 
 INSTALL = "pip install 'open_clip_llip[benchmark]'"
 # CLIP_benchmark's tasks that cannot score a Llip model, and why.
@@ -76,7 +76,7 @@ def _metrics_modules():
     try:
         return {name: importlib.import_module(f'clip_benchmark.metrics.{name}') for name in METRICS_MODULES}
     except ImportError as error:
-        raise ImportError(f'open_clip_llip.benchmark needs CLIP_benchmark 1.6 and its dependencies ({error}): '
+        raise ImportError(f'{__name__} needs CLIP_benchmark 1.6 and its dependencies ({error}): '
                           f'{INSTALL}') from error
 
 
@@ -91,7 +91,7 @@ def _scores_models_itself() -> bool:
 
 def _leave_alone(part: str, error: Unexpected, consequence: str):
     """Warn, once per process and message, that a part of CLIP_benchmark is not what this module expects."""
-    message = (f'open_clip_llip.benchmark: CLIP_benchmark is not what it expects ({error}), so it leaves {part} alone: '
+    message = (f'{__name__}: CLIP_benchmark is not what it expects ({error}), so it leaves {part} alone: '
                f'{consequence}. Please report this with your CLIP_benchmark version.')
     if message not in _warned:
         _warned.add(message)
@@ -210,7 +210,7 @@ def _replacements(modules):
             replacements += [(zero_shot, 'zero_shot_classifier', _zero_shot_classifier(classifier)),
                              (zero_shot, 'run_classification', _run_classification(run))]
         except Unexpected as error:
-            _leave_alone('zero-shot classification', error, 'it cannot score Llip models (use open_clip_llip_eval)')
+            _leave_alone('zero-shot classification', error, 'it cannot score Llip models (use open_clip_llip eval)')
         try:
             stock = expect_function(retrieval, 'evaluate', ('model', 'dataloader', 'tokenizer', 'device', 'amp',
                                                             'recall_k_list'))
@@ -219,7 +219,7 @@ def _replacements(modules):
             expect_function(retrieval, 'batchify', ('func', 'X', 'Y', 'batch_size', 'device'))
             replacements.append((retrieval, 'evaluate', _retrieval_evaluate(stock, retrieval)))
         except Unexpected as error:
-            _leave_alone('retrieval', error, 'it cannot score Llip models (use open_clip_llip_eval)')
+            _leave_alone('retrieval', error, 'it cannot score Llip models (use open_clip_llip eval)')
     for task in REFUSED_TASKS:
         try:
             replacements.append((modules[task], 'evaluate',
@@ -253,23 +253,3 @@ def llip_support():
     finally:
         for module, name, function in reversed(stock):
             setattr(module, name, function)
-
-
-def main(argv=None):
-    """``clip_benchmark``'s command line with Llip support: ``python -m open_clip_llip.benchmark eval ...``."""
-    try:
-        from clip_benchmark import cli
-    except ImportError as error:
-        sys.exit(f'open_clip_llip.benchmark: CLIP_benchmark is not installed ({error}): {INSTALL}')
-    saved = sys.argv
-    # CLIP_benchmark's parser reads sys.argv.
-    sys.argv = ['python -m open_clip_llip.benchmark', *(saved[1:] if argv is None else argv)]
-    try:
-        with llip_support():
-            cli.main()
-    finally:
-        sys.argv = saved
-
-
-if __name__ == '__main__':
-    main()

@@ -13,13 +13,23 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import LayerNorm, LayerNormFp32, text_global_pool
 from torch import nn
 
+from .classifier import build_zero_shot_classifier
 from .config import CONFIG_RECORD_KEY, LlipCfg, check_llip_config, config_record, read_config_record
 from .features import check_features, pack_image, pack_text, unpack_image, unpack_text
 from .mixer import LlipMixer, TextQueryHead, split_heads
 from .scoring import conditioned_cosine
 from .text import build_text_tower
 from .vision import build_mixture_token_vit
-from .zero_shot import build_zero_shot_classifier
+
+MODEL_CLASS_NAME = 'LlipModel'  # the ``model_class`` of Llip configs
+
+
+def llip_model_names():
+    """Names of the Llip configs that OpenCLIP knows (ours and any a user added)."""
+    import open_clip
+    return [name for name in open_clip.list_models()
+            if open_clip.get_model_config(name).get('model_class') == MODEL_CLASS_NAME]
+
 
 # Elements of the Gram matrices scored at once by ``LlipModel.similarity`` (16 MiB in fp32).
 _GRAM_BLOCK_ELEMENTS = 1 << 22
@@ -153,19 +163,13 @@ class LlipModel(nn.Module):
     def no_weight_decay(self):
         return {f'visual.{n}' for n in self.visual.no_weight_decay()} | {f'text.{n}' for n in self.text.no_weight_decay()}
 
-    @classmethod
-    def create_loss(cls, args):
-        """The training loss for ``open_clip_train``'s ``args`` (the hook of patches/0002)."""
-        from .training import create_loss
-        return create_loss(args)
-
     def load_checkpoint(self, checkpoint_path: str, strict: bool = True, weights_only: bool = True, device='cpu'):
         """Load our checkpoints, the authors' released ones, or an OpenCLIP CLIP ViT's (see ``checkpoint``)."""
         from .checkpoint import load_checkpoint
         return load_checkpoint(self, checkpoint_path, strict=strict, weights_only=weights_only, device=device)
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Images [N, 3, H_img, W_img] -> image features [N, 2, H, K, d] (``open_clip_llip.features``).
+        """Images [N, 3, H_img, W_img] -> image features [N, 2, H, K, d] (``open_clip_llip.modeling.features``).
 
         A Llip image is K keys and values whose score depends on the text; it has no single unit
         vector, so ``normalize=True`` is refused rather than answered with something else.
@@ -175,7 +179,7 @@ class LlipModel(nn.Module):
                 'A Llip image is a set of K mixture tokens whose embedding depends on the text it is compared with: '
                 'there is no single image vector to normalise. Score images against texts with '
                 'model.get_logits(images, texts) or model.similarity(model.encode_image(images), '
-                'model.encode_text(texts)); to search a large gallery, use open_clip_llip.index.')
+                'model.encode_text(texts)); to search a large gallery, use open_clip_llip.search.index.')
         keys, values = self.visual(image)
         heads = self.mixer.heads
         return pack_image(split_heads(keys, heads).transpose(1, 2), split_heads(values, heads).transpose(1, 2))
@@ -212,7 +216,7 @@ class LlipModel(nn.Module):
         return pack_text(queries.to(self.mixer.out_proj.dtype), self.mixer.text_targets(embeddings))
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Token ids [M, L] -> text features [M, 2, H, d] (``open_clip_llip.features``).
+        """Token ids [M, L] -> text features [M, 2, H, d] (``open_clip_llip.modeling.features``).
 
         The target p = W_O t̂ is built from the unit embedding, so there is nothing left to
         normalise; ``normalize=True`` is refused, as for images (``encode_image``).
@@ -228,7 +232,7 @@ class LlipModel(nn.Module):
                    temperature: Union[float, Sequence[float], None] = None) -> torch.Tensor:
         """cos(z[i|j], t[j]) of every image and text -> [N, M], or [T, N, M] for a sequence of T temperatures.
 
-        Image features ``[N, 2, H, K, d]`` and text features ``[M, 2, H, d]`` (``open_clip_llip.features``),
+        Image features ``[N, 2, H, K, d]`` and text features ``[M, 2, H, d]`` (``open_clip_llip.modeling.features``),
         on any device (say, as OpenCLIP's evaluation accumulates them on the CPU) and in any precision:
         they are scored on the model's device in the widest of their dtypes and the mixer's, in blocks
         of images, each image's Gram matrix computed once for all texts and temperatures. τ defaults
@@ -264,7 +268,7 @@ class LlipModel(nn.Module):
         """Class names x templates -> class text features [C, 2, H, d], as ``similarity`` takes them.
 
         Each class's embedding is the normalised mean of its normalised template embeddings and its
-        query the mean of the raw template queries (METHOD §6; ``zero_shot.build_zero_shot_classifier``).
+        query the mean of the raw template queries (METHOD §6; ``classifier.build_zero_shot_classifier``).
         OpenCLIP's zero-shot evaluation calls this.
         """
         return build_zero_shot_classifier(self, tokenizer, classnames, templates,

@@ -1,6 +1,6 @@
 """Llip's conditioned scores and sigmoid loss fused in Triton kernels, forward and backward (METHOD §4).
 
-``fused_sigmoid_loss`` has the semantics of ``open_clip_llip.loss._block_loss`` over all the texts a rank sees:
+``fused_sigmoid_loss`` has the semantics of ``open_clip_llip.loss.sigmoid._block_loss`` over all the texts a rank sees:
 ``Σ_{i,j} −log σ(y[i,j]·s[i,j])``, ``s = logit_scale·cos + logit_bias``, ``cos = Σ_{h,k} a·<value, p> / |z|``,
 ``|z|² = aᵀ G a``, ``a = softmax_k(<q, key>/τ)`` per head. Shapes (b images, B texts, H heads, K tokens, d = D/H):
 
@@ -129,11 +129,11 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from .scoring import _EPS
+from ..modeling.scoring import _EPS
 
 # Whether the kernels below were built for Triton's interpreter (the CPU) rather than a GPU.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
-# |z|² at or below _EPS² is clamped there, as in open_clip_llip.scoring (the comparison is on |z|² itself).
+# |z|² at or below _EPS² is clamped there, as in open_clip_llip.modeling.scoring (the comparison is on |z|² itself).
 _EPS_SQUARED = tl.constexpr(_EPS * _EPS)
 _UPCAST_DOTS = tl.constexpr(INTERPRETED)
 _LOG2E = math.log2(math.e)
@@ -1139,7 +1139,7 @@ def _launch_args(keys, values, gram, queries, targets):
     if not keys.is_cuda and not INTERPRETED:
         raise RuntimeError(
             'The fused Triton loss runs on CUDA tensors; on the CPU only under Triton\'s interpreter '
-            '(TRITON_INTERPRET=1 set before open_clip_llip.fused_loss is imported). '
+            '(TRITON_INTERPRET=1 set before open_clip_llip.loss.fused is imported). '
             'Use OPEN_CLIP_LLIP_LOSS_IMPL=torch for the PyTorch path.')
     # MMA operands in one dtype: autocast's where it is on (as for a matmul: under amp_bf16 the queries
     # come in fp32, the rest in bf16), else the inputs' common dtype.
@@ -1265,7 +1265,7 @@ def fused_sigmoid_loss(keys, values, gram, queries, targets, logit_scale, logit_
 
     ``s = logit_scale·cos(z[i|j], t[j]) + logit_bias`` with the attention ``a = softmax_k(<q, key>/τ)``;
     ``y = +1`` where ``j + first_text == i`` (unless ``negative_only``), else −1: the semantics of
-    ``open_clip_llip.loss._block_loss``.
+    ``open_clip_llip.loss.sigmoid._block_loss``.
 
     Args:
         keys, values: [b, H, K, d] (rows may be strided, as the unbound ``[b, 2, H, K, d]`` features are).

@@ -1,6 +1,6 @@
 """Evaluation as a library call: typed tasks in, OpenCLIP-named metrics out.
 
-``open_clip_llip_eval``, the main job (``scripts/demo.py``) and Python users describe what to
+``open_clip_llip eval``, the main job (``scripts/demo.py``) and Python users describe what to
 evaluate with ``ZeroShotTask`` and ``RetrievalTask``, load a model with ``load_model`` (exactly
 the weights asked for, never random ones) and call ``evaluate``. A Llip model is scored with
 conditioned cosines, every τ of ``temperatures`` in one pass over the images (each image encoded,
@@ -8,7 +8,7 @@ and its Gram matrix computed, once); any other OpenCLIP model (a baseline) by do
 unit embeddings. Results are records (dicts) with OpenCLIP's metric names (``top1``, ``top5``,
 ``image_to_text_R@1``, …, ``text_to_image_mean_rank``) as fractions; ties count against the model.
 
-Data formats: see ``open_clip_llip.eval_data``.
+Data formats: see ``open_clip_llip.evaluation.readers``.
 """
 import functools
 import json
@@ -25,11 +25,11 @@ from open_clip_train.precision import get_autocast
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .eval_data import RetrievalImages, read_classnames, read_retrieval_set, read_templates, zero_shot_dataset
-from .model import LlipModel
-from .plugin import llip_model_names
+from ..modeling.classifier import build_zero_shot_classifier
+from ..modeling.model import LlipModel, llip_model_names
+from .readers import RetrievalImages, read_classnames, read_retrieval_set, read_templates, zero_shot_dataset
 from .retrieval import encode_images, encode_texts, evaluate_retrieval, retrieval_metrics
-from .zero_shot import build_zero_shot_classifier, run_zero_shot, topk_correct
+from .zero_shot import run_zero_shot, topk_correct
 
 ZERO_SHOT, RETRIEVAL = 'zeroshot_classification', 'retrieval'
 

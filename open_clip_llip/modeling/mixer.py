@@ -45,7 +45,7 @@ class LlipMixer(nn.Module):
     (``Ṽ[i,h,k] = value[i,h,k] @ W_O[h·d:(h+1)·d]``),
     ``<z[i|j], t̂[j]> = Σ_{h,k} a·<value[i,h,k], p[j,h]>`` and ``|z[i|j]|² = aᵀ G[i] a``.
     ``image_gram`` and ``text_targets`` compute those per-image and per-text factors, which
-    are all that ``open_clip_llip.scoring`` and the loss need besides the keys and raw queries.
+    are all that ``open_clip_llip.modeling.scoring`` and the loss need besides the keys and raw queries.
 
     τ is a fixed hyper-parameter (``temperature``); scoring applies it, and takes another for evaluation.
     """

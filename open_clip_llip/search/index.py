@@ -11,7 +11,7 @@ image gives its score. The index answers a text in two stages:
    the best 10% of a gallery). The index therefore holds P prototype queries c (k-means centres of the
    queries of a sample of texts: ``prototype_queries``; by default the zero query alone) and, per image
    and prototype, the mixture u[c] = concat_h(Σ_k softmax_k(<key[h,k], c_h>/τ) value[h,k]) scaled to
-   x[c] = u[c] / |u[c] W_O| (D numbers), so that with a text's target p = W_O t̂ (``open_clip_llip.features``)
+   x[c] = u[c] / |u[c] W_O| (D numbers), so that with a text's target p = W_O t̂ (``open_clip_llip.modeling.features``)
    <x[c], p> = cos(u[c] W_O, t) exactly. In FAISS this is an ``IndexIVFFlat`` whose coarse quantizer holds
    the prototypes and whose list c holds every image's x[c]: a text is routed to the ``probes`` prototypes
    nearest its raw query q (L2) and only their lists are scanned, one inner product per image and probe.
@@ -42,18 +42,16 @@ Python::
     index = LlipIndex.open('gallery-index', model, tokenizer)
     scores, ids = index.search(['a dog on a red sofa'], k=10, candidates=1000)   # [Q, k] each
 
-Command: ``open_clip_llip_index build`` / ``open_clip_llip_index query`` (``python -m
-open_clip_llip.index``; ``--help``).
+Command: ``open_clip_llip index build`` / ``open_clip_llip index query`` (``python -m
+open_clip_llip.search.index``; ``--help``).
 
 Notation: N images, Q texts (queries), C candidates per query, P prototype queries, K mixture tokens,
 H mixer heads, D embedding width, d = D / H.
 """
-import argparse
 import hashlib
 import json
 import logging
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -62,13 +60,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .features import check_features, unpack_image, unpack_text
-from .model import LlipModel
-from .retrieval import encode_texts
-from .version import __version__
-from .written_files import WrittenFiles, prepare_folder
+from ..evaluation.retrieval import encode_texts
+from ..modeling.features import check_features, unpack_image, unpack_text
+from ..modeling.model import LlipModel
+from ..version import __version__
+from ..written_files import WrittenFiles, prepare_folder
 
-GENERATOR = 'open_clip_llip.index'
+GENERATOR = 'open_clip_llip.search.index'
 MANIFEST, FEATURES, FIRST_STAGE, NAMES = 'index.json', 'image_features.npy', 'first_stage.faiss', 'names.json'
 DTYPES = ('float16', 'float32')
 DEFAULT_CANDIDATES = 1000
@@ -243,7 +241,7 @@ def write_index(
     (its files, if unchanged, and nothing else). ``names``: one per image, kept for the results.
     ``prototypes``: the first stage's prototype queries [P, H, d] (``prototype_queries``); default the zero
     query alone (uniform attention).
-    ``model_name``, ``pretrained`` and ``precision`` are recorded so that ``open_clip_llip_index query``
+    ``model_name``, ``pretrained`` and ``precision`` are recorded so that ``open_clip_llip index query``
     can load the model again. A failed write removes what it wrote. Returns the manifest's path.
     """
     faiss = _faiss()
@@ -383,7 +381,7 @@ def read_manifest(folder: Union[str, Path]) -> dict:
         manifest = json.loads(path.read_text(encoding='utf-8'))
     except FileNotFoundError:
         raise FileNotFoundError(f'{folder} holds no Llip index ({MANIFEST} not found): build one with '
-                                'open_clip_llip_index build.') from None
+                                'open_clip_llip index build.') from None
     except (OSError, ValueError) as error:
         raise ValueError(f'{path} is not a readable index manifest ({error}).') from None
     if not isinstance(manifest, dict) or manifest.get('generator') != GENERATOR:
@@ -559,7 +557,7 @@ class LlipIndex:
 def list_images(path: Union[str, Path]) -> Tuple[List[str], list]:
     """The images to index, as (names, sources for ``eval_data.RetrievalImages``): every image file under a folder
     (sorted), or the images of a retrieval CSV or webdataset shards (``eval_data.read_retrieval_set``)."""
-    from .eval_data import SHARD_IMAGE_EXTENSIONS, ShardMember, read_retrieval_set
+    from ..evaluation.readers import SHARD_IMAGE_EXTENSIONS, ShardMember, read_retrieval_set
 
     if Path(path).is_dir():
         images = sorted(str(file) for file in Path(path).rglob('*')
@@ -569,111 +567,3 @@ def list_images(path: Union[str, Path]) -> Tuple[List[str], list]:
         return images, images
     images = read_retrieval_set(str(path)).images
     return [f'{image.shard}:{image.name}' if isinstance(image, ShardMember) else image for image in images], images
-
-
-def _absolute(spec: Optional[str]) -> Optional[str]:
-    """A model or checkpoint given as a path, made absolute so that the index finds it from any folder."""
-    if spec is None:
-        return None
-    schema = 'local-dir:' if spec.startswith('local-dir:') else ''
-    path = Path(spec[len(schema):])
-    return f'{schema}{path.resolve()}' if schema or path.is_file() else spec
-
-
-def _load(args):
-    """Model, transform and tokenizer of ``--model``/``--pretrained``; ValueError unless a Llip model."""
-    from .evaluation import load_model
-    model, transform, tokenizer = load_model(args.model, args.pretrained, args.precision, args.device)
-    if not isinstance(model, LlipModel):
-        raise ValueError(f"--model {args.model} is not a Llip model; a Llip index needs one.")
-    return model, transform, tokenizer
-
-
-def _build(args):
-    from .eval_data import RetrievalImages
-    names, images = list_images(args.images)
-    texts = None
-    if args.prototype_texts is not None:
-        texts = [line.strip() for line in args.prototype_texts.read_text(encoding='utf-8').splitlines() if line.strip()]
-    model, transform, tokenizer = _load(args)
-    index = build_index(args.output, model, RetrievalImages(images, transform), names, args.batch_size, args.workers,
-                        args.precision, args.dtype, args.overwrite, model_name=_absolute(args.model),
-                        pretrained=_absolute(args.pretrained), tokenizer=tokenizer, prototype_texts=texts,
-                        prototypes=args.prototypes)
-    print(f'Indexed {len(index)} images into {args.output}.')
-
-
-def _query(args):
-    manifest = read_manifest(args.index)
-    args.model = args.model or manifest['model']
-    args.pretrained = args.pretrained or manifest['pretrained']
-    if args.model is None:
-        raise ValueError(f'The index in {args.index} does not record its model: give --model (and --pretrained).')
-    model, _, tokenizer = _load(args)
-    index = LlipIndex.open(args.index, model, tokenizer, args.precision)
-    results = index.search(args.texts, args.k, args.candidates, args.probes)
-    for text, scores, ids in zip(args.texts, results.scores.tolist(), results.ids.tolist()):
-        print(f'{text}')
-        for rank, (score, image) in enumerate(zip(scores, ids), 1):
-            name = f'\t{index.names[image]}' if index.names is not None else ''
-            print(f'{rank:4d}\t{score:.4f}\t{image}{name}')
-
-
-def parse_args(argv: List[str]) -> argparse.Namespace:
-    from .eval import PRECISIONS
-    parser = argparse.ArgumentParser(prog='open_clip_llip_index', description='Build a Llip retrieval index of images, '
-                                     'or search one by text.')
-    commands = parser.add_subparsers(dest='command', required=True)
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-
-    build = commands.add_parser('build', help='encode images into a new index folder',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    build.add_argument('output', type=Path, help='the index folder to create (new or empty; see --overwrite)')
-    build.add_argument('--images', required=True,
-                       help='a folder of images (searched recursively), a retrieval CSV (filepath column) or '
-                            'webdataset shards (.tar, or a brace pattern)')
-    build.add_argument('--model', required=True, help='what open_clip_llip_eval takes: a Llip config name, '
-                                                       'local-dir:DIR, hf-hub:REPO or a JSON config file')
-    build.add_argument('--pretrained', help='weights: a checkpoint file or a pretrained tag')
-    build.add_argument('--batch-size', type=int, default=64)
-    build.add_argument('--workers', type=int, default=4, help='data loader workers')
-    build.add_argument('--dtype', choices=DTYPES, default='float16', help='how the image features are stored')
-    build.add_argument('--overwrite', action='store_true', help='replace an index this command wrote in OUTPUT')
-    build.add_argument('--prototype-texts', type=Path, metavar='FILE',
-                       help='a sample of texts like the queries to come, one per line: the first stage ranks by '
-                            'the mixtures for --prototypes centres of their queries (default: the uniform mixture)')
-    build.add_argument('--prototypes', type=int,
-                       help=f'prototype queries made from --prototype-texts (default {DEFAULT_PROTOTYPES})')
-
-    query = commands.add_parser('query', help='the best images of an index for each text',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    query.add_argument('index', type=Path, help='an index folder written by open_clip_llip_index build')
-    query.add_argument('texts', nargs='+', metavar='TEXT')
-    query.add_argument('--k', type=int, default=10, help='images per text')
-    query.add_argument('--candidates', type=int, default=DEFAULT_CANDIDATES,
-                       help='first-stage candidates per text, re-scored exactly')
-    query.add_argument('--probes', type=int, default=1, help="prototypes per text whose lists the first stage scans")
-    query.add_argument('--model', help="default: the index's (another path to the same model)")
-    query.add_argument('--pretrained', help="default: the index's")
-    for sub in (build, query):
-        sub.add_argument('--device', default=device)
-        sub.add_argument('--precision', choices=PRECISIONS, default='fp32')
-    args = parser.parse_args(argv)
-    if args.command == 'build' and (args.batch_size < 1 or args.workers < 0):
-        build.error('--batch-size must be at least 1 and --workers at least 0')
-    if args.command == 'build' and args.prototypes is not None and args.prototype_texts is None:
-        build.error('--prototypes needs --prototype-texts, the sample of texts to make them of')
-    return args
-
-
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s | %(levelname)s | %(message)s')
-    try:
-        _build(args) if args.command == 'build' else _query(args)
-    except (ValueError, OSError, ImportError) as error:  # bad input: say what is wrong, without a traceback
-        sys.exit(f'open_clip_llip_index {args.command}: error: {error}')
-
-
-if __name__ == '__main__':
-    main()

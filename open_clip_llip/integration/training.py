@@ -14,7 +14,7 @@ from typing import Optional
 
 import open_clip
 
-from .loss import LlipLoss
+from ..loss.sigmoid import LlipLoss
 
 
 def refuse_unsupported(args, naflex_data_config=None):

@@ -1,4 +1,4 @@
-"""Evaluation data on disk, read for ``open_clip_llip.eval``; every problem is a clear error.
+"""Evaluation data on disk, read for ``open_clip_llip.commands.evaluate``; every problem is a clear error.
 
 - **Zero-shot classification**: an ImageFolder (``DIR/<class folder>/<image>``, class folders in
   sorted order, as torchvision's ``ImageFolder``), a class-names file (UTF-8, line i names the

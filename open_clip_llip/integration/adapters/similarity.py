@@ -10,7 +10,7 @@ model exactly as before. Replaced names:
 - ``open_clip_train.zero_shot.run`` (OpenCLIP 3) / ``run_zero_shot_classifier`` (OpenCLIP 4):
   sees the model through its similarity to the classes, with an identity classifier;
 - ``open_clip_train.train.evaluate``: computes the validation pairs' metrics itself (the same
-  names: ``clip_val_loss``, ``image_to_text_R@1``, …, with ``open_clip_llip.retrieval``) and lets
+  names: ``clip_val_loss``, ``image_to_text_R@1``, …, with ``open_clip_llip.evaluation.retrieval``) and lets
   the stock ``evaluate`` report them with the zero-shot metrics (log, tensorboard, results.jsonl,
   wandb), through ``zero_shot_eval`` (OpenCLIP 3) or ``zero_shot_eval_all`` (OpenCLIP 4).
 
@@ -22,12 +22,12 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from ...evaluation.retrieval import retrieval_metrics
 from ..autoload import call_after_import
-from ..retrieval import retrieval_metrics
 from . import Unexpected, expect_function, leave_alone
 
 ADAPTER = 'similarity (patches/0004)'
-CONSEQUENCE = "open_clip_train's {} cannot score Llip models (use open_clip_llip_eval)"
+CONSEQUENCE = "open_clip_train's {} cannot score Llip models (use open_clip_llip eval)"
 _CLASSIFIER_PARAMETERS = ('model', 'tokenizer', 'classnames', 'templates', 'num_classes_per_batch', 'device', 'use_tqdm')
 
 

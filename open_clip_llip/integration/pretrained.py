@@ -10,7 +10,7 @@
   trained); image size and context length may differ (positions are interpolated). For example
   ``open_clip_train --model Llip-ViT-B-16 --pretrained ViT-B-16-quickgelu/metaclip_fullcc``
   starts Llip from MetaCLIP's B/16: its towers copied, the mixture tokens from its class token,
-  the new projections fresh (``open_clip_llip.checkpoint``). Such a tag downloads and caches the
+  the new projections fresh (``open_clip_llip.modeling.checkpoint``). Such a tag downloads and caches the
   CLIP weights exactly as the CLIP tag does, with its preprocessing.
 """
 from dataclasses import asdict

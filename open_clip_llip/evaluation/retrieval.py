@@ -1,7 +1,7 @@
 """Image-text retrieval with Llip's conditioned scores (METHOD §6).
 
 Every (image, text) pair gets its own mixture, so both directions rank ``cos(z[i|j], t[j])``.
-Images and texts are each encoded once (``open_clip_llip.features``); ``LlipModel.similarity``
+Images and texts are each encoded once (``open_clip_llip.modeling.features``); ``LlipModel.similarity``
 then computes the [N, M] scores in blocks of images and texts, so memory holds the scores and one
 block's ``[n, m, H, K]`` intermediates, never N·M·D numbers.
 
@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Union
 import torch
 from tqdm import tqdm
 
-from .zero_shot import model_device
+from ..modeling.classifier import model_device
 
 RECALL_AT = (1, 5, 10)
 

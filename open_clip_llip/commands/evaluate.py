@@ -1,14 +1,14 @@
-"""``python -m open_clip_llip.eval`` (``open_clip_llip_eval``): zero-shot classification and retrieval.
+"""``open_clip_llip eval``: zero-shot classification and retrieval.
 
 Example::
 
-    open_clip_llip_eval --model Llip-ViT-B-16 --pretrained llip_b16_k32.pt \\
+    open_clip_llip eval --model Llip-ViT-B-16 --pretrained llip_b16_k32.pt \\
         --zeroshot-images imagenet/val --classnames imagenet.txt --templates openai.txt \\
         --retrieval coco/test.csv --temperatures 1 5 --json results.json
 
-The command line of ``open_clip_llip.evaluation``: it builds the typed tasks from the options,
+The command line of ``open_clip_llip.evaluation.tasks``: it builds the typed tasks from the options,
 loads exactly the weights asked for, evaluates, prints a table and writes JSON (OpenCLIP's metric
-names, as fractions). Data formats: see ``open_clip_llip.eval_data``.
+names, as fractions). Data formats: see ``open_clip_llip.evaluation.readers``.
 """
 import argparse
 import logging
@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Dict, List
 
 import open_clip
-import torch
 
-from .evaluation import RETRIEVAL, ZERO_SHOT, RetrievalTask, Task, ZeroShotTask, evaluate, load_model
-from .model import LlipModel
-from .plugin import llip_model_names
-from .written_files import check_output_file, write_json
+from ..evaluation.tasks import RETRIEVAL, ZERO_SHOT, RetrievalTask, Task, ZeroShotTask, evaluate, load_model
+from ..modeling.model import LlipModel, llip_model_names
+from ..written_files import check_output_file, write_json
+from .options import add_model_arguments, add_runtime_arguments, check_runtime_arguments
 
-PRECISIONS = ('amp', 'amp_bf16', 'amp_bfloat16', 'bf16', 'fp16', 'pure_bf16', 'pure_fp16', 'fp32')  # open_clip_train's
 # Table columns (JSON keys stay OpenCLIP's names).
 TABLE_COLUMNS = {
     ZERO_SHOT: {'top1': 'top1', 'top5': 'top5'},
@@ -68,20 +66,15 @@ def tasks_from_arguments(parser: argparse.ArgumentParser, args) -> List[Task]:
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog='open_clip_llip_eval', description='Zero-shot classification and retrieval of a Llip (or OpenCLIP) model.',
+        prog='open_clip_llip eval', description='Zero-shot classification and retrieval of a Llip (or OpenCLIP) model.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--model', required=True,
-                        help='What open_clip_train takes: a config name (a Llip config such as Llip-ViT-B-16, or any '
-                             'OpenCLIP model, scored by dot products), local-dir:DIR, hf-hub:REPO or a JSON config file.')
-    parser.add_argument('--pretrained', help='Weights: a checkpoint file or a pretrained tag (required for a config name '
-                                             'or file; for local-dir:/hf-hub:, a file instead of their own weights).')
+    add_model_arguments(parser, pretrained_help='weights: a checkpoint file or a pretrained tag (required for a config '
+                        'name or file; for local-dir:/hf-hub:, a file instead of their own weights); an OpenCLIP '
+                        'model that is not Llip is scored by dot products')
     add_task_arguments(parser)
     parser.add_argument('--temperatures', type=float, nargs='+', metavar='TAU',
                         help="Mixer temperatures τ to evaluate (default: the model's).")
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--workers', type=int, default=4, help='Data loader workers.')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--precision', choices=PRECISIONS, default='fp32')
+    add_runtime_arguments(parser)
     parser.add_argument('--json', type=Path, metavar='PATH', help='Write the results here as JSON.')
     parser.add_argument('--overwrite', action='store_true', help='Replace an existing --json file.')
     args = parser.parse_args(argv)
@@ -89,8 +82,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     if not args.zeroshot_images and not args.retrieval:
         parser.error('nothing to evaluate: give --zeroshot-images DIR --classnames FILE --templates FILE, '
                      'and/or --retrieval PATH')
-    if args.batch_size < 1 or args.workers < 0:
-        parser.error('--batch-size must be at least 1 and --workers at least 0')
+    check_runtime_arguments(parser, args)
     if args.temperatures is not None and not all(tau > 0 for tau in args.temperatures):
         parser.error(f'--temperatures must be positive, got {args.temperatures}')
     args.parser = parser
@@ -136,8 +128,5 @@ def main(argv=None):
             write_json(args.json, results, args.overwrite)
             logging.info(f'Results written to {args.json}.')
     except (ValueError, OSError) as error:  # bad input: say what is wrong, without a traceback
-        sys.exit(f'open_clip_llip_eval: error: {error}')
+        sys.exit(f'open_clip_llip eval: error: {error}')
 
-
-if __name__ == '__main__':
-    main()

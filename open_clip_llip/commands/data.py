@@ -1,13 +1,13 @@
-"""``python -m open_clip_llip.data OUTPUT_DIR``: write the built-in scenes dataset (see ``writer.py``)."""
+"""``open_clip_llip data OUTPUT_DIR``: write the built-in scenes dataset (see ``writer.py``)."""
 import argparse
 import logging
 
-from .writer import write_dataset
+from ..data.writer import write_dataset
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog='python -m open_clip_llip.data',
+        prog='open_clip_llip data',
         description='Write seeded scenes of coloured shapes, several partial captions per image: OpenCLIP-ready '
                     'training shards, an image-text retrieval set and zero-shot classification tasks.')
     parser.add_argument('output_dir', help='directory to write into: new or empty (or see --overwrite)')
@@ -37,6 +37,3 @@ def main(argv=None):
     except (FileExistsError, NotADirectoryError, ValueError, RuntimeError) as error:
         parser.exit(2, f'{parser.prog}: error: {error}\n')
 
-
-if __name__ == '__main__':
-    main()

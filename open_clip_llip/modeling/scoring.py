@@ -1,6 +1,6 @@
 """Text-conditioned cosine scores for every (image, text) pair, without materialising z (METHOD §4).
 
-Inputs are the factors of ``open_clip_llip.features`` (N images, M texts, K mixture tokens,
+Inputs are the factors of ``open_clip_llip.modeling.features`` (N images, M texts, K mixture tokens,
 H heads, d = D / H):
 
     keys, values  [N, H, K, d]    per image

@@ -4,7 +4,7 @@
     L      = −(1/b) Σ_{i,j} log σ(y[i,j] · s[i,j]),   y = +1 if i == j else −1
 
 b local images, B texts in all. Images (keys, values, Gram) stay on their rank; each text's
-features (``open_clip_llip.features``: its raw query and target in one ``[M, 2, H, d]`` tensor)
+features (``open_clip_llip.modeling.features``: its raw query and target in one ``[M, 2, H, d]`` tensor)
 travel exactly as text features do in OpenCLIP's ``SigLipLoss`` (its four distributed
 implementations, ``bidir``, ``shift``, ``reduce``, ``gather``, with its own exchange helpers);
 then one loss call takes all the texts a rank has seen, rather than one call per chunk. The mixer
@@ -14,7 +14,7 @@ Memory: the scores are computed in blocks of images (all texts at once: on the C
 many texts run near matmul speed), each recomputed in the backward pass (activation
 checkpointing), so between the forward and the backward pass only the inputs are kept, and at
 any time at most one block's ``[n, H·K, B]`` intermediates — never ``[b, B, D]``.
-On CUDA with Triton installed, the fused kernels of ``open_clip_llip.fused_loss`` compute the
+On CUDA with Triton installed, the fused kernels of ``open_clip_llip.loss.fused`` compute the
 same loss keeping two scalars per pair; ``impl`` (or ``OPEN_CLIP_LLIP_LOSS_IMPL=triton|torch``,
 read when the loss is built) forces either.
 """
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss, neighbour_exchange_bidir_with_grad, neighbour_exchange_with_grad
 
-from .scoring import pair_block_size, pair_cosine
+from ..modeling.scoring import pair_block_size, pair_cosine
 
 
 def _block_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, first_text: int, negative_only: bool):
@@ -159,7 +159,7 @@ class LlipLoss(SigLipLoss):
         queries, targets = text_features.unbind(dim=1)
         num_images, heads, tokens, _ = keys.shape
         if self.uses_kernels(keys):
-            from .fused_loss import fused_sigmoid_loss  # imports Triton only when used
+            from .fused import fused_sigmoid_loss  # imports Triton only when used
             loss = fused_sigmoid_loss(keys, values, gram, queries, targets, logit_scale, logit_bias,
                                       temperature=self.temperature, negative_only=negative_only)
             return loss / num_images
@@ -209,7 +209,7 @@ class LlipLoss(SigLipLoss):
         """``LlipModel.forward``'s outputs -> the loss of b local images against all texts.
 
         Image features [b, 2, H, K, d] and their Gram matrices [b, H·K, H·K] stay on this rank;
-        text features [b, 2, H, d] (``open_clip_llip.features``) travel as SigLipLoss's text features
+        text features [b, 2, H, d] (``open_clip_llip.modeling.features``) travel as SigLipLoss's text features
         do, and the loss is one call over all of them (``_all_texts``): the same sum as SigLipLoss's
         one call per chunk.
         """

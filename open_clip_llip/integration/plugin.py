@@ -4,14 +4,15 @@ Each piece goes through OpenCLIP's public API where it has one (``add_model_conf
 where it does not yet, through the API that a patch in ``patches/`` adds (``register_model_class``,
 ``register_loss``, ``register_task``, ``pairwise_similarity``, ``register_pretrained``,
 ``hub_requirements``), which an adapter of
-``open_clip_llip.adapters`` stands in for on a stock OpenCLIP. This module itself touches no
+``open_clip_llip.integration.adapters`` stands in for on a stock OpenCLIP. This module itself touches no
 OpenCLIP internals. An OpenCLIP with the patches calls ``register`` itself (entry point group
 ``open_clip.plugins``); otherwise the package's import hook does (see ``autoload``).
 """
 from pathlib import Path
 
-MODEL_CLASS_NAME = 'LlipModel'
-_PACKAGE_DIR = Path(__file__).resolve().parent
+from ..modeling.model import MODEL_CLASS_NAME, llip_model_names
+
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # Installed from a wheel the configs sit inside the package; in a source checkout (and an
 # editable install) they are the repository's top-level folder.
 MODEL_CONFIG_DIR = next(
@@ -21,13 +22,6 @@ MODEL_CONFIG_DIR = next(
 _registered = False
 
 
-def llip_model_names():
-    """Names of the Llip configs that OpenCLIP knows (ours and any a user added)."""
-    import open_clip
-    return [name for name in open_clip.list_models()
-            if open_clip.get_model_config(name).get('model_class') == MODEL_CLASS_NAME]
-
-
 def register():
     """Make OpenCLIP list the Llip configs, build ``LlipModel`` for them, train and evaluate them. Idempotent."""
     global _registered
@@ -35,16 +29,16 @@ def register():
         return
     import open_clip
 
+    from ..modeling.model import LlipModel
     from . import training
-    from .adapters import accuracy, hub, losses, model_classes, similarity, tasks
+    from .adapters import accuracy, hub, losses, model_classes, similarity, training_task
     from .autoload import call_after_import
-    from .model import LlipModel
 
     if not MODEL_CONFIG_DIR.is_dir():
         raise FileNotFoundError(f'open_clip_llip is installed without its model configs ({MODEL_CONFIG_DIR}); reinstall it.')
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     for install, hook in ((model_classes.install, LlipModel), (losses.install, training.create_loss),
-                          (tasks.install, training.create_task)):
+                          (training_task.install, training.create_task)):
         register_hook = install()
         if register_hook is not None:
             register_hook(MODEL_CLASS_NAME, hook)
@@ -56,7 +50,7 @@ def register():
 
 
 def register_pretrained_tags():
-    """The authors' released weights, and every CLIP tag each Llip config can start from (``open_clip_llip.pretrained``).
+    """The authors' released weights, and every CLIP tag each Llip config can start from (``.pretrained``).
 
     Called once at registration; call it again after adding CLIP tags or Llip configs to OpenCLIP.
     """

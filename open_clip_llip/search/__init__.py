@@ -1,0 +1,1 @@
+"""Search over large galleries: a two-stage Llip retrieval index (``index``)."""

@@ -306,7 +306,7 @@ def test_bad_input(index, model, tokenizer, tmp_path):
         write_index(tmp_path / 'e', torch.nn.Linear(2, 2), [features], 5)
     (index.folder / 'not-an-index').mkdir()
     (index.folder / 'not-an-index' / MANIFEST).write_text('{"generator": "someone else"}')
-    with pytest.raises(ValueError, match='not written by open_clip_llip.search.index'):
+    with pytest.raises(ValueError, match='not written by open_clip_llip.index'):
         LlipIndex.open(index.folder / 'not-an-index', model)
 
 
@@ -407,7 +407,7 @@ def test_models_that_are_not_llip_are_refused(index, monkeypatch, tmp_path):
 
 
 def test_encode_image_points_to_get_logits_and_the_index(model):
-    with pytest.raises(ValueError, match=r'get_logits.*open_clip_llip\.index'):
+    with pytest.raises(ValueError, match=r'get_logits.*open_clip_llip\.search'):
         model.encode_image(RandomImages(1).images, normalize=True)
 
 

@@ -66,7 +66,9 @@ from ..modeling.model import LlipModel
 from ..version import __version__
 from ..written_files import WrittenFiles, prepare_folder
 
-GENERATOR = 'open_clip_llip.search.index'
+# What an index's manifest records as its writer, and ``--overwrite`` looks for: kept as it was when the index
+# module was ``open_clip_llip.index``, so that index folders written before keep being recognised.
+GENERATOR = 'open_clip_llip.index'
 MANIFEST, FEATURES, FIRST_STAGE, NAMES = 'index.json', 'image_features.npy', 'first_stage.faiss', 'names.json'
 DTYPES = ('float16', 'float32')
 DEFAULT_CANDIDATES = 1000

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 import open_clip_llip
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / 'shared' / 'llip' / 'reference'
+# Golden tensors made with the authors' code; tests/data/README.md says what each file is.
+REFERENCE = REPO / 'tests' / 'data'
 GOLDEN_NAMES = ('tiny', 'tiny-norm')
 
 # Tests spawn fresh interpreters: keep them on the CPU and quiet.

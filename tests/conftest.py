@@ -18,6 +18,25 @@ GOLDEN_NAMES = ('tiny', 'tiny-norm')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 
+EPS32 = 2 ** -24  # fp32 unit round-off
+
+
+def batching_atol(model, value: torch.Tensor) -> float:
+    """How far fp32 round-off may move ``value`` when it is computed in other batches.
+
+    Batches of other sizes may run through differently blocked matmul kernels, which sum the same
+    terms in another order. A sum of n terms reordered moves by at most n · EPS32 · Σ|terms|,
+    whatever the size of the result itself (so a relative tolerance is wrong for entries near zero).
+    Σ|terms| is at most the tensor's largest entry: exactly for a Gram matrix (Cauchy–Schwarz:
+    Σ_k |Ṽ_ik Ṽ_jk| <= sqrt(G_ii G_jj)), and for keys, values, queries and text embeddings because
+    they are projections of LayerNorm'd activations of that scale. n is the longest reduction in the
+    model (the MLPs' hidden width). The bound grows with n, typical round-off with sqrt(n), which
+    leaves room for the earlier layers' round-off.
+    """
+    n = max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return n * EPS32 * value.abs().max().item()
+
+
 def reference_config(name: str) -> dict:
     """Our model config for a golden reference model (``model_class`` left out)."""
     raw = json.loads((REFERENCE / f'{name}.config.json').read_text())

@@ -3,6 +3,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batching_atol
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from open_clip_llip import LlipLoss, LlipModel, conditioned_cosine, unpack_image
@@ -57,19 +58,10 @@ def test_micro_batch_outputs_concatenate_to_the_full_batch(model):
     with torch.no_grad():
         full = model(images, texts)
         halves = [model(images[:3], texts[:3]), model(images[3:], texts[3:])]
-    # A batch of 3 and one of 6 may run through differently blocked matmul kernels, which sum the same
-    # terms in another order. In fp32 a sum of n terms reordered moves by at most n · eps32 · Σ|terms|
-    # (eps32 = 2**-24), whatever the size of the result itself, so a relative tolerance is wrong for
-    # entries near zero. Σ|terms| is at most the tensor's largest entry: exactly for the Gram matrix
-    # (Cauchy–Schwarz: Σ_k |Ṽ_ik Ṽ_jk| <= sqrt(G_ii G_jj)), and for keys, values and queries because
-    # they come out of LayerNorm'd activations of that scale. n is the longest reduction in the model
-    # (the MLPs' hidden width, 4 · width). The worst case grows with n, typical round-off with sqrt(n),
-    # which leaves room for the earlier layers' round-off.
-    n = max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    # Round-off from the kernels' blocking, which may differ between a batch of 3 and one of 6: see batching_atol.
     for key, value in full.items():
         if key not in ('logit_scale', 'logit_bias'):
-            atol = n * 2**-24 * value.abs().max().item()
-            torch.testing.assert_close(torch.cat([h[key] for h in halves]), value, rtol=0, atol=atol,
+            torch.testing.assert_close(torch.cat([h[key] for h in halves]), value, rtol=0, atol=batching_atol(model, value),
                                        msg=lambda message, key=key: f'{key}: {message}')
 
 

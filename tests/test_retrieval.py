@@ -30,7 +30,7 @@ def embedded(model):
 
 
 def plain_cosine(model, images, texts, tau):
-    """Materialise z[i|j] (METHOD §3) and take its cosine with t[j]."""
+    """Materialise z[i|j] (docs/method.md, The mixer) and take its cosine with t[j]."""
     with torch.no_grad():
         keys, values = unpack_image(model.encode_image(images))
         features, queries = model.embed_text(texts)

@@ -10,11 +10,31 @@ from safetensors.torch import load_file
 import open_clip_llip
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / 'shared' / 'llip' / 'reference'
+# Golden tensors made with the authors' code; tests/data/README.md says what each file is.
+REFERENCE = REPO / 'tests' / 'data'
 GOLDEN_NAMES = ('tiny', 'tiny-norm')
 
 # Tests spawn fresh interpreters: keep them on the CPU and quiet.
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+
+
+EPS32 = 2 ** -24  # fp32 unit round-off
+
+
+def batching_atol(model, value: torch.Tensor) -> float:
+    """How far fp32 round-off may move ``value`` when it is computed in other batches.
+
+    Batches of other sizes may run through differently blocked matmul kernels, which sum the same
+    terms in another order. A sum of n terms reordered moves by at most n · EPS32 · Σ|terms|,
+    whatever the size of the result itself (so a relative tolerance is wrong for entries near zero).
+    Σ|terms| is at most the tensor's largest entry: exactly for a Gram matrix (Cauchy–Schwarz:
+    Σ_k |Ṽ_ik Ṽ_jk| <= sqrt(G_ii G_jj)), and for keys, values, queries and text embeddings because
+    they are projections of LayerNorm'd activations of that scale. n is the longest reduction in the
+    model (the MLPs' hidden width). The bound grows with n, typical round-off with sqrt(n), which
+    leaves room for the earlier layers' round-off.
+    """
+    n = max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return n * EPS32 * value.abs().max().item()
 
 
 def reference_config(name: str) -> dict:

@@ -1,4 +1,4 @@
-"""The shipped configs match METHOD §5 and, parameter for parameter, the authors' checkpoints."""
+"""The shipped configs match docs/method.md (Configurations) and, parameter for parameter, the authors' checkpoints."""
 import json
 
 import open_clip
@@ -10,7 +10,7 @@ from open_clip_llip import LlipModel, llip_model_names
 from open_clip_llip.modeling.checkpoint import convert_state_dict
 from open_clip_llip.modeling.config import CONFIG_RECORD_KEY
 
-# config -> (the authors' checkpoint layout, K, D, τ, norm), METHOD §5.
+# config -> (the authors' checkpoint layout, K, D, τ, norm), docs/method.md (Configurations).
 PAPER_CONFIGS = {
     'Llip-ViT-B-32': ('llip_b32_k64', 64, 512, 5.0, False),
     'Llip-ViT-B-16': ('llip_b16_k32', 32, 512, 5.0, False),

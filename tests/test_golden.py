@@ -1,4 +1,4 @@
-"""Our model reproduces the golden tensors made with the authors' code (METHOD §9)."""
+"""Our model reproduces the golden tensors made with the authors' code (tests/data/README.md)."""
 import open_clip
 import pytest
 import torch

@@ -3,6 +3,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batching_atol
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from open_clip_llip import LlipLoss, LlipModel, conditioned_cosine, unpack_image
@@ -57,9 +58,11 @@ def test_micro_batch_outputs_concatenate_to_the_full_batch(model):
     with torch.no_grad():
         full = model(images, texts)
         halves = [model(images[:3], texts[:3]), model(images[3:], texts[3:])]
+    # Round-off from the kernels' blocking, which may differ between a batch of 3 and one of 6: see batching_atol.
     for key, value in full.items():
         if key not in ('logit_scale', 'logit_bias'):
-            torch.testing.assert_close(torch.cat([h[key] for h in halves]), value, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(torch.cat([h[key] for h in halves]), value, rtol=0, atol=batching_atol(model, value),
+                                       msg=lambda message, key=key: f'{key}: {message}')
 
 
 def test_get_logits_matches_materialised_reference(model):

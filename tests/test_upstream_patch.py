@@ -2,7 +2,7 @@
 those for CLIP_benchmark apply to the installed CLIP_benchmark, pass their own tests, and make it score Llip itself.
 
 ``patches/open_clip-3.3.0`` is made against OpenCLIP 3.3.0, ``patches/open_clip-main`` against its
-main branch at 89fb801 (the wheel in ../shared/upstream, 4.2.0.dev0); the test takes the series of
+main branch at 89fb801 (4.2.0.dev0); the test takes the series of
 the installed version. With a patched OpenCLIP, none of our adapters may replace anything.
 """
 import json

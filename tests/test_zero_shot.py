@@ -72,7 +72,7 @@ def plain_classifier(model, tokenizer):
 
 
 def plain_cosine(model, classes, images, tau):
-    """Materialise z[i|c] (METHOD §3) and take its cosine with t[c]; ``classes``: embeddings [C, D], queries."""
+    """Materialise z[i|c] (docs/method.md) and take its cosine with t[c]; ``classes``: embeddings [C, D], queries."""
     embeddings, queries = classes
     keys, values = unpack_image(model.encode_image(images))
     z = model.mixer(keys, values, queries, temperature=tau)  # [N, C, D]

@@ -46,8 +46,9 @@ def reference_config(name: str) -> dict:
 
 
 def reference_model(name: str) -> open_clip_llip.LlipModel:
+    """The golden weights, loaded from the authors' released layout (``NAME.release-layout.pt``)."""
     model = open_clip_llip.LlipModel(**reference_config(name))
-    model.load_checkpoint(str(REFERENCE / f'{name}.state_dict.safetensors'))
+    model.load_checkpoint(str(REFERENCE / f'{name}.release-layout.pt'))
     return model
 
 

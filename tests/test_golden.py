@@ -80,7 +80,10 @@ def test_zero_shot_logits_reproduce_reference(golden_name, tau):
 
 
 def test_release_layout_checkpoint_loads_through_create_model(golden_name, register_config):
-    """The tiny files in the released checkpoints' layout (module. prefix, top-level out_proj)."""
+    """The tiny files in the released checkpoints' layout (module. prefix, top-level out_proj), through OpenCLIP's
+    factory as through ``LlipModel.load_checkpoint``."""
+    saved = torch.load(REFERENCE / f'{golden_name}.release-layout.pt', weights_only=True)['state_dict']
+    assert all(key.startswith('module.') for key in saved) and 'module.out_proj' in saved
     register_config(f'golden-{golden_name}', dict(reference_config(golden_name), model_class='LlipModel'))
     model = open_clip.create_model(f'golden-{golden_name}', pretrained=str(REFERENCE / f'{golden_name}.release-layout.pt'))
     expected = reference_model(golden_name).state_dict()

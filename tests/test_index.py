@@ -409,7 +409,7 @@ def test_models_that_are_not_llip_are_refused(index, monkeypatch, tmp_path):
 
 
 def test_encode_image_points_to_get_logits_and_the_index(model):
-    with pytest.raises(ValueError, match=r'get_logits.*open_clip_llip\.index'):
+    with pytest.raises(ValueError, match=r'get_logits.*open_clip_llip\.search\.index'):
         model.encode_image(RandomImages(1).images, normalize=True)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO
 from PIL import Image
+from test_scoring import plain_cosine
 
 from open_clip_llip import unpack_image, unpack_text
 from open_clip_llip.commands.index import main
@@ -72,20 +73,21 @@ def stored(index):
     return torch.from_numpy(np.array(index.features))
 
 
-def test_scoring_by_mixing_equals_similarity(model, tokenizer):
+def test_scoring_by_mixing_equals_the_plain_cosine(model, tokenizer):
     with torch.no_grad():
         image_features = model.encode_image(RandomImages(9).images)
         text_features = model.encode_text(tokenizer(TEXTS))
+        keys, values = unpack_image(image_features)
+        embeddings, queries = model.embed_text(tokenizer(TEXTS))
         for tau in (None, 0.5):
-            reference = model.similarity(image_features, text_features, tau)  # [N, M], Gram route
+            reference = plain_cosine(keys, values, queries, embeddings, model.mixer.out_proj,  # [N, M], float64
+                                     tau or model.mixer.temperature).float()
             torch.testing.assert_close(mixed_cosine(model, image_features, text_features, tau), reference)
             chosen = torch.tensor([[3, 0, 8], [1, 1, 5], [7, 2, 4], [6, 0, 3]])  # each text's own images
             torch.testing.assert_close(paired_cosine(model, image_features[chosen], text_features, tau),
                                        reference.T.gather(1, chosen))
         # The first stage: <x[c], p> is the cosine of the image's embedding for the prototype query c, as the mixer
         # makes it, and the text embedding; the zero query mixes uniformly.
-        keys, values = unpack_image(image_features)
-        embeddings, _ = model.embed_text(tokenizer(TEXTS))
         prototypes = torch.cat([torch.zeros(1, 4, 16), unpack_text(text_features)[0][:2]])  # [3, H, d]
         mixed = model.mixer(keys, values, prototypes)  # [N, 3, D]
         targets = unpack_text(text_features)[1].flatten(1)

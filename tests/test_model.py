@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import batching_atol
+from test_scoring import plain_cosine
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from open_clip_llip import LlipLoss, LlipModel, conditioned_cosine, unpack_image
@@ -27,12 +28,11 @@ def batch(model, n=N, m=M, seed=0):
 
 
 def reference_logits(model, images, texts):
-    """Plain Llip: materialise z[i|j] and take its cosine with t[j]."""
+    """Plain Llip (``test_scoring.plain_cosine``, float64): materialise z[i|j] and take its cosine with t[j]."""
     keys, values = unpack_image(model.encode_image(images))
     features, queries = model.embed_text(texts)
-    z = model.mixer(keys, values, queries)  # [N, M, D]
-    cosine = F.cosine_similarity(z, features[None], dim=-1)
-    return model.logit_scale.exp() * cosine + model.logit_bias
+    cosine = plain_cosine(keys, values, queries, features, model.mixer.out_proj, model.mixer.temperature)
+    return (model.logit_scale.exp() * cosine + model.logit_bias).float()
 
 
 def test_forward_returns_batch_first_tensors(model):

@@ -20,7 +20,6 @@ read when the loss is built) forces either.
 """
 import functools
 import importlib.util
-import math
 import os
 from typing import Callable, Optional
 
@@ -28,22 +27,30 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss, neighbour_exchange_bidir_with_grad, neighbour_exchange_with_grad
 
-from ..modeling.scoring import pair_block_size, pair_cosine
+from ..modeling.scoring import pair_block_size, pair_cosine, temperatures
 
 
-def _block_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, first_text: int, negative_only: bool):
-    """Σ −log σ(y·s) over n images × m texts, text j paired with image ``j + first_text`` (which may be < 0)."""
-    logits = logit_scale * pair_cosine(keys, values, gram, queries, targets) + logit_bias  # [n, m]
+def _block_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, first_text: int, negative_only: bool,
+                temperature: float = 1.):
+    """Σ −log σ(y·s) over n images × m texts, text j paired with image ``j + first_text`` (which may be < 0).
+
+    Keys, values [n, H, K, d], Gram matrices [n, H·K, H·K], raw queries and targets [m, H, d]; the queries are
+    divided by ``temperature`` in ``scoring.attention`` (τ = 1 for queries already divided, as
+    ``fused_sigmoid_loss`` takes them with its default).
+    """
+    logits = logit_scale * pair_cosine(keys, values, gram, queries, targets, temperature) + logit_bias  # [n, m]
     images = torch.arange(logits.shape[0], device=logits.device)[:, None]
     texts = torch.arange(logits.shape[1], device=logits.device)[None, :] + first_text
     positive = (images == texts) & (not negative_only)  # a comparison, not nonzero(): no host sync per block
     return -F.logsigmoid(torch.where(positive, logits, -logits)).sum()
 
 
-def _packed_block_loss(image_features, gram, text_features, logit_scale, logit_bias, first_text, negative_only):
-    """``_block_loss`` on packed features: images [n, 2, H, K, d] (keys, values), texts [m, 2, H, d] (q / τ, p)."""
+def _packed_block_loss(image_features, gram, text_features, logit_scale, logit_bias, first_text, negative_only,
+                       temperature):
+    """``_block_loss`` on the model's features as they come: images [n, 2, H, K, d] (keys, values), texts
+    [m, 2, H, d] (raw q, p), unbound into views."""
     return _block_loss(*image_features.unbind(dim=1), gram, *text_features.unbind(dim=1), logit_scale, logit_bias,
-                       first_text, negative_only)
+                       first_text, negative_only, temperature)
 
 
 class _ImageBlocksLoss(torch.autograd.Function):
@@ -55,17 +62,18 @@ class _ImageBlocksLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, image_features, gram, text_features, logit_scale, logit_bias, block_size, negative_only):
+    def forward(ctx, image_features, gram, text_features, logit_scale, logit_bias, block_size, negative_only,
+                temperature):
         device_type = image_features.device.type
         ctx.autocast = dict(device_type=device_type, enabled=torch.is_autocast_enabled(device_type),
                             dtype=torch.get_autocast_dtype(device_type))
-        ctx.block_size, ctx.negative_only = block_size, negative_only
+        ctx.block_size, ctx.negative_only, ctx.temperature = block_size, negative_only, temperature
         ctx.save_for_backward(image_features, gram, text_features, logit_scale, logit_bias)
         total = 0.
         for start in range(0, image_features.shape[0], block_size):
             stop = start + block_size
             total = total + _packed_block_loss(image_features[start:stop], gram[start:stop], text_features,
-                                               logit_scale, logit_bias, -start, negative_only)
+                                               logit_scale, logit_bias, -start, negative_only, temperature)
         return total
 
     @staticmethod
@@ -78,13 +86,13 @@ class _ImageBlocksLoss(torch.autograd.Function):
             stop = start + ctx.block_size
             block = [x[start:stop].detach().requires_grad_() for x in (image_features, gram)]
             with torch.enable_grad(), torch.autocast(**ctx.autocast):
-                loss = _packed_block_loss(*block, *shared, -start, ctx.negative_only)
+                loss = _packed_block_loss(*block, *shared, -start, ctx.negative_only, ctx.temperature)
             grads = torch.autograd.grad(loss, block + shared, grad)
             for full, part in zip(image_grads, grads[:2]):
                 full[start:stop] = part
             for total, part in zip(shared_grads, grads[2:]):
                 total += part
-        return (*image_grads, *shared_grads, None, None)
+        return (*image_grads, *shared_grads, None, None, None)
 
 
 LOSS_IMPLS = ('auto', 'torch', 'triton')
@@ -138,9 +146,10 @@ class LlipLoss(SigLipLoss):
                  impl: Optional[str] = None, block_size: Optional[int] = None,
                  position: Optional[Callable[[], Optional[str]]] = None):
         super().__init__(rank=rank, world_size=world_size, dist_impl=dist_impl)
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f'LlipLoss needs the mixer temperature τ, a finite positive number; got {temperature!r}.')
-        self.temperature = float(temperature)
+        if not isinstance(temperature, (int, float)):
+            raise ValueError(f'LlipLoss needs the mixer temperature τ (model.mixer.temperature), one number; got '
+                             f'{temperature!r}.')
+        (self.temperature,) = temperatures(temperature)
         self.impl = loss_impl_from_environment() if impl is None else impl
         if self.impl not in LOSS_IMPLS:
             raise ValueError(f'LlipLoss impl must be one of {LOSS_IMPLS}, got {self.impl!r}.')
@@ -164,8 +173,8 @@ class LlipLoss(SigLipLoss):
                                       temperature=self.temperature, negative_only=negative_only)
             return loss / num_images
         block_size = self.block_size or pair_block_size(queries.shape[0], heads, tokens)
-        text_features = torch.stack([queries / self.temperature, targets], dim=1)
-        loss = _ImageBlocksLoss.apply(features, gram, text_features, logit_scale, logit_bias, block_size, negative_only)
+        loss = _ImageBlocksLoss.apply(features, gram, text_features, logit_scale, logit_bias, block_size, negative_only,
+                                      self.temperature)
         return loss / num_images
 
     def _all_texts(self, text_features):

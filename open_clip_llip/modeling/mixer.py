@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from open_clip.transformer import LayerNorm
 from torch import nn
 
+from .scoring import attention, temperatures
+
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[..., D] -> [..., H, d]."""
@@ -47,7 +49,8 @@ class LlipMixer(nn.Module):
     ``image_gram`` and ``text_targets`` compute those per-image and per-text factors, which
     are all that ``open_clip_llip.modeling.scoring`` and the loss need besides the keys and raw queries.
 
-    τ is a fixed hyper-parameter (``temperature``); scoring applies it, and takes another for evaluation.
+    τ is a fixed hyper-parameter (``temperature``); scoring applies it (``scoring.attention``), and takes
+    another for evaluation.
     """
 
     def __init__(self, embed_dim: int, heads: int, temperature: float):
@@ -57,9 +60,9 @@ class LlipMixer(nn.Module):
         self.out_proj = nn.Parameter(embed_dim ** -0.5 * torch.randn(embed_dim, embed_dim))
 
     def attention(self, keys: torch.Tensor, queries: torch.Tensor, temperature: Optional[float] = None):
-        """Keys [N, H, K, d], raw queries [M, H, d] -> mixing weights a: [N, M, H, K] (sum to 1 over K)."""
-        tau = self.temperature if temperature is None else temperature
-        return torch.einsum('nhkd,mhd->nmhk', keys, queries / tau).softmax(dim=-1)
+        """Keys [N, H, K, d], raw queries [M, H, d] -> mixing weights a: [N, M, H, K] (sum to 1 over K), at τ
+        (default: the mixer's), as ``scoring.attention`` computes them for every score."""
+        return attention(keys, queries, temperatures(temperature, self.temperature)[0])
 
     def forward(self, keys, values, queries, temperature: Optional[float] = None) -> torch.Tensor:
         """Keys, values [N, H, K, d], raw queries [M, H, d] -> conditioned embeddings z: [N, M, D]."""

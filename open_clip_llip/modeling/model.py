@@ -3,7 +3,6 @@
 Notation: N images, M texts, K mixture tokens, H mixer heads, D = ``embed_dim``, d = D / H.
 """
 import inspect
-import math
 from dataclasses import asdict, is_dataclass
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -17,7 +16,7 @@ from .classifier import build_zero_shot_classifier
 from .config import CONFIG_RECORD_KEY, LlipCfg, check_llip_config, config_record, read_config_record
 from .features import check_features, pack_image, pack_text, unpack_image, unpack_text
 from .mixer import LlipMixer, TextQueryHead, split_heads
-from .scoring import conditioned_cosine
+from .scoring import conditioned_cosine, scoring_dtype, temperatures
 from .text import build_text_tower
 from .vision import build_mixture_token_vit
 
@@ -239,10 +238,9 @@ class LlipModel(nn.Module):
         to the model's.
         """
         check_features(image_features, text_features)
-        temperatures = self.temperatures(temperature)
+        taus = self.temperatures(temperature)
         device = self.mixer.out_proj.device
-        dtype = torch.promote_types(torch.promote_types(image_features.dtype, text_features.dtype),
-                                    self.mixer.out_proj.dtype)
+        dtype = scoring_dtype(image_features, text_features, self.mixer.out_proj)
         heads, tokens = image_features.shape[2:4]
         block = max(1, _GRAM_BLOCK_ELEMENTS // (heads * tokens) ** 2)
         queries, targets = unpack_text(text_features.to(device, dtype))
@@ -251,17 +249,13 @@ class LlipModel(nn.Module):
             keys, values = unpack_image(image_features[start:start + block].to(device, dtype))
             gram = self.mixer.image_gram(values).to(dtype)
             rows.append(torch.stack([conditioned_cosine(keys, values, gram, queries, targets, tau)
-                                     for tau in temperatures]).to(image_features.device))
-        scores = torch.cat(rows, dim=1) if rows else image_features.new_zeros(len(temperatures), 0, len(text_features))
+                                     for tau in taus]).to(image_features.device))
+        scores = torch.cat(rows, dim=1) if rows else image_features.new_zeros(len(taus), 0, len(text_features))
         return scores if isinstance(temperature, Sequence) else scores[0]
 
     def temperatures(self, temperature: Union[float, Sequence[float], None] = None) -> Tuple[float, ...]:
         """The τ values to score at: the given one(s), or the model's; ValueError unless finite and positive."""
-        values = (temperature,) if isinstance(temperature, (int, float)) else temperature
-        values = (self.mixer.temperature,) if values is None else tuple(float(tau) for tau in values)
-        if not values or not all(math.isfinite(tau) and tau > 0 for tau in values):
-            raise ValueError(f'Temperatures (τ) must be finite positive numbers, got {list(values)}.')
-        return values
+        return temperatures(temperature, self.mixer.temperature)
 
     def build_zero_shot_classifier(self, tokenizer, classnames, templates, num_classes_per_batch=10, device=None,
                                    use_tqdm=False) -> torch.Tensor:

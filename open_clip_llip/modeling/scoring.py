@@ -1,4 +1,4 @@
-"""Text-conditioned cosine scores for every (image, text) pair, without materialising z (METHOD §4).
+"""Llip's conditioned score, defined once (METHOD §2–4): the attention, the cosine of a mixture, the dtype and τ.
 
 Inputs are the factors of ``open_clip_llip.modeling.features`` (N images, M texts, K mixture tokens,
 H heads, d = D / H):
@@ -8,12 +8,22 @@ H heads, d = D / H):
     queries       [M, H, d]       per text: the raw query q
     targets       [M, H, d]       per text: p = W_O t̂ (``LlipMixer.text_targets``)
 
-and the mixer temperature τ, which divides the attention logits ``<q, key>``.
+and the mixer temperature τ. For image i and text j, per head h::
 
-and for each pair ``cos(z[i|j], t[j]) = Σ_{h,k} a·<value, p> / sqrt(aᵀ G a)``: 2·K·D + (H·K)²
-multiply-adds per pair instead of the K·D + D² of mixing and projecting z.
+    a[i,j,h,:] = softmax_k(<q[j,h], key[i,h,k]> / τ)                      (``attention``)
+    u[i|j]     = concat_h(Σ_k a[i,j,h,k] · value[i,h,k]),   z[i|j] = u[i|j] @ W_O
+    cos(z[i|j], t[j]) = <u, p> / |u W_O| = Σ_{h,k} a·<value, p> / sqrt(aᵀ G a)
+
+Two forms of the last line share ``attention``, ``_EPS`` and ``scoring_dtype``:
+
+- the Gram form (``pair_cosine``, ``conditioned_cosine``): 2·K·D + (H·K)² multiply-adds per pair
+  instead of the K·D + D² of mixing and projecting z, once G is known; every image against many
+  texts (``LlipModel.similarity``, the loss, zero-shot classification, retrieval);
+- the mixing form (``mixture_cosine``): 2·K·D + D² per pair and no G ((H·K)²·D per image), cheaper
+  for few texts per image (``open_clip_llip.search.index``).
 """
-from typing import Optional
+import math
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -21,6 +31,53 @@ import torch
 _EPS = 1e-12
 # Elements of one [n, H·K, m] intermediate when a block size is not given (16 MiB in fp32).
 _BLOCK_ELEMENTS = 1 << 22
+
+
+def temperatures(temperature: Union[float, Sequence[float], None],
+                 default: Optional[float] = None) -> Tuple[float, ...]:
+    """The τ values to score at: ``temperature`` (a number or a sequence of them), else ``default``; ValueError
+    unless there is at least one and each is finite and positive."""
+    values = default if temperature is None else temperature
+    values = (values,) if values is None or isinstance(values, (int, float)) else values
+    values = tuple(math.nan if tau is None else float(tau) for tau in values)
+    if not values or not all(math.isfinite(tau) and tau > 0 for tau in values):
+        raise ValueError(f'Temperatures (τ) must be finite positive numbers, got {list(values)}.')
+    return values
+
+
+def scoring_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype scores are computed in: the widest of the tensors' (the features' and the mixer's W_O), so that
+    features accumulated in half precision are scored as precisely as the mixer allows."""
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def attention(keys: torch.Tensor, queries: torch.Tensor, temperature: float,
+              equation: Optional[str] = 'nhkd,mhd->nmhk') -> torch.Tensor:
+    """Mixing weights a = softmax_k(<q, key> / τ) (logits scaled by 1/τ only, no 1/sqrt(d)): the one place τ divides.
+
+    ``equation`` is the einsum of keys and raw queries that lays the weights out; its output's ``k`` is the
+    softmax axis. Default: keys [N, H, K, d], queries [M, H, d] -> [N, M, H, K]. ``None``: one [K, d] × [d]
+    product per row, keys [..., K, d] against queries [..., d] broadcast over the leading axes -> [..., K, 1]
+    (each text against its own images, without expanding the keys per text).
+    """
+    queries = queries / temperature
+    if equation is None:
+        return torch.matmul(keys, queries[..., None]).softmax(dim=-2)
+    output = equation.split('->')[1]
+    return torch.einsum(equation, keys, queries).softmax(dim=output.index('k') - len(output))
+
+
+def mixture_norm(mixed: torch.Tensor, out_proj: torch.Tensor) -> torch.Tensor:
+    """Mixtures u [..., D] -> |z| = |u W_O| [...], clamped at ``_EPS``."""
+    return (mixed @ out_proj).norm(dim=-1).clamp_min(_EPS)
+
+
+def mixture_cosine(mixed: torch.Tensor, targets: torch.Tensor, out_proj: torch.Tensor) -> torch.Tensor:
+    """Mixtures u [..., D] and targets p [..., D] (broadcast) -> cos(z, t) = <u, p> / |u W_O| [...]: the mixing form."""
+    return (mixed * targets).sum(-1) / mixture_norm(mixed, out_proj)
 
 
 class _CosineOfMixture(torch.autograd.Function):
@@ -52,9 +109,9 @@ class _CosineOfMixture(torch.autograd.Function):
         return grad_attn.to(attn.dtype), (attn * alpha).to(products.dtype), grad_gram
 
 
-def pair_cosine(keys, values, gram, queries, targets) -> torch.Tensor:
-    """All N images against all M texts at once, queries already divided by τ -> [N, M]. Memory: a few
-    [N, H·K, M] tensors.
+def pair_cosine(keys, values, gram, queries, targets, temperature: float) -> torch.Tensor:
+    """cos(z[i|j], t[j]) of all N images against all M texts at once, raw queries, at τ -> [N, M]: the Gram form.
+    Memory: a few [N, H·K, M] tensors.
 
     Laid out [N, H, K, M] so that the logits are one [N·K, d] × [d, M] product per head and
     ``G a`` one [H·K, H·K] × [H·K, M] product per image: on the CPU, blocks of a few images
@@ -62,7 +119,7 @@ def pair_cosine(keys, values, gram, queries, targets) -> torch.Tensor:
     """
     images, heads, tokens, _ = keys.shape
     # One expression each, so that einsum's [H, N, K, M]-ordered buffers die before the next is made.
-    attn = torch.einsum('nhkd,mhd->nhkm', keys, queries).softmax(dim=2).reshape(images, heads * tokens, -1)
+    attn = attention(keys, queries, temperature, 'nhkd,mhd->nhkm').reshape(images, heads * tokens, -1)
     products = torch.einsum('nhkd,mhd->nhkm', values, targets).reshape(images, heads * tokens, -1)
     return _CosineOfMixture.apply(attn, products, gram)
 
@@ -81,9 +138,8 @@ def conditioned_cosine(keys, values, gram, queries, targets, temperature: float,
     """
     num_images, heads, tokens, _ = keys.shape
     texts = block_size or pair_block_size(num_images, heads, tokens)
-    queries = queries / temperature
     blocks = [
-        pair_cosine(keys, values, gram, queries[start:start + texts], targets[start:start + texts])
+        pair_cosine(keys, values, gram, queries[start:start + texts], targets[start:start + texts], temperature)
         for start in range(0, queries.shape[0], texts)
     ]
     return torch.cat(blocks, dim=1)

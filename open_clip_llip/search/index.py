@@ -63,6 +63,7 @@ from tqdm import tqdm
 from ..evaluation.retrieval import encode_texts
 from ..modeling.features import check_features, unpack_image, unpack_text
 from ..modeling.model import LlipModel
+from ..modeling.scoring import attention, mixture_cosine, mixture_norm, scoring_dtype
 from ..version import __version__
 from ..written_files import WrittenFiles, prepare_folder
 
@@ -73,8 +74,6 @@ MANIFEST, FEATURES, FIRST_STAGE, NAMES = 'index.json', 'image_features.npy', 'fi
 DTYPES = ('float16', 'float32')
 DEFAULT_CANDIDATES = 1000
 DEFAULT_PROTOTYPES = 64
-# |z| below this counts as zero, as in ``scoring``.
-_EPS = 1e-12
 # Elements of image features scored at once (64 MiB in fp32): bounds the memory of a block of pairs.
 _BLOCK_ELEMENTS = 1 << 24
 # Texts encoded at once.
@@ -97,14 +96,6 @@ class SearchResults(NamedTuple):
     ids: torch.Tensor  # [Q, k], int64
 
 
-def _scoring_dtype(model, *features: torch.Tensor) -> torch.dtype:
-    """The widest of the features' dtypes and the mixer's, as ``LlipModel.similarity`` scores."""
-    dtype = model.mixer.out_proj.dtype
-    for tensor in features:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
-
-
 def first_stage_vectors(model: LlipModel, image_features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """Image features [N, 2, H, K, d] and prototype queries [P, H, d] -> first-stage vectors [N, P, D] (float32,
     on the model's device).
@@ -115,9 +106,9 @@ def first_stage_vectors(model: LlipModel, image_features: torch.Tensor, prototyp
     """
     out_proj = model.mixer.out_proj
     keys, values = (part.to(out_proj.device, torch.float32) for part in unpack_image(image_features))
-    attention = model.mixer.attention(keys, prototypes.to(keys))  # [N, P, H, K]
-    mixed = torch.einsum('nphk,nhkd->nphd', attention, values).flatten(2)  # [N, P, D]
-    return mixed / (mixed @ out_proj.float()).norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    weights = model.mixer.attention(keys, prototypes.to(keys))  # [N, P, H, K]
+    mixed = torch.einsum('nphk,nhkd->nphd', weights, values).flatten(2)  # [N, P, D]
+    return mixed / mixture_norm(mixed, out_proj.float())[..., None]
 
 
 def prototype_queries(text_features: torch.Tensor, count: int) -> torch.Tensor:
@@ -156,17 +147,13 @@ def add_first_stage(first_stage, vectors: np.ndarray, first_id: int):
         first_stage.add_core(len(rows), faiss.swig_ptr(rows), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
 
 
-def _cosine_of_mixture(mixed: torch.Tensor, targets: torch.Tensor, out_proj: torch.Tensor) -> torch.Tensor:
-    """Mixtures u [..., D] and targets p [..., D] -> cos(z, t) = <u, p> / |u W_O| [...]."""
-    return (mixed * targets).sum(-1) / (mixed @ out_proj).norm(dim=-1).clamp_min(_EPS)
-
-
 def paired_cosine(model: LlipModel, image_features: torch.Tensor, text_features: torch.Tensor,
                   temperature: Optional[float] = None) -> torch.Tensor:
     """Each text against its own images: image features [Q, C, 2, H, K, d], text features [Q, 2, H, d] -> [Q, C].
 
     Entry [j, c] is cos(z[i|j], t[j]) for the image ``image_features[j, c]``, as ``LlipModel.similarity``
-    scores it (τ defaults to the model's), computed by mixing: 2·K·D + D² multiply-adds per pair.
+    scores it (τ defaults to the model's), computed by mixing (``scoring.mixture_cosine``): 2·K·D + D²
+    multiply-adds per pair.
     """
     if image_features.ndim != 6 or image_features.shape[0] != text_features.shape[0]:
         raise ValueError(f'paired_cosine takes image features [Q, C, 2, H, K, d] and text features [Q, 2, H, d]; got '
@@ -174,14 +161,14 @@ def paired_cosine(model: LlipModel, image_features: torch.Tensor, text_features:
     check_features(image_features[0], text_features)
     tau = model.temperatures(temperature)[0]
     out_proj = model.mixer.out_proj
-    dtype = _scoring_dtype(model, image_features, text_features)
+    dtype = scoring_dtype(out_proj, image_features, text_features)
     image_features = image_features.to(out_proj.device, dtype)
     keys, values = image_features[:, :, 0], image_features[:, :, 1]  # [Q, C, H, K, d]
     queries, targets = unpack_text(text_features.to(out_proj.device, dtype))  # [Q, H, d]
     # One [K, d] × [d] product per (pair, head), broadcast over the candidates without copying the keys.
-    attn = torch.matmul(keys, (queries / tau)[:, None, :, :, None]).softmax(dim=3)  # [Q, C, H, K, 1]
+    attn = attention(keys, queries[:, None], tau, equation=None)  # [Q, C, H, K, 1]
     mixed = torch.matmul(attn.transpose(-1, -2), values).flatten(2)  # [Q, C, D]
-    return _cosine_of_mixture(mixed, targets.flatten(1)[:, None], out_proj.to(dtype))
+    return mixture_cosine(mixed, targets.flatten(1)[:, None], out_proj.to(dtype))
 
 
 def mixed_cosine(model: LlipModel, image_features: torch.Tensor, text_features: torch.Tensor,
@@ -195,12 +182,12 @@ def mixed_cosine(model: LlipModel, image_features: torch.Tensor, text_features: 
     check_features(image_features, text_features)
     tau = model.temperatures(temperature)[0]
     out_proj = model.mixer.out_proj
-    dtype = _scoring_dtype(model, image_features, text_features)
+    dtype = scoring_dtype(out_proj, image_features, text_features)
     keys, values = unpack_image(image_features.to(out_proj.device, dtype))  # [N, H, K, d]
     queries, targets = unpack_text(text_features.to(out_proj.device, dtype))  # [M, H, d]
-    attn = torch.einsum('nhkd,mhd->nhmk', keys, queries / tau).softmax(dim=-1)  # one [N·K, d] × [d, M] per head
+    attn = attention(keys, queries, tau, 'nhkd,mhd->nhmk')  # one [N·K, d] × [d, M] per head
     mixed = torch.matmul(attn, values).permute(0, 2, 1, 3).flatten(2)  # [N, H, M, d] -> [N, M, D]
-    return _cosine_of_mixture(mixed, targets.flatten(1), out_proj.to(dtype))
+    return mixture_cosine(mixed, targets.flatten(1), out_proj.to(dtype))
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

@@ -178,7 +178,8 @@ class LlipModel(nn.Module):
                 'A Llip image is a set of K mixture tokens whose embedding depends on the text it is compared with: '
                 'there is no single image vector to normalise. Score images against texts with '
                 'model.get_logits(images, texts) or model.similarity(model.encode_image(images), '
-                'model.encode_text(texts)); to search a large gallery, use an index (open_clip_llip.search, the open_clip_llip index command).')
+                'model.encode_text(texts)); to search a large gallery, use an index (open_clip_llip.search, the '
+                'open_clip_llip index command).')
         keys, values = self.visual(image)
         heads = self.mixer.heads
         return pack_image(split_heads(keys, heads).transpose(1, 2), split_heads(values, heads).transpose(1, 2))

@@ -199,7 +199,7 @@ def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path, value):
 
 
 def authors_layout_state(model):
-    """``model``'s weights renamed to the authors' released layout (METHOD §8)."""
+    """``model``'s weights renamed to the authors' released layout (docs/method.md, released checkpoints)."""
     names = {'visual.k_proj': 'k_proj', 'visual.v_proj': 'v_proj', 'query_head.q_proj': 'q_proj',
              'mixer.out_proj': 'pred.out_proj'}
     state = {}

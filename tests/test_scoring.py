@@ -1,7 +1,7 @@
 """One conditioned score: every path that computes cos(z[i|j], t[j]) against a plain float64 reference.
 
-``plain_cosine`` below is METHOD §2–3 written out, sharing no code with the package: per pair, the attention
-softmax_k(<q, key> / τ), z = concat_h(Σ_k a·value) @ W_O materialised, and F.cosine_similarity(z, t).
+``plain_cosine`` below is the mixer of docs/method.md written out, sharing no code with the package: per pair, the
+attention softmax_k(<q, key> / τ), z = concat_h(Σ_k a·value) @ W_O materialised, and F.cosine_similarity(z, t).
 ``scoring.conditioned_cosine`` (the Gram form), ``LlipModel.similarity``, the loss's logits (``_block_loss``,
 ``LlipLoss``) and the index's mixing form (``paired_cosine``, ``mixed_cosine``, ``first_stage_vectors``) are each
 checked against it.

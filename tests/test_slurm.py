@@ -13,7 +13,7 @@ from open_clip_train.params import parse_args
 from open_clip_llip import LlipModel
 
 SCRIPTS = Path(__file__).resolve().parents[1] / 'scripts' / 'slurm'
-# METHOD §5: nodes (8 GPUs each), per-GPU batch, lr, and how memory/speed are bought.
+# docs/method.md, configurations: nodes (8 GPUs each), per-GPU batch, lr, and how memory/speed are bought.
 RECIPE = {
     'Llip-ViT-B-32': (16, 256, 5e-4, 'torchcompile'),
     'Llip-ViT-B-16': (16, 256, 5e-4, 'torchcompile'),

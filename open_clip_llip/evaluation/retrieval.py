@@ -1,4 +1,4 @@
-"""Image-text retrieval with Llip's conditioned scores (METHOD §6).
+"""Image-text retrieval with Llip's conditioned scores (docs/method.md, zero-shot).
 
 Every (image, text) pair gets its own mixture, so both directions rank ``cos(z[i|j], t[j])``.
 Images and texts are each encoded once (``open_clip_llip.modeling.features``); ``LlipModel.similarity``

@@ -1,4 +1,4 @@
-"""Zero-shot classification with Llip's conditioned scores (METHOD §6).
+"""Zero-shot classification with Llip's conditioned scores (docs/method.md, zero-shot).
 
 A class is described like a text, by text features (``open_clip_llip.modeling.features``): its mixer
 query is the mean of its raw template queries, and its target comes from the normalised mean of

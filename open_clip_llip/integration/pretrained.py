@@ -1,7 +1,7 @@
 """Llip's pretrained tags: the authors' released weights, and every OpenCLIP CLIP tag that Llip can start from.
 
 - ``Llip-ViT-B-16`` / ``llip_b16_k32`` and ``Llip-ViT-G-14`` / ``llip_g14_k64``: the checkpoints the
-  authors published (METHOD §8), in their layout, which ``LlipModel.load_checkpoint`` converts.
+  authors published (docs/method.md, released checkpoints), in their layout, which ``LlipModel.load_checkpoint`` converts.
   OpenCLIP checks a download's SHA-256 only for its own two hosts, and these hashes are not known
   here, so nothing checks the bytes; the loader still refuses a file that is not a checkpoint of the
   config's architecture, before any weight is used.

@@ -1,4 +1,4 @@
-"""Llip's loss: SigLIP's sigmoid loss on the text-conditioned scores (METHOD §4).
+"""Llip's loss: SigLIP's sigmoid loss on the text-conditioned scores (docs/method.md, loss and cost).
 
     s[i,j] = exp(logit_scale) · cos(z[i|j], t[j]) + logit_bias
     L      = −(1/b) Σ_{i,j} log σ(y[i,j] · s[i,j]),   y = +1 if i == j else −1

@@ -3,7 +3,7 @@
 Three layouts are recognised (after dropping ``module.`` and ``_orig_mod.`` prefixes):
 
 - **ours**, as ``open_clip_train`` saves ``LlipModel``: ``mixer.out_proj``, ``visual.k_proj``, ``text.*``;
-- **the authors'** (METHOD §8): early-OpenCLIP names with ``k_proj``/``v_proj``/``q_proj``,
+- **the authors'** (docs/method.md, released checkpoints): early-OpenCLIP names with ``k_proj``/``v_proj``/``q_proj``,
   ``K_norm``/``V_norm``/``Q_norm`` and ``pred.out_proj`` (or ``out_proj``) at the top level,
   and the text tower unpacked at the top level;
 - **OpenCLIP CLIP with a ViT image tower**: its towers are copied; the K mixture tokens and

@@ -1,4 +1,4 @@
-"""Zero-shot class features: a class described like a text, from its name in every template (METHOD §6).
+"""Zero-shot class features: a class described like a text, from its name in every template (docs/method.md, zero-shot).
 
 Its mixer query is the mean of its raw template queries; its embedding is the normalised mean of its
 normalised template embeddings, from which the target p = W_O t̂ is made as for any text.

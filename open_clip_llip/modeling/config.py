@@ -36,7 +36,7 @@ _COUNTS = {
 }
 
 
-# How METHOD.md names some values, shown beside their keys.
+# How the paper and docs/method.md name some values, shown beside their keys.
 _SYMBOLS = {('llip_cfg', 'mixture_tokens'): ' (K)', ('llip_cfg', 'heads'): ' (H)'}
 
 

@@ -1,4 +1,4 @@
-"""Llip's text query head and mixer (METHOD §2–3).
+"""Llip's text query head and mixer (docs/method.md, text tower and mixer).
 
 Notation: N images, M texts, K mixture tokens, H mixer heads, D embedding width, d = D / H.
 """
@@ -35,7 +35,7 @@ class TextQueryHead(nn.Module):
 
 
 class LlipMixer(nn.Module):
-    """Mixes an image's K mixture tokens into one embedding per text (METHOD §3).
+    """Mixes an image's K mixture tokens into one embedding per text (docs/method.md, mixer).
 
     For image i and text j, per head h (logits scaled by 1/τ only, no 1/sqrt(d))::
 
@@ -43,7 +43,7 @@ class LlipMixer(nn.Module):
         z[i|j]     = concat_h(Σ_k a[i,j,h,k] · value[i,h,k]) @ W_O        (W_O: [D, D], no bias)
 
     ``forward`` materialises ``z`` (``[N, M, D]``) and is meant for inspection. Scores never
-    need it (METHOD §4, "The cost"): with ``p[j] = W_O t̂[j]`` and ``G[i] = Ṽ[i] Ṽ[i]ᵀ``
+    need it (docs/method.md, the cost): with ``p[j] = W_O t̂[j]`` and ``G[i] = Ṽ[i] Ṽ[i]ᵀ``
     (``Ṽ[i,h,k] = value[i,h,k] @ W_O[h·d:(h+1)·d]``),
     ``<z[i|j], t̂[j]> = Σ_{h,k} a·<value[i,h,k], p[j,h]>`` and ``|z[i|j]|² = aᵀ G[i] a``.
     ``image_gram`` and ``text_targets`` compute those per-image and per-text factors, which

@@ -1,4 +1,4 @@
-"""Llip model: OpenCLIP's towers with mixture tokens, a text query and a mixer (METHOD §1–4).
+"""Llip model: OpenCLIP's towers with mixture tokens, a text query and a mixer (docs/method.md, image tower to loss).
 
 Notation: N images, M texts, K mixture tokens, H mixer heads, D = ``embed_dim``, d = D / H.
 """
@@ -263,7 +263,7 @@ class LlipModel(nn.Module):
         """Class names x templates -> class text features [C, 2, H, d], as ``similarity`` takes them.
 
         Each class's embedding is the normalised mean of its normalised template embeddings and its
-        query the mean of the raw template queries (METHOD §6; ``classifier.build_zero_shot_classifier``).
+        query the mean of the raw template queries (docs/method.md, zero-shot; ``classifier.build_zero_shot_classifier``).
         OpenCLIP's zero-shot evaluation calls this.
         """
         return build_zero_shot_classifier(self, tokenizer, classnames, templates,

@@ -1,4 +1,5 @@
-"""Llip's conditioned score, defined once (METHOD §2–4): the attention, the cosine of a mixture, the dtype and τ.
+"""Llip's conditioned score, defined once: the attention, the cosine of a mixture, the dtype and τ (docs/method.md,
+the mixer and the cost).
 
 Inputs are the factors of ``open_clip_llip.modeling.features`` (N images, M texts, K mixture tokens,
 H heads, d = D / H):

@@ -1,6 +1,6 @@
 """Llip's image tower: OpenCLIP's ViT with K mixture tokens instead of one class token.
 
-METHOD §1. The K learnable mixture tokens sit before the patch tokens, each with its own
+docs/method.md, image tower. The K learnable mixture tokens sit before the patch tokens, each with its own
 positional embedding; after the transformer, ``ln_post`` is applied to the K mixture outputs
 and the patch outputs are dropped. Each mixture token k then has its own bias-free key and
 value projection (``W_K[k]``, ``W_V[k]``: ``[width, D]``), optionally followed by a LayerNorm

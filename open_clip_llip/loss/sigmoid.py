@@ -31,7 +31,7 @@ from open_clip.loss import SigLipLoss, neighbour_exchange_bidir_with_grad, neigh
 from ..modeling.scoring import pair_block_size, pair_cosine
 
 
-def _block_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, first_text: int, negative_only: bool):
+def block_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, first_text: int, negative_only: bool):
     """Σ −log σ(y·s) over n images × m texts, text j paired with image ``j + first_text`` (which may be < 0)."""
     logits = logit_scale * pair_cosine(keys, values, gram, queries, targets) + logit_bias  # [n, m]
     images = torch.arange(logits.shape[0], device=logits.device)[:, None]
@@ -41,13 +41,13 @@ def _block_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, f
 
 
 def _packed_block_loss(image_features, gram, text_features, logit_scale, logit_bias, first_text, negative_only):
-    """``_block_loss`` on packed features: images [n, 2, H, K, d] (keys, values), texts [m, 2, H, d] (q / τ, p)."""
-    return _block_loss(*image_features.unbind(dim=1), gram, *text_features.unbind(dim=1), logit_scale, logit_bias,
+    """``block_loss`` on packed features: images [n, 2, H, K, d] (keys, values), texts [m, 2, H, d] (q / τ, p)."""
+    return block_loss(*image_features.unbind(dim=1), gram, *text_features.unbind(dim=1), logit_scale, logit_bias,
                        first_text, negative_only)
 
 
 class _ImageBlocksLoss(torch.autograd.Function):
-    """Σ of ``_block_loss`` over blocks of images against all texts, each block recomputed in the backward pass.
+    """Σ of ``block_loss`` over blocks of images against all texts, each block recomputed in the backward pass.
 
     Activation checkpointing by hand: ``torch.utils.checkpoint`` over slices of the inputs would
     have autograd allocate a full-size zero gradient for every block (``[b, H·K, H·K]`` for the

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 from open_clip_llip import LlipLoss, LlipMixer, pack_image, pack_text

@@ -40,7 +40,10 @@ def _gram_blocks(heads: int, own: int, count: int, rp: int) -> int:
 def stage_launches(stage: str, plan: Plan, b: int, B: int, heads: int, tokens: int, head_dim: int, image_stride: int,
               text_stride: int, first_text: int, negative_only: bool, grads=GRADIENTS):
     """The launches of ``stage`` ('forward', or 'backward' for the gradients named in ``grads``), with the
-    multiply-adds each does by design (K and d unpadded, text tiles past B included)."""
+    multiply-adds each does by design (K and d unpadded, text tiles past B included).
+
+    For b images [b, H, K, d] (keys' row stride ``image_stride``) against B texts [B, H, d] (queries' row stride
+    ``text_stride``); text j is image (j + first_text)'s positive unless ``negative_only``."""
     k, d, h = tokens, head_dim, heads
     common = dict(H=heads, K=tokens, D_HEAD=head_dim, HAS_POSITIVES=not negative_only, KP=plan.KP, DC=plan.DC)
     strides = dict(image_stride=image_stride, text_stride=text_stride, first_text=first_text)
@@ -133,17 +136,25 @@ def schemes(stage: str, space: tuple, *shape, grads=GRADIENTS) -> list:
 
 
 def run_launch(launch: Launch, args: dict):
-    """Launch with ``args`` (tensors and floats by name) and the launch's integers."""
+    """Launch with ``args`` (tensors and floats by name) and the launch's integers.
+
+    ``args``: keys, values [b, H, K, d]; gram [b, H·K, H·K]; queries, targets [B, H, d] (as ``launch_inputs``
+    returns them); scale_ptr, bias_ptr [1] fp32; query_scale = log2(e)/τ; the forward's cos_ptr, sq_norm_ptr [b, B]
+    fp32 and partial_ptr [b, programs, 3] fp32; the backward's grad_ptr [1] and the gradients (``run_scheme``).
+    """
     values = [args[name] if name in args else launch.ints[name]
               for name in launch.kernel.arg_names if name not in launch.constexprs]
     launch.kernel[launch.grid](*values, **launch.constexprs, **launch.options)
 
 
-# What runs, timed once per process: a launch's candidate, keyed on (launch name and constexprs, dtype, sm_arch, b
-
 
 def launch_inputs(keys, values, gram, queries, targets):
-    """Common dtype, row strides and checks; returns the tensors to hand to the kernels."""
+    """Common dtype, row strides and checks -> (keys, values, queries, targets, gram) to hand to the kernels.
+
+    keys, values [b, H, K, d] and queries, targets [B, H, d] keep their row strides (inner dimensions made
+    contiguous); gram [b, H·K, H·K] is made contiguous; all in autocast's dtype under autocast, else the inputs'
+    common dtype.
+    """
     b, heads, tokens, head_dim = keys.shape
     if values.shape != keys.shape or queries.shape[1:] != (heads, head_dim) or targets.shape != queries.shape:
         raise ValueError(

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 from open_clip_llip import LlipLoss, LlipMixer, pack_image, pack_text
@@ -82,7 +82,7 @@ class LiveTensorBytes(TorchDispatchMode):
             dtype = args[0].dtype
             return True if dtype == torch.bool else 1. if dtype.is_floating_point else 1
         out = func(*args, **(kwargs or {}))
-        for tensor in pytree.tree_leaves(out):
+        for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 self._track(tensor)
         return out

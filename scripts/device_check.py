@@ -1,16 +1,16 @@
 """The first thing a session with a GPU runs: the fused loss checked and timed on the device, in one call.
 
 1. Correctness, at every shipped config's (H, K, d), bf16 and fp32, for each backward scheme the autotuning space has
-   there (two-pass; one-pass, whose texts' gradients are fp32 atomic sums: ``fused_loss._one_pass``; at B/16 one
-   launch: ``fused_loss._one_launch``), the space restricted to it: the loss and all seven gradients of
+   there (two-pass; one-pass, whose texts' gradients are fp32 atomic sums: ``fused.one_pass``; at B/16 one
+   launch: ``fused.one_launch``), the space restricted to it: the loss and all seven gradients of
    ``fused_sigmoid_loss`` against float64 (``reference``: the formula written out) and against the PyTorch path
-   (``open_clip_llip.loss.sigmoid._block_loss``), with partial text tiles (B not a multiple of any tile), positives off the
+   (``open_clip_llip.loss.sigmoid.block_loss``), with partial text tiles (B not a multiple of any tile), positives off the
    diagonal, raw queries with τ = 5, and one image whose values and Gram matrix are zero (|z| = 0: checked against
    the PyTorch path, which clamps as the kernels do; the float64 formula would divide by zero).
-2. Per-kernel times: every candidate (``fused_loss._space``; 0 is the plan's) of every launch of the forward and
+2. Per-kernel times: every candidate (``fused.tuning_space``; 0 is the plan's) of every launch of the forward and
    of each backward scheme at b = 256, B = 32,768 (one rank's step at world size 128), bf16, median of
    ``triton.testing.do_bench``, with the design's TFLOP/s; then per scheme forward + backward with each launch's
-   fastest candidate: what the run-time choice (``fused_loss._fastest``, ``fused_loss._choose``) chooses among.
+   fastest candidate: what the run-time choice (``fused.TuningCache``) chooses among.
 3. ``scripts/bench_loss.py`` at b = 256, B = 32,768 for B/16 and G/14: the direct formulation, ours (Triton; the
    PyTorch path too at B/16) and SigLIP, forward+backward time and peak memory.
 4. ``tests/test_precision.py`` on the GPU (``OPEN_CLIP_LLIP_TEST_DEVICE=cuda``): the stock loop with validation,
@@ -31,7 +31,6 @@ Sections 4 and 5 add about 3 minutes. If the first run is over budget, ``--skip`
 Example: python scripts/device_check.py --json $OUT/device_check.json
 """
 import argparse
-import contextlib
 import math
 import os
 import platform
@@ -46,8 +45,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from open_clip_llip.loss import fused as fused_loss  # noqa: E402
-from open_clip_llip.loss.sigmoid import _block_loss  # noqa: E402
+from open_clip_llip.loss import fused  # noqa: E402
+from open_clip_llip.loss.sigmoid import block_loss  # noqa: E402
 from open_clip_llip.written_files import add_json_output, check_json_output, write_json  # noqa: E402
 
 # H, K, d of the shipped configs (as scripts/kernel_report.py)
@@ -97,36 +96,16 @@ def relative_errors(ours, refs):
             for a, r in zip(ours, refs)]
 
 
-def scheme_of(plan) -> str:
-    """A member of the autotuning space by its backward (``fused_loss._scheme_name``)."""
-    return fused_loss._scheme_name(part.kernel for part in plan.backward)
-
-
 def schemes_at(name, dtype, device) -> list:
     """The backward schemes whose members the autotuning space has at a shape, for the device and dtype, in the
     space's order."""
     heads, tokens, head_dim = SHAPES[name]
-    arch = fused_loss._arch(torch.empty(0, device=device))
-    space = fused_loss._space(heads, tokens, head_dim, arch, dtype == torch.float32)
-    return list(dict.fromkeys(scheme_of(plan) for plan in space))
-
-
-@contextlib.contextmanager
-def only(scheme):
-    """The fused loss with its autotuning space restricted to one backward scheme (and the timed choices
-    forgotten before and after), so that each scheme is checked whichever the timing would choose."""
-    space = fused_loss._space
-    fused_loss._space = lambda *shape: tuple(plan for plan in space(*shape) if scheme_of(plan) == scheme)
-    fused_loss._CHOSEN.clear()
-    try:
-        yield
-    finally:
-        fused_loss._space = space
-        fused_loss._CHOSEN.clear()
+    return fused.backward_schemes(heads, tokens, head_dim, fused.device_arch(torch.empty(0, device=device)),
+                                  dtype == torch.float32)
 
 
 def check_shape(name, dtype, device, scheme, b=16, B=208, temperature=5., first_text=1):
-    """Loss and gradients, with the backward ``scheme`` (run within ``only(scheme)``), against float64 and the
+    """Loss and gradients, with the backward ``scheme`` (``fused_sigmoid_loss(..., scheme=scheme)``), against float64 and the
     PyTorch path; one more run with a zero image against the PyTorch path. Returns a record with the errors and
     whether all are within TOLERANCE[dtype]."""
     heads, tokens, head_dim = SHAPES[name]
@@ -137,7 +116,7 @@ def check_shape(name, dtype, device, scheme, b=16, B=208, temperature=5., first_
         queries, targets = texts.unbind(dim=1)
         inputs = (keys, values, gram, queries, targets, scale, bias)
         leaves = (features, gram, texts, scale, bias)
-        loss = fused_loss.fused_sigmoid_loss(*inputs, temperature=temperature, first_text=first_text)
+        loss = fused.fused_sigmoid_loss(*inputs, temperature=temperature, first_text=first_text, scheme=scheme)
         ours = [loss] + list(torch.autograd.grad(loss, leaves))
         if case == 'float64':
             ref = reference(*inputs, temperature, first_text)
@@ -145,7 +124,7 @@ def check_shape(name, dtype, device, scheme, b=16, B=208, temperature=5., first_
             double = [x.detach().double().requires_grad_() for x in leaves]
             k, v = double[0].unbind(dim=1)
             q, p = double[2].unbind(dim=1)
-            ref = _block_loss(k, v, double[1], q / temperature, p, double[3], double[4], first_text, False)
+            ref = block_loss(k, v, double[1], q / temperature, p, double[3], double[4], first_text, False)
             leaves = double
         refs = [ref] + list(torch.autograd.grad(ref, leaves))
         errors = relative_errors(ours, refs)
@@ -158,16 +137,16 @@ def check_shape(name, dtype, device, scheme, b=16, B=208, temperature=5., first_
 
 
 def kernel_times(name, device, b=256, B=32768):
-    """Median time of every candidate of every launch (``fused_loss._space``) at b images × B texts (bf16), forward
-    then the backward of each scheme (two-pass, one-pass: ``fused_loss._schemes``), with design TFLOP/s;
+    """Median time of every candidate of every launch (``fused.tuning_space``) at b images × B texts (bf16), forward
+    then the backward of each scheme (two-pass, one-pass: ``fused.schemes``), with design TFLOP/s;
     candidate 0 is the plan's, the one that runs where nothing is timed. Then per scheme the forward and backward
-    with each launch's fastest candidate: what the run-time choice (``fused_loss._choose``) compares."""
+    with each launch's fastest candidate: what the run-time choice (``fused.TuningCache``) compares."""
     import triton.testing
     heads, tokens, head_dim = SHAPES[name]
     features, gram, texts, scale, bias = make_inputs(b, B, heads, tokens, head_dim, torch.bfloat16, device)
     keys, values = features.detach().unbind(dim=1)
     queries, targets = texts.detach().unbind(dim=1)
-    space = fused_loss._space(heads, tokens, head_dim, fused_loss._arch(keys))
+    space = fused.tuning_space(heads, tokens, head_dim, fused.device_arch(keys))
     shape = (space, b, B, heads, tokens, head_dim, keys.stride(0), queries.stride(0), 0, False)
     fp32 = dict(device=device, dtype=torch.float32)
     args = dict(keys=keys, values=values, gram=gram.detach(), queries=queries, targets=targets,
@@ -179,9 +158,9 @@ def kernel_times(name, device, b=256, B=32768):
                 grad_gram=torch.empty_like(gram),  # the one-pass backward's sums (timing only adds more)
                 grad_queries_sum=torch.zeros(queries.shape, **fp32), grad_targets_sum=torch.zeros(targets.shape, **fp32))
     records = []
-    stages = [('forward', None, launches) for launches in fused_loss._schemes('forward', *shape)]
-    stages += [('backward', fused_loss._scheme_name(c[0].name for c in launches),
-                launches) for launches in fused_loss._schemes('backward', *shape)]
+    stages = [('forward', None, launches) for launches in fused.schemes('forward', *shape)]
+    stages += [('backward', fused.scheme_name(c[0].name for c in launches),
+                launches) for launches in fused.schemes('backward', *shape)]
     fastest = {}
     for stage, scheme, launches in stages:
         for candidates in launches:
@@ -189,11 +168,11 @@ def kernel_times(name, device, b=256, B=32768):
             for index, launch in enumerate(candidates):
                 if stage == 'forward':
                     args['partial_ptr'] = torch.empty(b, launch.grid[0], 3, **fp32)
-                fused_loss._run(launch, args)  # compile, and the forward's cos and |z|² for the backward
-                ms = triton.testing.do_bench(lambda launch=launch: fused_loss._run(launch, args), warmup=25, rep=100,
+                fused.run_launch(launch, args)  # compile, and the forward's cos and |z|² for the backward
+                ms = triton.testing.do_bench(lambda launch=launch: fused.run_launch(launch, args), warmup=25, rep=100,
                                              return_mode='median')
                 times.append(ms)
-                records.append(dict(section='kernel_time', shape=name, kernel=fused_loss._label(launch),
+                records.append(dict(section='kernel_time', shape=name, kernel=fused.launch_label(launch),
                                     scheme=scheme, candidate=index, texts=launch.constexprs['BJ'],
                                     warps=launch.options['num_warps'], streamed=launch.constexprs['VOL'], b=b, B=B,
                                     time_ms=ms, design_tflop_per_s=2 * launch.macs / ms / 1e9))
@@ -252,7 +231,7 @@ def training_speed(steps=12, batch=256):
 def environment(device):
     info = dict(section='environment', python=platform.python_version(), torch=torch.__version__,
                 triton=__import__('triton').__version__, device=str(device),
-                interpreted=fused_loss.INTERPRETED)
+                interpreted=fused.INTERPRETED)
     if device.type == 'cuda':
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, capability=f'{props.major}.{props.minor}', sms=props.multi_processor_count,
@@ -295,7 +274,7 @@ def parse_args(argv=None):
                         help='correctness at the tiny shape only, on the CPU (needs TRITON_INTERPRET=1)')
     args = parser.parse_args(argv)
     check_json_output(parser, args)
-    if args.dry_run and not fused_loss.INTERPRETED:
+    if args.dry_run and not fused.INTERPRETED:
         parser.error('--dry-run runs the kernels on the CPU: set TRITON_INTERPRET=1')
     if not args.dry_run and not torch.cuda.is_available():
         parser.error('no CUDA device: run on a GPU, or --dry-run under TRITON_INTERPRET=1')
@@ -314,8 +293,7 @@ def main(argv=None):
         for name in shapes:
             for dtype in (torch.bfloat16, torch.float32):
                 for scheme in schemes_at(name, dtype, device):
-                    with only(scheme):
-                        records.append(check_shape(name, dtype, device, scheme, **sizes))
+                    records.append(check_shape(name, dtype, device, scheme, **sizes))
                     print(summary(records[-1:]), f'({time.perf_counter() - started:.0f} s)', flush=True)
     if not args.dry_run and 'kernels' not in args.skip:
         for name in TIMED:

@@ -2,10 +2,10 @@
 
 For each shape (H, K, d of a shipped config) and architecture (sm_90: H100/H200; sm_80: A100), every launch that
 ``open_clip_llip.loss.fused`` makes for b images against B texts (default b = 256, B = 32,768, one rank's step at
-world size 128; bf16), in every form its autotuning space (``fused_loss._space``) gives it (column ``c``: candidate 0
+world size 128; bf16), in every form its autotuning space (``fused.tuning_space``) gives it (column ``c``: candidate 0
 is the plan's; column ``s``: the backward's scheme, 0 two-pass, then one-pass and, at B/16, one launch; the totals
 are per scheme, of each launch's candidate 0), is compiled with ``triton.compile`` exactly as the JIT would compile
-it: the same constexprs, ``num_warps`` and ``num_stages`` (``fused_loss._launches`` describes each launch for both
+it: the same constexprs, ``num_warps`` and ``num_stages`` (``fused.stage_launches`` describes each launch for both
 the autograd function and this script), and the JIT's specialisation of the arguments (16-byte-aligned pointers and
 integers divisible by 16 get ``tt.divisibility = 16``; an integer equal to 1 becomes a constexpr). It prints, per
 kernel: registers and spilled bytes (``ptxas -v`` on the PTX, with Triton's own ptxas flags), shared memory, the
@@ -26,7 +26,7 @@ How issued work is counted:
   warp groups) per program, exactly. A kernel with another loop structure is reported as an error.
 * fp32 atomic adds (the one-pass backward's ∂q, ∂p: ``atom``/``red`` ``.add.f32``, a ``.v4`` vector counting 4
   values) are counted the same way, per thread (32 per warp), as values added per pair: 2·D by design.
-* Per pair: issued / (b·B). The design count is the multiply-adds ``fused_loss._launches`` says the design does
+* Per pair: issued / (b·B). The design count is the multiply-adds ``fused.stage_launches`` says the design does
   (K and d unpadded). issued/design above 1 is padding or replicated work: a product computed by more warps than
   hold distinct tiles shows up as a ratio of 2 or more.
 
@@ -50,7 +50,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from open_clip_llip.loss import fused as fused_loss  # noqa: E402
+from open_clip_llip.loss import fused  # noqa: E402
 from open_clip_llip.written_files import add_json_output, check_json_output, write_json  # noqa: E402
 
 # H, K, d of the shipped configs (model_configs/Llip-*.json: llip_cfg.heads, mixture_tokens, embed_dim / heads).
@@ -191,7 +191,7 @@ def report_launch(launch, arch: int, b: int, B: int, dtype: str):
     atomics = atomics_outside * programs + atomics_inside * launch.trips
     c = launch.constexprs
     return dict(
-        kernel=fused_loss._label(launch), arch=arch, texts=c['BJ'], heads=c.get('HG', c['H']),
+        kernel=fused.launch_label(launch), arch=arch, texts=c['BJ'], heads=c.get('HG', c['H']),
         warps=launch.options['num_warps'], stages=launch.options['num_stages'], streamed=bool(c['VOL']),
         registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
         instructions=instructions, sass=sass_counts(compiled.asm['cubin']),
@@ -200,17 +200,17 @@ def report_launch(launch, arch: int, b: int, B: int, dtype: str):
 
 
 def report_shape(name: str, arch: int, b: int, B: int, dtype: str):
-    """Every launch of every member of the shape's autotuning space (``fused_loss._space``): a row per distinct
+    """Every launch of every member of the shape's autotuning space (``fused.tuning_space``): a row per distinct
     candidate, numbered per launch (``launch``) and within it (``candidate``, 0 for the first member's, which runs
-    where nothing is timed), with the backward's scheme (``scheme``: its index in ``fused_loss._schemes``; the
+    where nothing is timed), with the backward's scheme (``scheme``: its index in ``fused.schemes``; the
     totals name it).
     The totals are per scheme, of the forward and the scheme's backward, with the first candidate of each launch;
     the shape's own are scheme 0's."""
     heads, tokens, head_dim = SHAPES[name]
-    space = fused_loss._space(heads, tokens, head_dim, arch)
+    space = fused.tuning_space(heads, tokens, head_dim, arch)
     shape = (space, b, B, heads, tokens, head_dim, 2 * heads * tokens * head_dim, 2 * heads * head_dim, 0, False)
-    ((forward,),) = fused_loss._schemes('forward', *shape)
-    backward = fused_loss._schemes('backward', *shape)
+    ((forward,),) = fused.schemes('forward', *shape)
+    backward = fused.schemes('backward', *shape)
     launches = [(None, forward)] + [(scheme, candidates)
                                     for scheme, launches in enumerate(backward) for candidates in launches]
     rows = [dict(report_launch(launch, arch, b, B, dtype), launch=position, candidate=index, scheme=scheme)
@@ -218,7 +218,7 @@ def report_shape(name: str, arch: int, b: int, B: int, dtype: str):
     totals = []
     for scheme, launches in enumerate(backward):
         first = [row for row in rows if row['candidate'] == 0 and row['scheme'] in (None, scheme)]
-        totals.append(dict(name=fused_loss._scheme_name(c[0].name for c in launches),
+        totals.append(dict(name=fused.scheme_name(c[0].name for c in launches),
                            **{key: sum(row[key] for row in first)
                               for key in ('issued_per_pair', 'design_per_pair', 'atomics_per_pair')}))
     useful = 3 * (2 * tokens * heads * head_dim + (heads * tokens) ** 2)
@@ -284,9 +284,10 @@ def parse_args(argv=None):
     parser.add_argument('--B', type=int, default=32768, help='texts (all a rank sees)')
     parser.add_argument('--dtype', choices=['bf16', 'fp16'], default='bf16')
     add_json_output(parser, 'the results')
+    # argparse %-formats help strings: a literal % is written %%.
     parser.add_argument('--check', action='store_true', help='exit 1 on spills, shared memory over the limit, '
-                        f'issued > {MAX_RATIO}× design, or on sm_90 under {MIN_WGMMA:.0%} of a launch\'s multiply-adds '
-                        f'on wgmma where it does {LARGE_LAUNCH:.0%} or more of the design work')
+                        f'issued > {MAX_RATIO}× design, or on sm_90 under {MIN_WGMMA:.0%}% of a launch\'s multiply-adds '
+                        f'on wgmma where it does {LARGE_LAUNCH:.0%}% or more of the design work')
     args = parser.parse_args(argv)
     check_json_output(parser, args)
     return args

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from open_clip_llip import LlipLoss
 from open_clip_llip.loss import fused as fused_loss
-from open_clip_llip.loss.sigmoid import _block_loss
+from open_clip_llip.loss.fused import launch as launching
+from open_clip_llip.loss.fused import plans
+from open_clip_llip.loss.sigmoid import block_loss
 
 if not fused_loss.INTERPRETED:
     pytest.skip('needs TRITON_INTERPRET=1 from the start (see test_fused_loss.py)', allow_module_level=True)
@@ -92,15 +94,15 @@ def test_every_split_matches_reference(monkeypatch):
     """Small tiles force every split the kernels have: several text tiles (the last partial) and forward programs
     per image, head groups (the last partial, H not a multiple), channel chunks (d = 40 in chunks of 16, the last
     partial), token-major mixing in panels of two heads, and each gradient in its own launch or fused with others."""
-    blocks = fused_loss._Blocks
-    part = fused_loss._Part
-    plan = fused_loss._Plan(
+    blocks = fused_loss.Blocks
+    part = fused_loss.Part
+    plan = fused_loss.Plan(
         KP=16, DC=16, forward=blocks(texts=16, heads=3, warps=4, stages=1),
         backward=(part('text', ('query',), blocks(16, 2, 4, 1)), part('text', ('target',), blocks(16, 1, 4, 1)),
                   part('image', ('key', 'value'), blocks(16, 2, 4, 1, resident=False)),
                   part('image', ('gram',), blocks(16, 2, 4, 1))))
-    monkeypatch.setattr(fused_loss, '_plan', lambda *shape: plan)
-    monkeypatch.setattr(fused_loss, '_FORWARD_PROGRAMS', 4)  # 2 images: 2 programs each, 2 of the 3 tiles each
+    monkeypatch.setattr(plans, 'plan_for', lambda *shape: plan)
+    monkeypatch.setattr(launching, '_FORWARD_PROGRAMS', 4)  # 2 images: 2 programs each, 2 of the 3 tiles each
     check_against_reference(make_inputs(2, 40, 3, 5, 40, torch.float32), 1, False, rtol=2e-5)
 
 
@@ -108,13 +110,13 @@ def test_panels_of_two_heads_and_one_launch_for_all_image_gradients(monkeypatch)
     """Token-major attention ([KP, BJ] tiles: the logits as key·qᵀ, the softmax over tokens, A G as (G Aᵀ)ᵀ): the
     forward's in panels of two heads of K = 20 padded to 32, ∂q/∂p as their transposes, ∂key, ∂value and ∂G (from
     token-major a) in one launch."""
-    blocks = fused_loss._Blocks
-    part = fused_loss._Part
-    plan = fused_loss._Plan(
+    blocks = fused_loss.Blocks
+    part = fused_loss.Part
+    plan = fused_loss.Plan(
         KP=32, DC=16, forward=blocks(texts=16, heads=4, warps=4, stages=1, panel=2, mix_t=True),
         backward=(part('text', ('query', 'target'), blocks(16, 4, 4, 1, mix_t=True)),
                   part('image', ('key', 'value', 'gram'), blocks(16, 1, 4, 1, mix_t=True))))
-    monkeypatch.setattr(fused_loss, '_plan', lambda *shape: plan)
+    monkeypatch.setattr(plans, 'plan_for', lambda *shape: plan)
     check_against_reference(make_inputs(2, 20, 4, 20, 16, torch.float32), 0, False, rtol=2e-5)
 
 
@@ -129,8 +131,8 @@ def test_panels_of_two_heads_and_one_launch_for_all_image_gradients(monkeypatch)
 def test_the_gpus_plans_match_reference(monkeypatch, b, B, H, K, d, arch, dtype, rtol):
     """The plan a GPU gets (sm_80: ∂G blocks transposed, ∂key/∂value tiles narrower than K; sm_90), whatever the
     inputs' dtype: the interpreter takes the fp32 plan for fp32 inputs and sm_90's otherwise."""
-    plan = fused_loss._plan
-    monkeypatch.setattr(fused_loss, '_plan', lambda heads, tokens, head_dim, *_: plan(heads, tokens, head_dim, arch))
+    plan = fused_loss.plan_for
+    monkeypatch.setattr(plans, 'plan_for', lambda heads, tokens, head_dim, *_: plan(heads, tokens, head_dim, arch))
     check_against_reference(make_inputs(b, B, H, K, d, dtype), 1, False, rtol=rtol)
 
 
@@ -150,7 +152,7 @@ def test_every_tile_variant_of_the_autotuning_space_matches_reference(monkeypatc
     plan's otherwise), on its own; in fp32, for the tight tolerance (the layout is the bf16 one)."""
     variants = []
     for arch in (90, 80):
-        space = fused_loss._space(H, K, d, arch)
+        space = fused_loss.tuning_space(H, K, d, arch)
         seen = {arithmetic(space[0])}
         for plan in space[1:]:
             if arithmetic(plan) not in seen:
@@ -158,15 +160,15 @@ def test_every_tile_variant_of_the_autotuning_space_matches_reference(monkeypatc
                 variants.append(plan)
     assert variants
     for plan in variants:
-        monkeypatch.setattr(fused_loss, '_space', lambda *shape, plan=plan: (plan,))
+        monkeypatch.setattr(plans, 'tuning_space', lambda *shape, plan=plan: (plan,))
         check_against_reference(make_inputs(b, B, H, K, d, torch.float32), 1, False, rtol=2e-5)
 
 
 def members(scheme, H, K, d):
     """sm_90's members of a backward scheme: 'one-pass' (no text kernel: the image kernel adds ∂q, ∂p with
     atomics), 'one launch' (all five gradients from one image kernel)."""
-    found = [plan for plan in fused_loss._space(H, K, d, 90)
-             if fused_loss._scheme_name(part.kernel for part in plan.backward) == scheme]
+    found = [plan for plan in fused_loss.tuning_space(H, K, d, 90)
+             if fused_loss.plan_scheme(plan) == scheme]
     assert found
     return found
 
@@ -182,7 +184,7 @@ def test_the_one_pass_backward_matches_reference(monkeypatch, scheme, b, B, H, K
     """The scheme's first member on its own, in both dtypes: the texts' gradients summed over images by atomics
     from programs that start at different tiles and wrap around."""
     plan = members(scheme, H, K, d)[0]
-    monkeypatch.setattr(fused_loss, '_space', lambda *shape: (plan,))
+    monkeypatch.setattr(plans, 'tuning_space', lambda *shape: (plan,))
     check_against_reference(make_inputs(b, B, H, K, d, dtype), 1, False, rtol=rtol)
 
 
@@ -190,8 +192,8 @@ def test_the_one_pass_backward_matches_reference(monkeypatch, scheme, b, B, H, K
 def test_every_scheme_under_autocast(monkeypatch, scheme):
     """amp_bf16's mix (fp32 inputs, bf16 operands): the loss and every gradient within bf16 of the float64
     reference, the gradients in the inputs' fp32 (the one-pass schemes add ∂q, ∂p straight into them)."""
-    plan = members(scheme, 2, 5, 6)[0] if scheme != 'two-pass' else fused_loss._space(2, 5, 6, 90)[0]
-    monkeypatch.setattr(fused_loss, '_space', lambda *shape: (plan,))
+    plan = members(scheme, 2, 5, 6)[0] if scheme != 'two-pass' else fused_loss.tuning_space(2, 5, 6, 90)[0]
+    monkeypatch.setattr(plans, 'tuning_space', lambda *shape: (plan,))
     inputs = make_inputs(3, 70, 2, 5, 6, torch.float32)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         loss = fused_loss.fused_sigmoid_loss(*inputs, first_text=1)
@@ -206,12 +208,12 @@ def test_every_scheme_under_autocast(monkeypatch, scheme):
 def test_deterministic_algorithms_run_the_two_pass_backward(monkeypatch):
     """Atomics add in no fixed order: under torch.use_deterministic_algorithms(True) the one-pass scheme is left
     out even where it comes first (the interpreter runs the first scheme otherwise)."""
-    space = fused_loss._space(2, 5, 6, 90)
+    space = fused_loss.tuning_space(2, 5, 6, 90)
     one_pass = members('one-pass', 2, 5, 6)[0]
-    monkeypatch.setattr(fused_loss, '_space', lambda *shape: (one_pass, space[0]))
+    monkeypatch.setattr(plans, 'tuning_space', lambda *shape: (one_pass, space[0]))
     ran = []
-    run = fused_loss._run
-    monkeypatch.setattr(fused_loss, '_run', lambda launch, args: ran.append(launch.name) or run(launch, args))
+    run = launching.run_launch
+    monkeypatch.setattr(launching, 'run_launch', lambda launch, args: ran.append(launch.name) or run(launch, args))
     inputs = make_inputs(2, 5, 2, 5, 6, torch.float32)
     torch.autograd.grad(fused_loss.fused_sigmoid_loss(*inputs), inputs)
     assert 'text' not in ran
@@ -219,6 +221,19 @@ def test_deterministic_algorithms_run_the_two_pass_backward(monkeypatch):
     monkeypatch.setattr(torch, 'are_deterministic_algorithms_enabled', lambda: True)
     check_against_reference(inputs, 0, False, rtol=2e-5)
     assert 'text' in ran
+
+
+def test_one_backward_scheme_runs_when_asked(monkeypatch):
+    """``scheme=`` restricts the autotuning space to one backward scheme's members (how scripts/device_check.py
+    checks each); a scheme the shape's space lacks is refused, naming those it has."""
+    ran = []
+    run = launching.run_launch
+    monkeypatch.setattr(launching, 'run_launch', lambda launch, args: ran.append(launch.name) or run(launch, args))
+    inputs = make_inputs(2, 5, 2, 5, 6, torch.bfloat16)
+    grads = torch.autograd.grad(fused_loss.fused_sigmoid_loss(*inputs, scheme='one-pass'), inputs)
+    assert ran and 'text' not in ran and all(torch.isfinite(grad).all() for grad in grads)
+    with pytest.raises(ValueError, match='two-pass'):
+        fused_loss.fused_sigmoid_loss(*make_inputs(2, 5, 2, 5, 6, torch.float32), scheme='one-pass')
 
 
 def test_raw_queries_with_a_temperature():
@@ -259,7 +274,7 @@ def test_strided_packed_features_and_tiny_norms():
     loss = fused_loss.fused_sigmoid_loss(keys, values, gram, queries, targets, scale, bias)
     grads = torch.autograd.grad(loss, [features, gram, queries, targets, scale, bias])
     # The PyTorch path clamps |z| at 1e-12 as the kernel does; the float64 reference would divide by zero.
-    ref = _block_loss(keys, values, gram, queries, targets, scale, bias, 0, False)
+    ref = block_loss(keys, values, gram, queries, targets, scale, bias, 0, False)
     ref_grads = torch.autograd.grad(ref, [features, gram, queries, targets, scale, bias])
     assert torch.isfinite(loss)
     assert_close(loss, ref.double(), 1e-5, 'loss')

@@ -52,10 +52,10 @@ def test_every_kernel_compiles_without_spills_within_shared_memory(shape, arch):
 def test_fp32_products_are_ieee_not_tf32():
     """fp32 inputs multiply in fp32 (FMA), not TF32 tensor-core instructions that round operands to 10 bits."""
     report = load_report()
-    plan = fused_loss._plan(2, 5, 6, 90, fp32=True)
+    plan = fused_loss.plan_for(2, 5, 6, 90, fp32=True)
     shape = (plan, 4, 80, 2, 5, 6, 2 * 2 * 5 * 6, 2 * 2 * 6, 0, False)
     for stage in ('forward', 'backward'):
-        for launch in fused_loss._launches(stage, *shape):
+        for launch in fused_loss.stage_launches(stage, *shape):
             ptx = report.compile_launch(launch, 90, 'fp32').asm['ptx']
             assert 'tf32' not in ptx and 'mma' not in ptx, launch.name
             assert 'fma.rn.f32' in ptx, launch.name
@@ -64,7 +64,7 @@ def test_fp32_products_are_ieee_not_tf32():
 def test_the_fastest_candidate_is_timed_once_per_key(monkeypatch):
     """On a GPU each launch's candidates are timed the first time a key is met; later calls reuse the choice."""
     import triton.testing
-    candidates = [fused_loss._Launch('image', None, (4, 8), dict(BJ=texts), {}, {}, 4, 1) for texts in (64, 128)]
+    candidates = [fused_loss.Launch('image', None, (4, 8), dict(BJ=texts), {}, {}, 4, 1) for texts in (64, 128)]
     timed = []
 
     def run(launch):  # do_bench below returns what run returns: 128 texts are faster
@@ -72,12 +72,12 @@ def test_the_fastest_candidate_is_timed_once_per_key(monkeypatch):
         return 1. if launch.constexprs['BJ'] == 128 else 2.
 
     monkeypatch.setattr(triton.testing, 'do_bench', lambda fn, **_: fn())
-    monkeypatch.setattr(fused_loss, '_CHOSEN', {})
+    cache = fused_loss.TuningCache()
     key = (torch.bfloat16, 90, 256, 32768)
-    assert fused_loss._fastest(candidates, run, key) is candidates[1] and len(timed) == 2
-    assert fused_loss._fastest(candidates, run, key) is candidates[1] and len(timed) == 2
-    assert fused_loss._fastest(candidates, run, (torch.bfloat16, 90, 512, 32768)) is candidates[1] and len(timed) == 4
-    assert fused_loss._fastest(candidates[:1], run, key) is candidates[0] and len(timed) == 4
+    assert cache.fastest(candidates, run, key) is candidates[1] and len(timed) == 2
+    assert cache.fastest(candidates, run, key) is candidates[1] and len(timed) == 2
+    assert cache.fastest(candidates, run, (torch.bfloat16, 90, 512, 32768)) is candidates[1] and len(timed) == 4
+    assert cache.fastest(candidates[:1], run, key) is candidates[0] and len(timed) == 4
 
 
 @pytest.mark.parametrize('shape, arch, names', [
@@ -88,17 +88,17 @@ def test_the_fastest_candidate_is_timed_once_per_key(monkeypatch):
 def test_the_backward_schemes_where_they_compile_clean(shape, arch, names):
     """The two-pass scheme first (what the interpreter runs); the others add ∂q, ∂p with atomics in the image
     kernel beside ∂key, ∂value, and no text kernel runs."""
-    space = fused_loss._space(*shape, arch)
-    schemes = fused_loss._schemes('backward', space, 256, 32768, *shape, 0, 0, 0, False)
-    assert [fused_loss._scheme_name(c[0].name for c in launches) for launches in schemes] == names
-    assert not any(fused_loss._adds_atomically(candidates[0]) for candidates in schemes[0])
+    space = fused_loss.tuning_space(*shape, arch)
+    schemes = fused_loss.schemes('backward', space, 256, 32768, *shape, 0, 0, 0, False)
+    assert [fused_loss.scheme_name(c[0].name for c in launches) for launches in schemes] == names
+    assert not any(fused_loss.adds_atomically(candidates[0]) for candidates in schemes[0])
     for scheme in schemes[1:]:
         launches = [candidates[0] for candidates in scheme]
         assert all(launch.name == 'image' for launch in launches)
-        assert {g for launch in launches for g in fused_loss._gradients(launch)} == set(fused_loss.GRADIENTS)
-        assert {fused_loss._gradients(launch) for launch in launches if fused_loss._adds_atomically(launch)} <= {
+        assert {g for launch in launches for g in fused_loss.launch_gradients(launch)} == set(fused_loss.GRADIENTS)
+        assert {fused_loss.launch_gradients(launch) for launch in launches if fused_loss.adds_atomically(launch)} <= {
             ('key', 'value', 'query', 'target'), ('key', 'query'), ('value', 'target'), fused_loss.GRADIENTS}
-    assert len(fused_loss._space(*shape, arch, fp32=True)) == 1
+    assert len(fused_loss.tuning_space(*shape, arch, fp32=True)) == 1
 
 
 def test_implementation_is_chosen_when_the_loss_is_built(monkeypatch):

@@ -2,7 +2,7 @@
 
 ``plain_cosine`` below is the mixer of docs/method.md written out, sharing no code with the package: per pair, the
 attention softmax_k(<q, key> / τ), z = concat_h(Σ_k a·value) @ W_O materialised, and F.cosine_similarity(z, t).
-``scoring.conditioned_cosine`` (the Gram form), ``LlipModel.similarity``, the loss's logits (``_block_loss``,
+``scoring.conditioned_cosine`` (the Gram form), ``LlipModel.similarity``, the loss's logits (``block_loss``,
 ``LlipLoss``) and the index's mixing form (``paired_cosine``, ``mixed_cosine``, ``first_stage_vectors``) are each
 checked against it.
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from open_clip_llip import LlipLoss, unpack_image, unpack_text
-from open_clip_llip.loss.sigmoid import _block_loss
+from open_clip_llip.loss.sigmoid import block_loss
 from open_clip_llip.modeling.scoring import attention, conditioned_cosine, scoring_dtype, temperatures
 from open_clip_llip.search.index import first_stage_vectors, mixed_cosine, paired_cosine
 
@@ -105,7 +105,7 @@ def test_loss_logits(model):
             logits = scale * reference(model, image_features, text_features, embeddings, tau) + bias
             signs = 2 * torch.eye(5, dtype=torch.float64) - 1
             plain = -F.logsigmoid(signs * logits).sum()
-            block = _block_loss(*unpack_image(image_features), gram, *unpack_text(text_features), scale, bias, 0, False,
+            block = block_loss(*unpack_image(image_features), gram, *unpack_text(text_features), scale, bias, 0, False,
                                 temperature=tau)
             # Each of the 25 terms has its logit off by at most scale·n·u, and |d log σ(x) / dx| ≤ 1.
             assert_near(block, plain, 25 * scale.item() * tolerance(model))

@@ -30,8 +30,8 @@ from open_clip.loss import SigLipLoss, neighbour_exchange_bidir_with_grad, neigh
 from ..modeling.scoring import pair_block_size, pair_cosine, temperatures
 
 
-def _block_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, first_text: int, negative_only: bool,
-                temperature: float = 1.):
+def block_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, first_text: int, negative_only: bool,
+               temperature: float = 1.):
     """Σ −log σ(y·s) over n images × m texts, text j paired with image ``j + first_text`` (which may be < 0).
 
     Keys, values [n, H, K, d], Gram matrices [n, H·K, H·K], raw queries and targets [m, H, d]; the queries are
@@ -47,14 +47,14 @@ def _block_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, f
 
 def _packed_block_loss(image_features, gram, text_features, logit_scale, logit_bias, first_text, negative_only,
                        temperature):
-    """``_block_loss`` on the model's features as they come: images [n, 2, H, K, d] (keys, values), texts
+    """``block_loss`` on the model's features as they come: images [n, 2, H, K, d] (keys, values), texts
     [m, 2, H, d] (raw q, p), unbound into views."""
-    return _block_loss(*image_features.unbind(dim=1), gram, *text_features.unbind(dim=1), logit_scale, logit_bias,
+    return block_loss(*image_features.unbind(dim=1), gram, *text_features.unbind(dim=1), logit_scale, logit_bias,
                        first_text, negative_only, temperature)
 
 
 class _ImageBlocksLoss(torch.autograd.Function):
-    """Σ of ``_block_loss`` over blocks of images against all texts, each block recomputed in the backward pass.
+    """Σ of ``block_loss`` over blocks of images against all texts, each block recomputed in the backward pass.
 
     Activation checkpointing by hand: ``torch.utils.checkpoint`` over slices of the inputs would
     have autograd allocate a full-size zero gradient for every block (``[b, H·K, H·K]`` for the

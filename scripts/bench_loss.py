@@ -25,7 +25,7 @@ measured by running it). Every size is traced first; one whose peak exceeds
 ``--memory-fraction`` of the free memory (or every one, with ``--memory-only``) is reported with its
 traced peak and no time.
 
-FLOP/s count useful arithmetic only: per pair, forward multiply-adds of METHOD §4 — ours 2·K·D + (H·K)²,
+FLOP/s count useful arithmetic only: per pair, forward multiply-adds of docs/method.md (the cost) — ours 2·K·D + (H·K)²,
 direct 2·K·D + D², SigLIP D — times 3 for forward+backward (backward ≈ 2× forward), times 2 FLOPs per
 multiply-add; recomputation under checkpointing and the per-image/per-text factors are not counted.
 
@@ -50,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 from open_clip_llip import LlipLoss, LlipMixer, pack_image, pack_text
 from open_clip_llip.written_files import add_json_output, check_json_output, write_json
 
-SHAPES = {  # mixer shapes of the released configs (METHOD §5): K mixture tokens, D width, H heads
+SHAPES = {  # mixer shapes of the released configs (docs/method.md, configurations): K mixture tokens, D width, H heads
     'b16': dict(K=32, D=512, H=8),
     'g14': dict(K=64, D=1280, H=8),
 }
@@ -251,7 +251,7 @@ def measure(impl, size, args, device):
 
 
 def pair_macs(impl, K, D, H) -> int:
-    """Forward multiply-adds per (image, text) pair (METHOD §4)."""
+    """Forward multiply-adds per (image, text) pair (docs/method.md, loss and cost)."""
     return {'direct': 2 * K * D + D * D, 'siglip': D}.get(impl, 2 * K * D + (H * K) ** 2)
 
 

@@ -10,8 +10,8 @@ the autograd function and this script), and the JIT's specialisation of the argu
 integers divisible by 16 get ``tt.divisibility = 16``; an integer equal to 1 becomes a constexpr). It prints, per
 kernel: registers and spilled bytes (``ptxas -v`` on the PTX, with Triton's own ptxas flags), shared memory, the
 tensor-core instructions, the multiply-adds per (image, text) pair that they amount to, beside the design's own count
-and, per shape, the useful count 3·(2·K·D + (H·K)²) (METHOD §4: forward, backward ≈ 2×), and on sm_90 the share of
-the issued multiply-adds that are wgmma.
+and, per shape, the useful count 3·(2·K·D + (H·K)²) (docs/method.md, the cost: forward, backward ≈ 2×), and on
+sm_90 the share of the issued multiply-adds that are wgmma.
 
 How issued work is counted:
 

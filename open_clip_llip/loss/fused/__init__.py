@@ -1,4 +1,5 @@
-"""Llip's conditioned scores and sigmoid loss fused in Triton kernels, forward and backward (METHOD §4).
+"""Llip's conditioned scores and sigmoid loss fused in Triton kernels, forward and backward (docs/method.md, the loss
+and the cost).
 
 ``fused_sigmoid_loss`` has the semantics of ``open_clip_llip.loss.sigmoid.block_loss`` over all the texts a rank
 sees: ``Σ_{i,j} −log σ(y[i,j]·s[i,j])``, ``s = logit_scale·cos + logit_bias``, ``cos = Σ_{h,k} a·<value, p> / |z|``,

@@ -129,7 +129,7 @@ def our_args(data, dataset):
             'flickr': ['--retrieval', str(data / 'flickr' / 'retrieval.csv')]}[dataset]
 
 
-def open_clip_llip_eval(data, checkpoint, dataset, tmp_path) -> dict:
+def eval_command_metrics(data, checkpoint, dataset, tmp_path) -> dict:
     """open_clip_llip eval's metrics on the same data, same batch size, fp32."""
     output = tmp_path / f'ours-{dataset}.json'
     eval_main(['--model', 'Llip-Tiny', '--pretrained', str(checkpoint), *our_args(data, dataset), '--batch-size', '8',
@@ -179,7 +179,7 @@ def assert_no_ties(scores):
         assert all(len(row.unique()) == len(row) for row in rows)
 
 
-def test_zero_shot_classification_gives_open_clip_llip_evals_numbers(data, checkpoint, tmp_path):
+def test_zero_shot_classification_gives_the_eval_commands_numbers(data, checkpoint, tmp_path):
     """``open_clip_llip benchmark eval`` (CLIP_benchmark's own CLI, datasets and metrics) on its
     webdataset format, against open_clip_llip eval on an ImageFolder of the same images."""
     output = tmp_path / 'clip_benchmark.json'
@@ -187,7 +187,7 @@ def test_zero_shot_classification_gives_open_clip_llip_evals_numbers(data, check
                              *clip_benchmark_args(data, checkpoint, 'zeroshot', output)],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    theirs, ours = clip_benchmark_metrics(output), open_clip_llip_eval(data, checkpoint, 'zeroshot', tmp_path)
+    theirs, ours = clip_benchmark_metrics(output), eval_command_metrics(data, checkpoint, 'zeroshot', tmp_path)
     assert_same_numbers(theirs, ours, 'zeroshot')
     assert 0 < ours['top1'] < ours['top5'] < 1  # numbers that could differ
 
@@ -200,11 +200,11 @@ def test_zero_shot_classification_gives_open_clip_llip_evals_numbers(data, check
 
 
 @pytest.mark.parametrize('dataset', ['wds', 'flickr'])
-def test_retrieval_gives_open_clip_llip_evals_numbers(data, checkpoint, tmp_path, dataset):
+def test_retrieval_gives_the_eval_commands_numbers(data, checkpoint, tmp_path, dataset):
     """CLIP_benchmark's webdataset (read as it is by open_clip_llip eval) and flickr-style format (our CSV)."""
     output = tmp_path / 'clip_benchmark.json'
     main(clip_benchmark_args(data, checkpoint, dataset, output))
-    theirs, ours = clip_benchmark_metrics(output), open_clip_llip_eval(data, checkpoint, dataset, tmp_path)
+    theirs, ours = clip_benchmark_metrics(output), eval_command_metrics(data, checkpoint, dataset, tmp_path)
     assert_same_numbers(theirs, ours, dataset)
     assert ours['text_to_image_R@1'] < ours['text_to_image_R@5'] < 1 and 0 < ours['image_to_text_R@1']
 

@@ -123,7 +123,7 @@ def test_clip_benchmark_patches_pass_their_own_tests(patched_clip_benchmark):
 
 def test_patched_clip_benchmark_scores_llip_itself(patched_clip_benchmark, checkpoint, tmp_path):
     """No scoring adaptation inside llip_support(), and CLIP_benchmark's own command gives open_clip_llip eval's numbers."""
-    from test_benchmark import REFUSED_TASKS, assert_same_numbers, clip_benchmark_args, open_clip_llip_eval, write_data
+    from test_benchmark import REFUSED_TASKS, assert_same_numbers, clip_benchmark_args, eval_command_metrics, write_data
     data = write_data(tmp_path / 'data')
     runs = {dataset: clip_benchmark_args(data, checkpoint, dataset, tmp_path / f'{dataset}.json')
             for dataset in ('zeroshot', 'wds')}
@@ -148,4 +148,4 @@ def test_patched_clip_benchmark_scores_llip_itself(patched_clip_benchmark, check
                                                           for task in sorted(REFUSED_TASKS)]
     for dataset in runs:
         theirs = json.loads((tmp_path / f'{dataset}.json').read_text())['metrics']
-        assert_same_numbers(theirs, open_clip_llip_eval(data, checkpoint, dataset, tmp_path), dataset)
+        assert_same_numbers(theirs, eval_command_metrics(data, checkpoint, dataset, tmp_path), dataset)

@@ -12,8 +12,8 @@ from .modeling.checkpoint import convert_authors_config, convert_state_dict, loa
 from .modeling.classifier import build_zero_shot_classifier
 from .modeling.config import LlipCfg
 from .modeling.features import pack_image, pack_text, unpack_image, unpack_text
+from .modeling.llip_model import LlipModel, llip_model_names
 from .modeling.mixer import LlipMixer, TextQueryHead
-from .modeling.model import LlipModel, llip_model_names
 from .modeling.scoring import conditioned_cosine
 from .modeling.vision import MixtureTokenViT
 from .version import __version__

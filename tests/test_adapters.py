@@ -9,16 +9,16 @@ import open_clip
 
 # What each adapter replaces on a stock OpenCLIP (3.3, or 4 with its tasks).
 REPLACED = {
-    'model_classes': ['open_clip.factory.CLIP', 'open_clip.factory.CustomTextCLIP', 'open_clip.load_checkpoint',
-                      'open_clip.get_model_config'],
-    'losses': ['open_clip.create_loss'],
+    'registered_model_classes': ['open_clip.factory.CLIP', 'open_clip.factory.CustomTextCLIP', 'open_clip.load_checkpoint',
+                                 'open_clip.get_model_config'],
+    'registered_losses': ['open_clip.create_loss'],
     'similarity': ['open_clip.build_zero_shot_classifier', 'open_clip_train.train.evaluate',
                    'open_clip_train.zero_shot.' + ('run_zero_shot_classifier' if hasattr(open_clip, 'create_task')
                                                    else 'run')],
 }
 REPLACED['hub'] = ['open_clip.push_to_hf_hub', 'open_clip.push_to_hf_hub.save_config_for_hf']
 if hasattr(open_clip, 'create_task'):
-    REPLACED['tasks'] = ['open_clip.create_task']
+    REPLACED['registered_tasks'] = ['open_clip.create_task']
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -65,7 +65,7 @@ def test_an_adapter_that_does_not_recognise_its_target_leaves_it_alone_and_warns
         open_clip_llip.integration.plugin.register()  # idempotent: no second warning
         assert open_clip.create_loss('x') == 'the stock loss'
         assert type(open_clip.create_model('Llip-Tiny')).__name__ == 'LlipModel'
-        REPLACED.pop('losses')
+        REPLACED.pop('registered_losses')
         {textwrap.indent(textwrap.dedent(SHOW_MODULES), '        ').strip()}
     """)
     assert result.returncode == 0, result.stderr

@@ -23,11 +23,11 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from open_clip_llip.commands.data import main as data_main
-from open_clip_llip.data import retrieval_set, write_dataset
+from open_clip_llip.data import gallery, write_dataset
 from open_clip_llip.data.captions import sample_captions
 from open_clip_llip.data.classification import ZERO_SHOT_TASKS
+from open_clip_llip.data.gallery import sample_retrieval_set
 from open_clip_llip.data.render import png_bytes, render
-from open_clip_llip.data.retrieval_set import sample_retrieval_set
 from open_clip_llip.data.scenes import ALL_PAIRS, COLOURS, Scene, rng_for, sample_scene
 
 TINY = dict(train_images=24, captions_per_image=4, retrieval_images=12, retrieval_captions=3, zeroshot_images=2,
@@ -268,7 +268,7 @@ def test_retrieval_captions_are_true_of_their_image_only(dataset):
 
 
 def test_retrieval_set_without_enough_unique_captions_is_refused(monkeypatch):
-    monkeypatch.setattr(retrieval_set, 'MAX_TRIES', 1)
+    monkeypatch.setattr(gallery, 'MAX_TRIES', 1)
     with pytest.raises(RuntimeError, match=r'found only \d+ of 50 retrieval images with 3 captions true of no other '
                                            r'image; ask for fewer retrieval images or fewer captions per image'):
         sample_retrieval_set(0, 50, 3)

@@ -32,7 +32,7 @@ def test_package_keeps_its_layers():
 
 
 @pytest.mark.parametrize('module, upward', [
-    ('modeling/model.py', 'from ..evaluation import tasks'),
+    ('modeling/llip_model.py', 'from ..evaluation import tasks'),
     ('loss/sigmoid.py', 'from ..integration import plugin'),
     ('modeling/mixer.py', 'import open_clip_train.main'),
 ])

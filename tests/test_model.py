@@ -102,7 +102,7 @@ def test_scores_and_loss_never_build_a_pairwise_embedding_tensor(model):
 
 def test_similarity_of_cpu_features_blocks_images_and_texts(model, monkeypatch):
     """As OpenCLIP's evaluation calls it: accumulated features, scored in blocks of images and texts."""
-    import open_clip_llip.modeling.model as llip_model
+    import open_clip_llip.modeling.llip_model as llip_model
     images, texts = batch(model, 7, 5)
     with torch.no_grad():
         out = model(images, texts)

@@ -15,7 +15,7 @@ from open_clip_train.main import main as open_clip_train_main
 from test_bad_input import tiny_config
 
 from open_clip_llip import LlipModel
-from open_clip_llip.integration.adapters import pretrained_tags
+from open_clip_llip.integration.adapters import registered_pretrained
 from open_clip_llip.integration.plugin import register_pretrained_tags
 
 pytestmark = pytest.mark.usefixtures('restore_logging')
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures('restore_logging')
 def register_tag():
     """``register_tag(model, tag, cfg)`` for one test (OpenCLIP's registry or our stand-in), undone afterwards."""
     from open_clip import pretrained
-    register = pretrained_tags.install()
+    register = registered_pretrained.install()
     added = []
 
     def add(model, tag, cfg):

@@ -49,7 +49,7 @@ def test_encoders_concatenate_batches(model, embedded):
 @pytest.mark.parametrize('gram_block', [None, 32 * 32, 3 * 32 * 32])  # images per block: default, 1, 3
 @pytest.mark.parametrize('tau', [None, 1.])
 def test_blocked_scores_match_materialised_z(model, embedded, gram_block, tau, monkeypatch):
-    import open_clip_llip.modeling.model as llip_model
+    import open_clip_llip.modeling.llip_model as llip_model
     images, texts, image_features, text_features = embedded
     if gram_block:
         monkeypatch.setattr(llip_model, '_GRAM_BLOCK_ELEMENTS', gram_block)

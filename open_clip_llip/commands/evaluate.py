@@ -19,7 +19,7 @@ from typing import Dict, List
 import open_clip
 
 from ..evaluation.tasks import RETRIEVAL, ZERO_SHOT, RetrievalTask, Task, ZeroShotTask, evaluate, load_model
-from ..modeling.model import LlipModel, llip_model_names
+from ..modeling.llip_model import LlipModel, llip_model_names
 from ..written_files import check_output_file, write_json
 from .options import add_model_arguments, add_runtime_arguments, check_runtime_arguments
 

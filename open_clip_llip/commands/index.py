@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..modeling.model import LlipModel
+from ..modeling.llip_model import LlipModel
 from ..search.index import DEFAULT_CANDIDATES, DEFAULT_PROTOTYPES, DTYPES, LlipIndex, build_index, list_images, read_manifest
 from .options import add_model_arguments, add_runtime_arguments, check_runtime_arguments
 

@@ -30,8 +30,8 @@ from ..version import __version__
 from ..written_files import WrittenFiles, prepare_folder
 from .captions import named_pairs, sample_captions
 from .classification import ZERO_SHOT_TASKS
+from .gallery import sample_retrieval_set
 from .render import png_bytes, render
-from .retrieval_set import sample_retrieval_set
 from .scenes import HELD_OUT_PAIRS, MAX_OBJECTS, TRAIN_PAIRS, rng_for, sample_scene
 
 GENERATOR = 'open_clip_llip.data'

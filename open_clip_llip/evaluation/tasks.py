@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..modeling.classifier import build_zero_shot_classifier
-from ..modeling.model import LlipModel, llip_model_names
+from ..modeling.llip_model import LlipModel, llip_model_names
 from .readers import RetrievalImages, read_classnames, read_retrieval_set, read_templates, zero_shot_dataset
 from .retrieval import encode_images, encode_texts, evaluate_retrieval, retrieval_metrics
 from .zero_shot import run_zero_shot, topk_correct

@@ -56,7 +56,7 @@ from tqdm import tqdm
 from ..evaluation.retrieval import encode_images, encode_texts
 from ..evaluation.zero_shot import zero_shot_cosine
 from ..modeling.classifier import build_zero_shot_classifier
-from ..modeling.model import LlipModel
+from ..modeling.llip_model import LlipModel
 from .adapters import Unexpected, expect_function
 from .adapters.accuracy import accuracy as count_top_k
 

@@ -10,7 +10,7 @@ OpenCLIP internals. An OpenCLIP with the patches calls ``register`` itself (entr
 """
 from pathlib import Path
 
-from ..modeling.model import MODEL_CLASS_NAME, llip_model_names
+from ..modeling.llip_model import MODEL_CLASS_NAME, llip_model_names
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # Installed from a wheel the configs sit inside the package; in a source checkout (and an
@@ -29,16 +29,16 @@ def register():
         return
     import open_clip
 
-    from ..modeling.model import LlipModel
-    from . import training
-    from .adapters import accuracy, hub, losses, model_classes, similarity, training_task
+    from ..modeling.llip_model import LlipModel
+    from . import objective
+    from .adapters import accuracy, hub, registered_losses, registered_model_classes, registered_tasks, similarity
     from .autoload import call_after_import
 
     if not MODEL_CONFIG_DIR.is_dir():
         raise FileNotFoundError(f'open_clip_llip is installed without its model configs ({MODEL_CONFIG_DIR}); reinstall it.')
     open_clip.add_model_config(MODEL_CONFIG_DIR)
-    for install, hook in ((model_classes.install, LlipModel), (losses.install, training.create_loss),
-                          (training_task.install, training.create_task)):
+    for install, hook in ((registered_model_classes.install, LlipModel), (registered_losses.install, objective.create_loss),
+                          (registered_tasks.install, objective.create_task)):
         register_hook = install()
         if register_hook is not None:
             register_hook(MODEL_CLASS_NAME, hook)
@@ -56,9 +56,9 @@ def register_pretrained_tags():
     """
     import open_clip
 
-    from .adapters import pretrained_tags
+    from .adapters import registered_pretrained
     from .pretrained import RELEASED, clip_starting_points
-    register_tag = pretrained_tags.install()
+    register_tag = registered_pretrained.install()
     if register_tag is None:
         return
     for (model_name, tag), cfg in RELEASED.items():

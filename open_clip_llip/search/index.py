@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 from ..evaluation.retrieval import encode_texts
 from ..modeling.features import check_features, unpack_image, unpack_text
-from ..modeling.model import LlipModel
+from ..modeling.llip_model import LlipModel
 from ..modeling.scoring import attention, mixture_cosine, mixture_norm, scoring_dtype
 from ..version import __version__
 from ..written_files import WrittenFiles, prepare_folder

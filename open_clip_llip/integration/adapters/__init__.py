@@ -2,12 +2,12 @@
 
 | module | patch (3.3) | patch (main) | what OpenCLIP gains |
 |---|---|---|---|
-| ``model_classes`` | 0001 | 0001 | ``register_model_class``: configs pick a class; models load their own checkpoints |
-| ``losses`` | 0002 | 0002 | ``register_loss``: ``create_loss`` asks the model class's loss |
-| ``tasks`` | — | 0002 | ``register_task``: ``create_task`` asks the model class's training task |
+| ``registered_model_classes`` | 0001 | 0001 | ``register_model_class``: configs pick a class, models load checkpoints |
+| ``registered_losses`` | 0002 | 0002 | ``register_loss``: ``create_loss`` asks the model class's loss |
+| ``registered_tasks`` | — | 0002 | ``register_task``: ``create_task`` asks the model class's training task |
 | ``accuracy`` | 0003 | (fixed) | zero-shot accuracy that numpy ≥ 2.4 accepts |
 | ``similarity`` | 0004 | 0003 | ``pairwise_similarity``: evaluation scores with a model's own ``similarity`` |
-| ``pretrained_tags`` | 0005 | 0004 | ``register_pretrained``: a plugin's configs get pretrained tags |
+| ``registered_pretrained`` | 0005 | 0004 | ``register_pretrained``: a plugin's configs get pretrained tags |
 | ``hub`` | 0006 | 0005 | a model's ``hub_requirements`` in its Hub config and card |
 
 (patches/open_clip-3.3.0 and patches/open_clip-main; see patches/README.md.)

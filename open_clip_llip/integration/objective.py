@@ -1,8 +1,8 @@
-"""Llip in ``open_clip_train``: its loss and training task, built from the loop's arguments.
+"""Llip's training objective in ``open_clip_train``: its loss and training task, built from the loop's arguments.
 
 OpenCLIP 3 asks the model class for its loss (``create_loss(args)``, patches/0002 or the
-``losses`` adapter); OpenCLIP 4 trains through tasks and asks for one (``create_task(args,
-model, …)``, patches/main or the ``tasks`` adapter). Both give ``LlipLoss`` — SigLIP's sigmoid
+``registered_losses`` adapter); OpenCLIP 4 trains through tasks and asks for one (``create_task(args,
+model, …)``, patches/main or the ``registered_tasks`` adapter). Both give ``LlipLoss`` — SigLIP's sigmoid
 loss on conditioned scores, distributed as ``--loss-dist-impl`` says — whatever ``--siglip``
 says; OpenCLIP 4's task is its own ``SigLIPTask`` carrying that loss.
 

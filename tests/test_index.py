@@ -246,7 +246,7 @@ def test_folders_that_are_not_ours_are_kept(model, tmp_path):
     (user / 'notes.txt').write_text('mine')
     with pytest.raises(FileExistsError, match='not empty'):
         write_index(user, model, [features], 5)
-    with pytest.raises(FileExistsError, match='holds nothing that open_clip_llip.search.index wrote'):
+    with pytest.raises(FileExistsError, match='holds nothing that open_clip_llip.index wrote'):
         write_index(user, model, [features], 5, overwrite=True)
     assert os.listdir(user) == ['notes.txt'] and (user / 'notes.txt').read_text() == 'mine'
     with pytest.raises(NotADirectoryError):

@@ -3,6 +3,7 @@ import argparse
 import logging
 
 from ..data.writer import write_dataset
+from ..written_files import UnsafePathError
 
 
 def parse_args(argv=None):
@@ -34,6 +35,6 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format='%(asctime)s | %(levelname)s | %(message)s')
     try:
         write_dataset(**vars(args))
-    except (FileExistsError, NotADirectoryError, ValueError, RuntimeError) as error:
+    except (FileExistsError, NotADirectoryError, UnsafePathError, ValueError, RuntimeError) as error:
         parser.exit(2, f'{parser.prog}: error: {error}\n')
 

@@ -20,6 +20,7 @@ Everything is a pure function of the arguments: the same seed gives the same byt
 """
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Union
 
@@ -35,6 +36,10 @@ from .render import png_bytes, render
 from .scenes import HELD_OUT_PAIRS, MAX_OBJECTS, TRAIN_PAIRS, rng_for, sample_scene
 
 GENERATOR = 'open_clip_llip.data'
+# Every path this module writes (relative to ``output_dir``): all that ``overwrite`` may remove.
+NAMES = re.compile(r'manifest\.json|sizes\.json|train-\d{6,}\.tar|train/train\.csv|train/images/\d{6,}\.png'
+                   r'|retrieval/retrieval\.csv|retrieval/images/\d{6,}\.png'
+                   r'|zeroshot/[a-z-]+/(\d{3,}/\d{6,}\.png|classnames\.txt|templates\.txt)')
 # How many objects a training scene holds, with what probability (1 to MAX_OBJECTS).
 TRAIN_OBJECT_PROBS = (0.1, 0.3, 0.3, 0.3)
 MAX_CAPTIONS_PER_IMAGE = 8
@@ -81,12 +86,12 @@ def _write_train_shards(written: WrittenFiles, images, samples, order, width: in
         name = f'train-{shard:06d}.tar'
         chunk = order[shard * samples_per_shard:(shard + 1) * samples_per_shard]
         # Fixed metadata in the tar headers keeps the shards byte-identical from run to run.
-        with wds.TarWriter(str(written.path(name)), mtime=0, user='', group='', mode=0o644) as sink:
+        with wds.TarWriter(str(written.claim(name)), mtime=0, user='', group='', mode=0o644) as sink:
             for i in chunk:
                 index, number, text, meta = samples[i]
                 sink.write({'__key__': f'{index:0{width}d}-{number}', 'png': images[index], 'txt': text,
                             'json': json.dumps(meta, sort_keys=True)})
-        written.record(name)
+        written.record(name)  # moved into place whole
         sizes[name] = len(chunk)
     written.write_text('sizes.json', json.dumps(sizes, indent=1) + '\n')
     pattern = f'train-{{{0:06d}..{num_shards - 1:06d}}}.tar'
@@ -187,9 +192,9 @@ def write_dataset(
         if counts[name][0] > MAX_CAPTIONS_PER_IMAGE:
             raise ValueError(f'{name} must be at most {MAX_CAPTIONS_PER_IMAGE}, got {counts[name][0]}')
     output_dir = Path(output_dir)
-    prepare_folder(output_dir, 'manifest.json', GENERATOR, overwrite, what='dataset')
+    prepare_folder(output_dir, 'manifest.json', GENERATOR, overwrite, NAMES, what='dataset')
 
-    with WrittenFiles(output_dir) as written:  # a failed run removes what it wrote
+    with WrittenFiles(output_dir, NAMES) as written:  # a failed run removes what it wrote
         manifest = {
             'generator': GENERATOR,
             'version': __version__,

@@ -52,6 +52,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -71,6 +72,8 @@ from ..written_files import WrittenFiles, prepare_folder
 # module was ``open_clip_llip.index``, so that index folders written before keep being recognised.
 GENERATOR = 'open_clip_llip.index'
 MANIFEST, FEATURES, FIRST_STAGE, NAMES = 'index.json', 'image_features.npy', 'first_stage.faiss', 'names.json'
+# Every file an index is: all that ``overwrite`` may remove.
+FILES = re.compile('|'.join(re.escape(name) for name in (MANIFEST, FEATURES, FIRST_STAGE, NAMES)))
 DTYPES = ('float16', 'float32')
 DEFAULT_CANDIDATES = 1000
 DEFAULT_PROTOTYPES = 64
@@ -251,8 +254,8 @@ def write_index(
         raise ValueError(f'Prototype queries must be finite raw mixer queries [P ≥ 1, {heads}, {width // heads}] '
                          f'(prototype_queries); got {list(prototypes.shape)}.')
     folder = Path(folder)
-    prepare_folder(folder, MANIFEST, GENERATOR, overwrite, what='index')
-    with WrittenFiles(folder) as written:
+    prepare_folder(folder, MANIFEST, GENERATOR, overwrite, FILES, what='index')
+    with WrittenFiles(folder, FILES) as written:
         stored = np.lib.format.open_memmap(written.claim(FEATURES), mode='w+', dtype=dtype, shape=shape)
         first_stage = new_first_stage(prototypes)
         done = 0

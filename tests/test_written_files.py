@@ -1,0 +1,198 @@
+"""``open_clip_llip.written_files``: no command writes or removes a path outside its folder, removes only what it can
+prove it wrote, and writes every file whole or not at all, even when killed; for the data generator, the index
+and the main job's output folder."""
+import argparse
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+
+import open_clip
+import pytest
+import torch
+from conftest import REPO
+
+from open_clip_llip.data import write_dataset
+from open_clip_llip.search.index import write_index
+from open_clip_llip.written_files import UnsafePathError, WrittenFiles, inside
+
+SMALL = dict(train_images=4, captions_per_image=2, retrieval_images=3, retrieval_captions=2, zeroshot_images=1,
+             samples_per_shard=4)
+FEATURES = torch.randn(5, 2, 4, 8, 16, generator=torch.Generator().manual_seed(0))  # Llip-Tiny's [n, 2, H, K, d]
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location('demo_script', REPO / 'scripts' / 'demo.py')
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
+@pytest.fixture(scope='module')
+def model():
+    torch.manual_seed(0)
+    return open_clip.create_model('Llip-Tiny').eval()
+
+
+@pytest.fixture(scope='module')
+def demo():
+    return load_demo()
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(folder):
+    """Every entry under ``folder``, links not followed: path -> bytes, or the link's target."""
+    found = {}
+    for parent, subfolders, files in os.walk(folder):
+        for name in files + [s for s in subfolders if os.path.islink(os.path.join(parent, s))]:
+            path = os.path.join(parent, name)
+            found[os.path.relpath(path, folder)] = ('link', os.readlink(path)) if os.path.islink(path) else \
+                open(path, 'rb').read()
+    return found
+
+
+class Kind:
+    """A command that writes a folder: how to write it, rerun it with overwrite, and which of its files and
+    subfolders to use in a fault."""
+
+    def __init__(self, manifest, listed_file, subfolder, write, rerun):
+        self.manifest, self.listed_file, self.subfolder, self.write, self.rerun = \
+            manifest, listed_file, subfolder, write, rerun
+
+
+def demo_output(demo, folder):
+    """A main job's output, as an earlier run left it (its record, a result, a run's start and log)."""
+    args = argparse.Namespace(output=folder, overwrite=False)
+    written = demo.prepare_output(args)
+    written.write_text('results.md', '| table |\n')
+    written.write_text('init/Llip-Tiny-seed0/open_clip_config.json', '{}')
+    (folder / 'runs' / 'Llip-Tiny-seed0').mkdir(parents=True)
+    (folder / 'runs' / 'Llip-Tiny-seed0' / 'out.log').write_text('a log')  # written by the training run
+    written.record_tree('runs/Llip-Tiny-seed0')
+    demo.save_record(args, written)
+
+
+def rerun_demo(demo, folder):
+    try:
+        demo.prepare_output(argparse.Namespace(output=folder, overwrite=True))
+    except SystemExit as error:  # the main job's way to refuse
+        raise FileExistsError(str(error)) from None
+
+
+@pytest.fixture(params=['dataset', 'index', 'main job'])
+def kind(request, model, demo):
+    if request.param == 'dataset':
+        return Kind('manifest.json', 'retrieval/retrieval.csv', 'retrieval', lambda folder: write_dataset(folder, **SMALL),
+                    lambda folder: write_dataset(folder, **SMALL, overwrite=True))
+    if request.param == 'index':
+        names = [f'{i}.png' for i in range(5)]
+        return Kind('index.json', 'names.json', None, lambda folder: write_index(folder, model, [FEATURES], 5, names),
+                    lambda folder: write_index(folder, model, [FEATURES], 5, names, overwrite=True))
+    return Kind('demo.json', 'results.md', 'runs', lambda folder: demo_output(demo, folder),
+                lambda folder: rerun_demo(demo, folder))
+
+
+FAULTS = ['an entry with ..', 'an absolute entry', 'entries through a linked folder', 'a link in place of a file',
+          'an entry of another name']
+
+
+@pytest.mark.parametrize('fault', FAULTS)
+def test_overwrite_removes_nothing_outside_its_folder_nor_anything_not_provably_its_own(kind, fault, tmp_path, caplog):
+    folder, outside = tmp_path / 'out', tmp_path / 'outside'
+    outside.mkdir()
+    victim = outside / 'victim.txt'
+    victim.write_text('precious')
+    kind.write(folder)
+    record = json.loads((folder / kind.manifest).read_text())
+    if fault == 'an entry with ..':
+        named = '../outside/victim.txt'
+        record['files'][named] = sha256(victim)
+    elif fault == 'an absolute entry':
+        named = str(victim)
+        record['files'][named] = sha256(victim)
+    elif fault == 'entries through a linked folder':
+        if kind.subfolder is None:  # the index has no subfolder: an entry naming one, linked elsewhere
+            (outside / 'moved').mkdir()
+            shutil.copy(folder / kind.listed_file, outside / 'moved' / kind.listed_file)
+            record['files'][f'linked/{kind.listed_file}'] = sha256(folder / kind.listed_file)
+            named = str(folder / 'linked')
+        else:  # the subfolder moved outside, a link in its place: every entry under it still holds what was written
+            shutil.move(folder / kind.subfolder, outside / 'moved')
+            named = str(folder / kind.subfolder)
+        os.symlink(outside / 'moved', folder / named.rsplit('/', 1)[-1])
+    elif fault == 'a link in place of a file':  # the same bytes, so the same hash, but elsewhere
+        shutil.move(folder / kind.listed_file, outside / 'moved')
+        os.symlink(outside / 'moved', folder / kind.listed_file)
+        named = str(folder / kind.listed_file)
+    else:
+        (folder / 'notes.txt').write_text('mine')
+        record['files']['notes.txt'] = sha256(folder / 'notes.txt')
+        named = 'notes.txt'
+    (folder / kind.manifest).write_text(json.dumps(record))
+    before_outside, links = snapshot(outside), {k: v for k, v in snapshot(folder).items() if isinstance(v, tuple)}
+
+    with caplog.at_level(logging.WARNING):
+        try:
+            kind.rerun(folder)
+            said = caplog.text
+        except OSError as error:  # a link where the new run writes: refused, naming it
+            said = caplog.text + str(error)
+    assert snapshot(outside) == before_outside
+    assert named in said
+    assert all(os.readlink(folder / path) == target for path, (_, target) in links.items())  # links stay links
+    if fault == 'an entry of another name':
+        assert (folder / 'notes.txt').read_text() == 'mine'
+
+
+def test_overwrite_refuses_when_a_file_of_ours_was_changed_and_removes_nothing(kind, tmp_path):
+    folder = tmp_path / 'out'
+    kind.write(folder)
+    (folder / kind.listed_file).write_text('edited by hand')
+    before = snapshot(folder)
+    with pytest.raises(FileExistsError, match=f'{kind.listed_file} was changed after this command wrote it; not '
+                                              'removing it, nor anything else'):
+        kind.rerun(folder)
+    assert snapshot(folder) == before
+
+
+def test_a_linked_subfolder_is_never_written_through(tmp_path, demo):
+    outside = tmp_path / 'outside'
+    outside.mkdir()
+    data = tmp_path / 'data'
+    write_dataset(data, **SMALL)
+    shutil.rmtree(data / 'retrieval')
+    os.symlink(outside, data / 'retrieval')
+    with pytest.raises(UnsafePathError, match=r'retrieval is a symbolic link; not writing or removing anything '
+                                              r'through it'):
+        write_dataset(data, **SMALL, overwrite=True)
+    assert list(outside.iterdir()) == []
+    assert snapshot(data) == {'retrieval': ('link', str(outside))}  # the failed run took back what it wrote
+
+    output = tmp_path / 'demo'
+    demo_output(demo, output)  # an earlier run, whose data folder was replaced by a link
+    os.symlink(outside, output / 'data')
+    with pytest.raises(SystemExit, match=r'demo/data is a symbolic link'):
+        demo.prepare_output(argparse.Namespace(output=output, overwrite=True))
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize('relative', ['../x', '/tmp/x', 'a/../../x', './x', 'a//x', ''])
+def test_paths_that_are_not_plain_relative_paths_are_refused(tmp_path, relative):
+    with pytest.raises(UnsafePathError, match='is not a plain path inside'):
+        inside(tmp_path, relative)
+
+
+def test_a_link_as_the_file_itself_is_refused_and_not_followed(tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (tmp_path / 'target').write_text('precious')
+    os.symlink(tmp_path / 'target', out / 'a.txt')
+    with pytest.raises(UnsafePathError, match='a.txt is a symbolic link'):
+        WrittenFiles(out, re.compile(r'a\.txt')).write_text('a.txt', 'new')
+    assert (tmp_path / 'target').read_text() == 'precious' and os.path.islink(out / 'a.txt')

@@ -9,15 +9,20 @@ import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 
 import open_clip
 import pytest
 import torch
 from conftest import REPO
 
+from open_clip_llip.commands.data import main as data_main
 from open_clip_llip.data import write_dataset
-from open_clip_llip.search.index import write_index
-from open_clip_llip.written_files import UnsafePathError, WrittenFiles, inside
+from open_clip_llip.search.index import LlipIndex, write_index
+from open_clip_llip.written_files import TEMPORARY, UnsafePathError, WrittenFiles, inside, prepare_folder, write_json
 
 SMALL = dict(train_images=4, captions_per_image=2, retrieval_images=3, retrieval_captions=2, zeroshot_images=1,
              samples_per_shard=4)
@@ -196,3 +201,106 @@ def test_a_link_as_the_file_itself_is_refused_and_not_followed(tmp_path):
     with pytest.raises(UnsafePathError, match='a.txt is a symbolic link'):
         WrittenFiles(out, re.compile(r'a\.txt')).write_text('a.txt', 'new')
     assert (tmp_path / 'target').read_text() == 'precious' and os.path.islink(out / 'a.txt')
+
+
+def run_killed(code, folder):
+    """Run ``code`` in a fresh interpreter (``folder`` its variable) that SIGKILLs itself where ``kill()`` is called."""
+    script = 'import os, signal\ndef kill():\n    os.kill(os.getpid(), signal.SIGKILL)\n' + textwrap.dedent(code)
+    result = subprocess.run([sys.executable, '-c', script, str(folder)], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+
+
+KILLS = {
+    'a file written by other code, killed halfway': '''
+        import re, sys
+        from open_clip_llip.written_files import WrittenFiles
+        written = WrittenFiles(sys.argv[1], re.compile(r'a\\.bin'))
+        with open(written.claim('a.bin'), 'wb') as file:
+            file.write(b'x' * 1000)
+            file.flush()
+            kill()''',
+    'write_bytes, killed before its rename': '''
+        import re, sys
+        from open_clip_llip import written_files
+        written_files.os.fsync = lambda descriptor: kill()
+        written_files.WrittenFiles(sys.argv[1], re.compile(r'a\\.bin')).write_bytes('a.bin', b'x' * 1000)''',
+}
+
+
+@pytest.mark.parametrize('kill', KILLS)
+def test_a_killed_write_leaves_no_file_and_the_next_run_removes_its_temporary(kill, tmp_path):
+    folder = tmp_path / 'out'
+    folder.mkdir()
+    run_killed(KILLS[kill], folder)
+    [temporary] = os.listdir(folder)  # the new file never appeared, not even in part
+    assert TEMPORARY.fullmatch(temporary) and temporary.startswith('.a.bin.')
+    (folder / '.notes.txt.abcdefgh.tmp').write_text('a user file of that form, of a name the command never writes')
+    with pytest.raises(FileExistsError, match='holds nothing that gen wrote'):
+        prepare_folder(folder, 'record.json', 'gen', True, re.compile(r'a\.bin'))
+    (folder / '.notes.txt.abcdefgh.tmp').unlink()
+    prepare_folder(folder, 'record.json', 'gen', True, re.compile(r'a\.bin'))
+    assert os.listdir(folder) == []
+
+
+def test_a_killed_json_rewrite_leaves_the_old_file(tmp_path):
+    path = tmp_path / 'results.json'
+    write_json(path, {'old': True}, overwrite=False)
+    run_killed('''
+        import sys
+        from pathlib import Path
+        from open_clip_llip import written_files
+        written_files.os.fsync = lambda descriptor: kill()
+        written_files.write_json(Path(sys.argv[1]) / 'results.json', {'new': True}, overwrite=True)''', tmp_path)
+    assert json.loads(path.read_text()) == {'old': True}
+
+
+def test_a_failed_write_removes_its_temporary_and_what_it_wrote(tmp_path):
+    with pytest.raises(OSError, match='disk full'):
+        with WrittenFiles(tmp_path, re.compile(r'[ab]\.bin')) as written:
+            written.write_bytes('a.bin', b'whole')
+            with open(written.claim('b.bin'), 'wb') as file:
+                file.write(b'part')
+                raise OSError('disk full')
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_killed_index_build_leaves_no_index_and_the_next_build_replaces_its_temporaries(model, tmp_path):
+    folder = tmp_path / 'index'
+    run_killed('''
+        import sys, open_clip, torch
+        from open_clip_llip.search.index import write_index
+        torch.manual_seed(0)
+        model = open_clip.create_model('Llip-Tiny').eval()
+        def batches():  # killed while the features' memory map is half written
+            yield torch.randn(2, 2, 4, 8, 16)
+            kill()
+        write_index(sys.argv[1], model, batches(), 5)''', folder)
+    [temporary] = os.listdir(folder)
+    assert temporary.startswith('.image_features.npy.') and TEMPORARY.fullmatch(temporary)
+    with pytest.raises(FileNotFoundError):
+        LlipIndex.open(folder, model)
+    write_index(folder, model, [FEATURES], 5, overwrite=True)
+    assert sorted(os.listdir(folder)) == ['first_stage.faiss', 'image_features.npy', 'index.json']
+    assert len(LlipIndex.open(folder, model)) == 5
+
+
+def test_a_killed_dataset_run_leaves_no_shard_in_part_and_the_next_run_replaces_its_temporary(tmp_path):
+    folder = tmp_path / 'data'
+    run_killed(f'''
+        import sys, webdataset
+        from open_clip_llip.data import write_dataset
+        write = webdataset.TarWriter.write
+        count = []
+        def write_then_kill(self, sample):  # killed after the shard's second sample
+            write(self, sample)
+            count.append(1)
+            if len(count) == 2:
+                kill()
+        webdataset.TarWriter.write = write_then_kill
+        write_dataset(sys.argv[1], **{SMALL!r})''', folder)
+    [temporary] = os.listdir(folder)
+    assert temporary.startswith('.train-000000.tar.')  # the shard never appeared, not even in part
+    data_main([str(folder), *[f'--{k.replace("_", "-")}={v}' for k, v in SMALL.items()], '--overwrite'])
+    assert not [name for name in os.listdir(folder) if TEMPORARY.fullmatch(name)]
+    assert (folder / 'manifest.json').is_file() and (folder / 'train-000001.tar').is_file()

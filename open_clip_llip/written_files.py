@@ -28,7 +28,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Pattern, Union
+from typing import Dict, List, Optional, Pattern, Union
 
 # mkstemp's names: a prefix, 8 characters of this alphabet, a suffix. Ours: '.' + the file's name + '.' ... '.tmp'.
 TEMPORARY = re.compile(r'\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp')
@@ -96,13 +96,30 @@ class WrittenFiles:
     """What was written under ``root``: relative POSIX path -> SHA-256; every path of the form ``names``.
 
     Use as a context manager: if the block raises, every file recorded so far, and every temporary, is removed.
+    With ``manifest`` (the file the command writes last, listing ``files``) and ``generator``, every file is also
+    appended, as it is recorded, to a journal beside it (``journal_name``): a run killed before its manifest is
+    written leaves that record, from which the next ``prepare_folder`` removes what it wrote. A run that ends
+    removes its journal.
     """
 
-    def __init__(self, root: Union[str, Path], names: Pattern):
+    def __init__(self, root: Union[str, Path], names: Pattern, manifest: Optional[str] = None,
+                 generator: Optional[str] = None):
         self.root = Path(root)
         self.names = names
         self.files: Dict[str, str] = {}
         self.pending: Dict[str, Path] = {}  # relative path -> its temporary, until ``record``
+        self.journal = None
+        if manifest is not None:
+            path = inside(self.root, journal_name(manifest))
+            self.journal = open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), 'w',
+                                encoding='utf-8', buffering=1)  # a line at a time: each reaches the system whole
+            self.journal_path = path
+            self.journal.write(json.dumps({'generator': generator}) + '\n')
+
+    def _add(self, relative: str, digest: str):
+        self.files[relative] = digest
+        if self.journal is not None:
+            self.journal.write(json.dumps([relative, digest]) + '\n')
 
     def _destination(self, relative: str) -> Path:
         if not self.names.fullmatch(relative):
@@ -130,7 +147,7 @@ class WrittenFiles:
         if relative not in self.pending:
             if not self.names.fullmatch(relative) or not stat.S_ISREG(os.lstat(path).st_mode):
                 raise ValueError(f'{path} is not a file of a name this command writes; not recording it.')
-            self.files[relative] = file_digest(path)
+            self._add(relative, file_digest(path))
             return path
         temporary = self.pending[relative]
         _sync(temporary)
@@ -139,7 +156,7 @@ class WrittenFiles:
             raise FileExistsError(f'{path} appeared while this command ran; not replacing it.')
         os.replace(temporary, path)
         del self.pending[relative]
-        self.files[relative] = digest
+        self._add(relative, digest)
         return path
 
     def write_bytes(self, relative: str, data: bytes) -> Path:
@@ -170,7 +187,34 @@ class WrittenFiles:
                 if os.path.lexists(temporary):
                     os.unlink(temporary)
             remove_written(self.root, self.files, self.names, check=False)
+        if self.journal is not None:
+            self.journal.close()
+            os.unlink(self.journal_path)
         return False
+
+
+def journal_name(manifest: str) -> str:
+    return f'.{manifest}.partial'
+
+
+def _read_journal(path: Path, generator: str) -> Optional[Dict[str, str]]:
+    """The files a killed run listed in its journal at ``path`` (not a link), if ``generator`` wrote it; a line
+    cut by the kill is left out (its file, if any, stays: it is not provably ours)."""
+    try:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), encoding='utf-8') as file:
+            lines = file.read().split('\n')
+        if json.loads(lines[0]) != {'generator': generator}:
+            return None
+    except (OSError, ValueError):
+        return None
+    files = {}
+    for line in lines[1:]:
+        try:
+            relative, digest = json.loads(line)
+        except ValueError:  # the last line, cut (or the empty string after the last newline)
+            continue
+        files[relative] = digest
+    return files
 
 
 def remove_written(root: Union[str, Path], files: Dict[str, str], names: Pattern, check: bool = True) -> List[str]:
@@ -298,7 +342,8 @@ def prepare_folder(folder: Path, manifest: str, generator: str, overwrite: bool,
     """Make ``folder`` ready to write into: new or empty, or, with ``overwrite``, holding what ``generator`` wrote.
 
     ``generator``'s earlier output is recognised by its ``manifest`` file (JSON with ``"generator"`` and the
-    ``files`` it wrote, with their SHA-256): the files it lists that are provably ours (``remove_written``: of
+    ``files`` it wrote, with their SHA-256), or that of a killed run by its journal: the files they list that are
+    provably ours (``remove_written``: of
     the form ``names``, plain files inside ``folder``, unchanged), the temporaries of a killed run (named after a
     file of the form ``names``) and the manifest are removed, and nothing else; what else is there is named in a
     warning. A non-empty folder without our manifest (only our temporaries aside) is refused (FileExistsError), and
@@ -313,22 +358,19 @@ def prepare_folder(folder: Path, manifest: str, generator: str, overwrite: bool,
             raise FileExistsError(f'{folder} is not empty; choose a new or empty folder, or pass {option} to replace '
                                   f'an earlier {what} that {generator} wrote there.')
         temporaries = _temporaries(folder, names)
-        record = inside(folder, manifest)
-        previous = _read_manifest(record, generator)
-        left = []
-        if previous is None:
-            if set(_everything(folder)) - set(temporaries):
-                raise FileExistsError(f'{folder} is not empty and holds nothing that {generator} wrote (no {manifest} '
-                                      f'listing the files of its {what}); not overwriting it: choose a new or empty '
-                                      'folder.')
-        elif not isinstance(previous.get('files'), dict):
+        record, journal = inside(folder, manifest), inside(folder, journal_name(manifest))
+        previous, killed = _read_manifest(record, generator), _read_journal(journal, generator)
+        if previous is None and killed is None and set(_everything(folder)) - set(temporaries):
+            raise FileExistsError(f'{folder} is not empty and holds nothing that {generator} wrote (no {manifest} '
+                                  f'listing the files of its {what}); not overwriting it: choose a new or empty folder.')
+        if previous is not None and not isinstance(previous.get('files'), dict):
             raise FileExistsError(f'{record} does not list the files it wrote (an older version of {generator} '
                                   'wrote it), so which files are its own is unknown; remove them yourself, or choose '
                                   'a new or empty folder.')
-        else:
-            left = remove_written(folder, previous['files'], names)  # only provably ours, if unchanged
-            os.unlink(record)
-        _remove(folder, temporaries)
+        listed = {**(killed or {}), **(previous['files'] if previous is not None else {})}
+        left = remove_written(folder, listed, names)  # only provably ours, if unchanged
+        found = [manifest] * (previous is not None) + [journal_name(manifest)] * (killed is not None)
+        _remove(folder, found + temporaries)
         rest = _everything(folder)
         if left or rest:
             shown = ', '.join(rest[:20]) + (f' and {len(rest) - 20} more' if len(rest) > 20 else '')

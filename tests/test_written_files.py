@@ -276,8 +276,9 @@ def test_a_killed_index_build_leaves_no_index_and_the_next_build_replaces_its_te
             yield torch.randn(2, 2, 4, 8, 16)
             kill()
         write_index(sys.argv[1], model, batches(), 5)''', folder)
-    [temporary] = os.listdir(folder)
-    assert temporary.startswith('.image_features.npy.') and TEMPORARY.fullmatch(temporary)
+    [temporary] = [name for name in os.listdir(folder) if TEMPORARY.fullmatch(name)]
+    assert temporary.startswith('.image_features.npy.')
+    assert set(os.listdir(folder)) == {temporary, '.index.json.partial'}  # no index, no file of one in part
     with pytest.raises(FileNotFoundError):
         LlipIndex.open(folder, model)
     write_index(folder, model, [FEATURES], 5, overwrite=True)
@@ -299,8 +300,44 @@ def test_a_killed_dataset_run_leaves_no_shard_in_part_and_the_next_run_replaces_
                 kill()
         webdataset.TarWriter.write = write_then_kill
         write_dataset(sys.argv[1], **{SMALL!r})''', folder)
-    [temporary] = os.listdir(folder)
+    [temporary] = [name for name in os.listdir(folder) if TEMPORARY.fullmatch(name)]
+    assert set(os.listdir(folder)) == {temporary, '.manifest.json.partial'}
     assert temporary.startswith('.train-000000.tar.')  # the shard never appeared, not even in part
     data_main([str(folder), *[f'--{k.replace("_", "-")}={v}' for k, v in SMALL.items()], '--overwrite'])
     assert not [name for name in os.listdir(folder) if TEMPORARY.fullmatch(name)]
     assert (folder / 'manifest.json').is_file() and (folder / 'train-000001.tar').is_file()
+
+
+# Killed at the n-th image drawn or sample written (SMALL: 4 training images, 2 shards of 4 samples, 3 retrieval
+# images, then the zero-shot images), and a file that is whole by then.
+KILLED_AT = {'drawing the training images': (2, None), 'in shard 1': (9, 'train-000000.tar'),
+             'in the retrieval set': (14, 'sizes.json'), 'in the zero-shot tasks': (30, 'retrieval/retrieval.csv')}
+
+
+@pytest.mark.parametrize('at', KILLED_AT)
+def test_a_dataset_run_killed_after_some_files_is_replaced_by_the_next_run_from_its_journal(at, tmp_path):
+    after, whole = KILLED_AT[at]
+    folder = tmp_path / 'data'
+    run_killed(f'''
+        import sys, webdataset
+        from open_clip_llip.data import writer
+        calls = []
+        def kill_at(function):
+            def counted(*args, **kwargs):
+                calls.append(1)
+                if len(calls) == {after}:
+                    kill()
+                return function(*args, **kwargs)
+            return counted
+        webdataset.TarWriter.write = kill_at(webdataset.TarWriter.write)
+        writer.png_bytes = kill_at(writer.png_bytes)
+        writer.write_dataset(sys.argv[1], **{SMALL!r})''', folder)
+    assert not (folder / 'manifest.json').exists() and (folder / '.manifest.json.partial').is_file()
+    assert whole is None or (folder / whole).is_file()
+    (folder / 'notes.txt').write_text('mine')
+    with pytest.raises(SystemExit):
+        data_main([str(folder), '--train-images', '4'])  # without --overwrite: refused, as any folder not empty
+    write_dataset(folder, **SMALL, overwrite=True)
+    assert (folder / 'notes.txt').read_text() == 'mine' and not (folder / '.manifest.json.partial').exists()
+    manifest = json.loads((folder / 'manifest.json').read_text())
+    assert set(manifest['files']) | {'manifest.json', 'notes.txt'} == set(snapshot(folder))

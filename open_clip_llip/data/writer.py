@@ -194,7 +194,7 @@ def write_dataset(
     output_dir = Path(output_dir)
     prepare_folder(output_dir, 'manifest.json', GENERATOR, overwrite, NAMES, what='dataset')
 
-    with WrittenFiles(output_dir, NAMES) as written:  # a failed run removes what it wrote
+    with WrittenFiles(output_dir, NAMES, 'manifest.json', GENERATOR) as written:  # a failed run removes what it wrote
         manifest = {
             'generator': GENERATOR,
             'version': __version__,

@@ -255,7 +255,7 @@ def write_index(
                          f'(prototype_queries); got {list(prototypes.shape)}.')
     folder = Path(folder)
     prepare_folder(folder, MANIFEST, GENERATOR, overwrite, FILES, what='index')
-    with WrittenFiles(folder, FILES) as written:
+    with WrittenFiles(folder, FILES, MANIFEST, GENERATOR) as written:
         stored = np.lib.format.open_memmap(written.claim(FEATURES), mode='w+', dtype=dtype, shape=shape)
         first_stage = new_first_stage(prototypes)
         done = 0

@@ -341,3 +341,36 @@ def test_a_dataset_run_killed_after_some_files_is_replaced_by_the_next_run_from_
     assert (folder / 'notes.txt').read_text() == 'mine' and not (folder / '.manifest.json.partial').exists()
     manifest = json.loads((folder / 'manifest.json').read_text())
     assert set(manifest['files']) | {'manifest.json', 'notes.txt'} == set(snapshot(folder))
+
+
+DAMAGES = {'cut short': lambda data: data[:len(data) // 2], 'emptied': lambda data: b'',
+           'one byte changed': lambda data: data[:40] + bytes([data[40] ^ 1]) + data[41:]}
+
+
+@pytest.mark.parametrize('damage', DAMAGES)
+@pytest.mark.parametrize('damaged', ['train-000000.tar', 'sizes.json', 'retrieval/images/000002.png',
+                                     'zeroshot/shape/000/000000.png'])
+def test_the_generator_checks_every_file_of_an_earlier_dataset_before_regenerating_it(damaged, damage, tmp_path):
+    folder = tmp_path / 'data'
+    write_dataset(folder, **SMALL)
+    path = folder / damaged
+    path.write_bytes(DAMAGES[damage](path.read_bytes()))
+    before = snapshot(folder)
+    with pytest.raises(FileExistsError, match=f'{damaged} was changed after this command wrote it; not removing it, '
+                                              'nor anything else. Move it away, or choose another folder.'):
+        write_dataset(folder, **SMALL, overwrite=True)
+    assert snapshot(folder) == before
+
+
+def test_the_main_job_names_a_damaged_training_file_of_its_data_folder(tmp_path, demo):
+    args = argparse.Namespace(output=tmp_path, quick=True, train_images=4, eval_images=1, train_text_embedding=False)
+    demo.built_in_data(args, 32)
+    damaged = tmp_path / 'data' / 'train' / 'images' / '000001.png'
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=r'The built-in data: .*data/train/images/000001.png was changed after this '
+                                         r'command wrote it'):
+        demo.built_in_data(args, 32)
+    assert len(damaged.read_bytes()) == 100 and (tmp_path / 'data' / 'manifest.json').is_file()
+    (tmp_path / 'data' / 'train' / 'images' / '000001.png').unlink()  # a missing file: regenerated with the rest
+    demo.built_in_data(args, 32)
+    assert len(damaged.read_bytes()) > 100

@@ -304,7 +304,7 @@ def check_output_file(path: Path, overwrite: bool, option: str = '--json'):
     """Before any work: ``path`` must be a file path, and new unless ``overwrite``."""
     if path.is_dir():
         raise IsADirectoryError(f'{option} {path} is a folder; give a file path.')
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # a link too: it would be replaced, never written through
         raise FileExistsError(f'{path} exists; pass --overwrite to replace it, or another {option} path.')
 
 

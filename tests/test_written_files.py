@@ -22,7 +22,15 @@ from conftest import REPO
 from open_clip_llip.commands.data import main as data_main
 from open_clip_llip.data import write_dataset
 from open_clip_llip.search.index import LlipIndex, write_index
-from open_clip_llip.written_files import TEMPORARY, UnsafePathError, WrittenFiles, inside, prepare_folder, write_json
+from open_clip_llip.written_files import (
+    TEMPORARY,
+    UnsafePathError,
+    WrittenFiles,
+    check_output_file,
+    inside,
+    prepare_folder,
+    write_json,
+)
 
 SMALL = dict(train_images=4, captions_per_image=2, retrieval_images=3, retrieval_captions=2, zeroshot_images=1,
              samples_per_shard=4)
@@ -374,3 +382,14 @@ def test_the_main_job_names_a_damaged_training_file_of_its_data_folder(tmp_path,
     (tmp_path / 'data' / 'train' / 'images' / '000001.png').unlink()  # a missing file: regenerated with the rest
     demo.built_in_data(args, 32)
     assert len(damaged.read_bytes()) > 100
+
+
+def test_a_json_output_that_is_a_link_is_replaced_not_written_through(tmp_path):
+    target = tmp_path / 'target.json'
+    target.write_text('precious')
+    link = tmp_path / 'results.json'
+    os.symlink(target, link)
+    with pytest.raises(FileExistsError, match='results.json exists; pass --overwrite'):
+        check_output_file(link, overwrite=False)
+    write_json(link, {'new': True}, overwrite=True)
+    assert target.read_text() == 'precious' and not link.is_symlink() and json.loads(link.read_text()) == {'new': True}

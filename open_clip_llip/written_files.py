@@ -16,9 +16,13 @@ the main job's ``--output``) records every file it wrote with its SHA-256 in a m
 and gives the pattern of the names it writes (``names``, a regular expression of relative POSIX paths).
 Asked to overwrite (``prepare_folder``), it removes only the files it can prove it wrote: listed, of a name it
 writes, a plain file (never a link; a link is not followed), holding what it recorded; and the temporaries of
-a killed run, recognised by their name. If a file of ours was changed since, it refuses before removing
-anything. Everything else stays, and is named in a warning. Writing never replaces an existing file, and a
-run that fails removes what it wrote.
+a killed run, recognised by their name. A run killed before its manifest leaves a journal of what it wrote
+(``journal_name``), which stands in for the manifest. If a file of ours was changed since, it refuses before
+removing anything. Everything else stays, and is named in a warning. Writing never replaces an existing file,
+and a run that fails removes what it wrote.
+
+Not defended: a folder changed by someone else while the command runs (the checks are on paths, made just
+before each write or removal, not on open folder handles).
 """
 import hashlib
 import json

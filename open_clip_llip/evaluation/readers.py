@@ -124,7 +124,7 @@ class BadSamples:
     def __call__(self, message: str, samples: int = 1):
         if not self.skip:
             raise ValueError(f'{message} {SKIP_HINT}')
-        logging.warning(f'Skipped {samples} sample(s): {message}')
+        logging.warning(f'Skipped {samples} sample(s): {message}' if samples else f'Reading on past: {message}')
         self.count += samples
 
 
@@ -235,7 +235,8 @@ def _read_csv(path: Path, bad: BadSamples) -> RetrievalSet:
                 except StopIteration:
                     break
                 except csv.Error as error:  # strict: a quote inside a quoted field, or a quote left open at the end
-                    bad(f'Retrieval CSV {path}, lines {first} to {reader.line_num}: {error} (an unbalanced quote?). '
+                    lines = f'line {first}' if reader.line_num == first else f'lines {first} to {reader.line_num}'
+                    bad(f'Retrieval CSV {path}, {lines}: {error} (an unbalanced quote?). '
                         'A field that starts with " must end with "; a " inside it is written "".',
                         samples=reader.line_num - first + 1)
                     continue
@@ -317,8 +318,18 @@ def _next_header(file, offset: int, size: int) -> Optional[int]:
     return None
 
 
-def _shard_members(shard: str, bad: BadSamples) -> List[tarfile.TarInfo]:
-    """Every whole member of an uncompressed tar, checked to its end-of-archive marker (two zero blocks).
+def _zeros_to_end(file, offset: int, chunk: int = 1 << 20) -> bool:
+    """Whether the file holds only zero bytes from ``offset`` on (a tar's end-of-archive marker and padding)."""
+    file.seek(offset)
+    while block := file.read(chunk):
+        if block.strip(b'\0'):
+            return False
+    return True
+
+
+def _shard_members(shard: str, bad: BadSamples) -> Tuple[List[tarfile.TarInfo], Optional[tarfile.TarInfo]]:
+    """Every whole member of an uncompressed tar, checked to its end-of-archive marker (two zero blocks), and the
+    member whose data is cut, if any.
 
     A header that is damaged or cut, a member whose data is cut, or a file that ends without the marker is a
     fault of ``bad``; skipped, reading goes on at the next valid header.
@@ -328,29 +339,27 @@ def _shard_members(shard: str, bad: BadSamples) -> List[tarfile.TarInfo]:
         while True:
             run, stop, error = _tar_run(file, start)
             members += run
-            if stop == 0 and error is not None:
-                raise ValueError(f'Could not read shard {shard} as an uncompressed tar of images and UTF-8 captions '
-                                 f'({error}, at byte offset 0). {SKIP_HINT}')
             after = f'after member {members[-1].name!r}' if members else 'before any member'
             if members and members[-1].offset_data + members[-1].size > size:
                 cut = members.pop()
                 bad(f'Shard {shard}: member {cut.name!r} is cut: its header gives {cut.size} bytes from byte offset '
                     f'{cut.offset_data}, the file ends at byte {size}.', samples=0)
-                return members
-            file.seek(stop)
-            tail = file.read()
-            if stop >= size or not tail.strip(b'\0') and len(tail) < 2 * tarfile.BLOCKSIZE:
+                return members, cut
+            zeros = _zeros_to_end(file, stop)
+            if stop >= size or zeros and size - stop < 2 * tarfile.BLOCKSIZE:
                 bad(f'Shard {shard} ends {after} without the end-of-archive marker: the file was cut at byte '
                     f'{size}.', samples=0)
-                return members
-            if not tail.strip(b'\0'):
-                return members
-            what = 'cut inside a tar header' if len(tail) < tarfile.BLOCKSIZE else 'a damaged tar header'
-            bad(f'Shard {shard}: {what} at byte offset {stop}, {after}' + (f' ({error})' if error else '') + '.',
-                samples=0)
+                return members, None
+            if zeros:
+                return members, None
+            what = 'cut inside a tar header' if size - stop < tarfile.BLOCKSIZE else 'a damaged tar header'
+            start_of = 'Could not read shard {} as an uncompressed tar of images and UTF-8 captions:' if stop == 0 \
+                else 'Shard {}:'
+            bad(f'{start_of.format(shard)} {what} at byte offset {stop}, {after}' + (f' ({error})' if error else '')
+                + '.', samples=0)
             start = _next_header(file, stop + tarfile.BLOCKSIZE, size)
             if start is None:
-                return members
+                return members, None
             logging.warning(f'Shard {shard}: reading on from the next valid header, at byte offset {start}.')
 
 
@@ -358,16 +367,23 @@ def _read_shard(shard: str, bad: BadSamples) -> List[Tuple[ShardMember, List[str
     """(image, captions) of each sample of a shard, in order; a sample without an image or a caption is a fault."""
     from webdataset.tariterators import base_plus_ext  # webdataset's split of a member name into key and extension
     samples = {}
-    for member in _shard_members(shard, bad):
+    members, cut = _shard_members(shard, bad)
+    for member in members:
         key, extension = base_plus_ext(member.name)
         if member.isfile() and key is not None:
             samples.setdefault(key, {})[extension.lower()] = member
+    cut_key = None if cut is None else base_plus_ext(cut.name)[0]
+    if cut_key is not None:
+        samples.setdefault(cut_key, {})
     read = []
     with open(shard, 'rb') as file:
         for key, sample in samples.items():
             image = next((sample[ext] for ext in SHARD_IMAGE_EXTENSIONS if ext in sample), None)
             text = sample.get(SHARD_CAPTION_EXTENSION)
             place = f'Sample {key!r} of shard {shard}'
+            if key == cut_key:
+                bad(f'{place}: its member {cut.name!r} is cut.')
+                continue
             if image is None:
                 bad(f'{place} has no image ({", ".join(SHARD_IMAGE_EXTENSIONS)}).')
                 continue

@@ -1,0 +1,253 @@
+"""The readers read all of their input or say where they stopped, and read every image as a viewer shows it.
+
+Each fault is refused with the file and the place (tar byte offset or member, CSV line), and with
+``skip_bad_samples`` left out and counted; each image mode is compared with a plain conversion written here.
+"""
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from open_clip_llip.commands.evaluate import main as evaluate_main
+from open_clip_llip.commands.index import main as index_main
+from open_clip_llip.evaluation.readers import RetrievalImages, read_retrieval_set, zero_shot_dataset
+from open_clip_llip.search.index import list_images
+
+SAMPLES = 5
+
+
+def png_bytes(seed, size=(24, 20)):
+    """A noisy RGB PNG: big enough (several 512-byte blocks) to cut inside its data."""
+    image = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, size + (3,), dtype=np.uint8)).save(image, 'PNG')
+    return image.getvalue()
+
+
+def write_shard(path, samples=SAMPLES):
+    """Samples ``sample{i}`` of a png and a txt; returns {member name: TarInfo} with byte offsets."""
+    with tarfile.open(path, 'w') as tar:
+        for i in range(samples):
+            for name, content in ((f'sample{i}.png', png_bytes(i)), (f'sample{i}.txt', f'caption {i}\n'.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    with tarfile.open(path) as tar:
+        return {member.name: member for member in tar}
+
+
+def cut(path, length):
+    path.write_bytes(path.read_bytes()[:length])
+
+
+def overwrite(path, offset, garbage):
+    data = bytearray(path.read_bytes())
+    data[offset:offset + len(garbage)] = garbage
+    path.write_bytes(bytes(data))
+
+
+# How a shard is damaged -> the message (file and place) and the captions that survive with skip_bad_samples.
+# One sample loses a member (it is skipped and counted); the samples after a cut are gone with the file's end
+# (their number cannot be known: the message says where the file was cut).
+SHARD_FAULTS = {
+    'cut inside a header': (
+        lambda path, m: cut(path, m['sample2.txt'].offset + 100),
+        lambda m: rf"cut inside a tar header at byte offset {m['sample2.txt'].offset}, after member 'sample2.png'",
+        [0, 1]),
+    'cut inside member data': (
+        lambda path, m: cut(path, m['sample2.txt'].offset_data + 3),
+        lambda m: rf"member 'sample2.txt' is cut: its header gives 10 bytes from byte offset "
+                  rf"{m['sample2.txt'].offset_data}",
+        [0, 1]),
+    'cut inside member data at a block boundary': (
+        lambda path, m: cut(path, m['sample2.png'].offset_data + 512),
+        lambda m: rf"member 'sample2.png' is cut: its header gives {m['sample2.png'].size} bytes",
+        [0, 1]),
+    'cut at a block boundary between members': (
+        lambda path, m: cut(path, m['sample2.txt'].offset),
+        lambda m: r"ends after member 'sample2.png' without the end-of-archive marker: the file was cut at byte",
+        [0, 1]),
+    'a header overwritten by a random block': (
+        lambda path, m: overwrite(path, m['sample2.png'].offset,
+                                  np.random.default_rng(0).integers(1, 256, 512, dtype=np.uint8).tobytes()),
+        lambda m: rf"a damaged tar header at byte offset {m['sample2.png'].offset}, after member 'sample1.txt'",
+        [0, 1, 3, 4]),  # read on from the next valid header
+    'a header overwritten by zeros': (
+        lambda path, m: overwrite(path, m['sample2.txt'].offset, bytes(512)),
+        lambda m: rf"a damaged tar header at byte offset {m['sample2.txt'].offset}, after member 'sample2.png'",
+        [0, 1, 3, 4]),
+    'the first header overwritten': (
+        lambda path, m: overwrite(path, 0, b'garbage' * 73),
+        lambda m: r"Could not read shard .* as an uncompressed tar of images and UTF-8 captions: a damaged tar header "
+                  r"at byte offset 0, before any member",
+        [1, 2, 3, 4]),  # sample 0 lost its png
+}
+
+
+@pytest.mark.parametrize('fault', SHARD_FAULTS)
+def test_a_damaged_shard_is_refused_with_the_place_and_skipped_and_counted_with_the_flag(tmp_path, fault):
+    damage, message, survivors = SHARD_FAULTS[fault]
+    path = tmp_path / 'shard.tar'
+    members = write_shard(path)
+    damage(path, members)
+    with pytest.raises(ValueError, match=message(members)) as refused:
+        read_retrieval_set(str(path))
+    assert str(path) in str(refused.value) and '--skip-bad-samples' in str(refused.value)
+
+    retrieval_set = read_retrieval_set(str(path), skip_bad_samples=True)
+    assert retrieval_set.captions == [f'caption {i}' for i in survivors]
+    assert retrieval_set.skipped == 1
+    assert [image.name for image in retrieval_set.images] == [f'sample{i}.png' for i in survivors]
+    read = RetrievalImages(retrieval_set.images, np.asarray)
+    assert all(np.array_equal(read[k], np.asarray(Image.open(io.BytesIO(png_bytes(i)))))
+               for k, i in enumerate(survivors))
+
+
+@pytest.mark.parametrize('members, message', [
+    (['sample0.png', 'sample0.txt', 'sample1.png'], r"Sample 'sample1' of shard .* has no caption \(txt\)"),
+    (['sample0.txt', 'sample0.png', 'sample1.txt'], r"Sample 'sample1' of shard .* has no image"),
+])
+def test_a_member_without_its_pair_is_refused_and_skipped_and_counted_with_the_flag(tmp_path, members, message):
+    path = tmp_path / 'shard.tar'
+    with tarfile.open(path, 'w') as tar:
+        for name in members:
+            content = png_bytes(0) if name.endswith('png') else b'a caption'
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    with pytest.raises(ValueError, match=message):
+        read_retrieval_set(str(path))
+    retrieval_set = read_retrieval_set(str(path), skip_bad_samples=True)
+    assert (retrieval_set.captions, retrieval_set.skipped) == (['a caption'], 1)
+
+
+def test_an_undecodable_image_in_a_shard_is_skipped_and_counted_with_its_captions(tmp_path):
+    path = tmp_path / 'shard.tar'
+    members = write_shard(path)
+    overwrite(path, members['sample3.png'].offset_data, b'\0' * 64)  # the PNG signature and header gone
+    assert len(read_retrieval_set(str(path)).images) == SAMPLES  # the structure is whole: read when decoded
+    retrieval_set = read_retrieval_set(str(path), skip_bad_samples=True)
+    assert retrieval_set.captions == ['caption 0', 'caption 1', 'caption 2', 'caption 4']
+    assert retrieval_set.image_index.tolist() == [0, 1, 2, 3] and retrieval_set.skipped == 1
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Four image files a.png … d.png."""
+    for i, name in enumerate('abcd'):
+        (tmp_path / f'{name}.png').write_bytes(png_bytes(i))
+    return tmp_path
+
+
+# A CSV line that is wrong -> the message, the captions that survive, the rows skipped.
+CSV_FAULTS = {
+    'a quote left open to the end of the file': (
+        'a.png\tone\nb.png\t"a big dog\nc.png\tthree\nd.png\tfour\n',
+        r'lines 3 to 5: unexpected end of data \(an unbalanced quote\?\)', ['one'], 3),
+    'a quote closed lines later': (
+        'a.png\tone\nb.png\t"a big dog\nc.png\tthree"\nd.png\tfour\n',
+        r'line 3: a quoted field runs over 2 lines, to line 4', ['one', 'four'], 2),
+    'a quote inside a quoted field': (
+        'a.png\tone\nb.png\t"a big" dog\nc.png\tthree\n',
+        r"line 3: '\t' expected after '\"' \(an unbalanced quote\?\)", ['one', 'three'], 1),
+    'too many fields': ('a.png\tone\nb.png\ttwo\textra\nc.png\tthree\n',
+                        r"line 3: 3 tab-separated field\(s\) for the header's 2 columns", ['one', 'three'], 1),
+    'too few fields': ('a.png\tone\nb.png two\nc.png\tthree\n',
+                       r"line 3: 1 tab-separated field\(s\) for the header's 2 columns", ['one', 'three'], 1),
+    'an empty caption': ('a.png\tone\nb.png\t  \nc.png\tthree\n', r'line 3: no title \(an empty caption\)',
+                         ['one', 'three'], 1),
+    'an empty image path': ('a.png\tone\n\ttwo\nc.png\tthree\n', r'line 3: no filepath', ['one', 'three'], 1),
+    'a missing image file': ('a.png\tone\nmissing.png\ttwo\nc.png\tthree\n',
+                             r'names 1 image file\(s\) that do not exist \(line 3: .*missing.png\)', ['one', 'three'], 1),
+}
+
+
+@pytest.mark.parametrize('fault', CSV_FAULTS)
+def test_a_bad_csv_line_is_refused_with_its_line_and_skipped_and_counted_with_the_flag(images, fault):
+    rows, message, survivors, skipped = CSV_FAULTS[fault]
+    path = images / 'set.csv'
+    path.write_text('filepath\ttitle\n' + rows)
+    with pytest.raises(ValueError, match=message) as refused:
+        read_retrieval_set(str(path))
+    assert f'Retrieval CSV {path}' in str(refused.value)
+    retrieval_set = read_retrieval_set(str(path), skip_bad_samples=True)
+    assert (retrieval_set.captions, retrieval_set.skipped) == (survivors, skipped)
+
+
+def test_quotes_that_open_and_close_on_their_line_are_read_as_openclip_reads_them(images):
+    path = images / 'set.csv'
+    path.write_text('title\tfilepath\n"a ""big"" dog"\ta.png\na "quoted" word\tb.png\n\n')
+    retrieval_set = read_retrieval_set(str(path))
+    assert retrieval_set.captions == ['a "big" dog', 'a "quoted" word'] and retrieval_set.skipped == 0
+
+
+CORRUPT_IMAGES = {
+    'empty.png': b'',
+    'text.jpg': b'not an image at all',
+    'truncated.png': png_bytes(7)[:200],
+    'header-only.jpg': None,  # a JPEG cut after its header
+}
+
+
+def write_corrupt_images(folder):
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(jpeg, 'JPEG')
+    for name, content in CORRUPT_IMAGES.items():
+        (folder / name).write_bytes(jpeg.getvalue()[:400] if content is None else content)
+
+
+def test_corrupt_images_in_a_folder_are_named_and_skipped_and_counted_with_the_flag(images):
+    write_corrupt_images(images)
+    names, sources, skipped = list_images(images)
+    assert skipped == 0 and len(sources) == 4 + len(CORRUPT_IMAGES)
+    read = RetrievalImages(sources, np.asarray)
+    for position, name in enumerate(names):
+        if Path(name).name in CORRUPT_IMAGES:
+            with pytest.raises(ValueError, match=rf'Could not read the image .*{Path(name).name}: .*--skip-bad-samples'):
+                read[position]
+    names, sources, skipped = list_images(images, skip_bad_samples=True)
+    assert [Path(name).name for name in names] == ['a.png', 'b.png', 'c.png', 'd.png'] and skipped == len(CORRUPT_IMAGES)
+
+
+def test_corrupt_images_of_a_zero_shot_folder_are_named_and_skipped_and_counted_with_the_flag(tmp_path):
+    for c, folder in enumerate(['cat', 'dog']):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / 'good.png').write_bytes(png_bytes(c))
+    write_corrupt_images(tmp_path / 'dog')
+    dataset = zero_shot_dataset(tmp_path, ['cat', 'dog'])
+    assert dataset.skipped == 0 and len(dataset) == 2 + len(CORRUPT_IMAGES)
+    with pytest.raises(ValueError, match=r'Could not read the image .*dog/empty.png'):
+        [dataset[i] for i in range(len(dataset))]
+    dataset = zero_shot_dataset(tmp_path, ['cat', 'dog'], skip_bad_samples=True)
+    assert dataset.skipped == len(CORRUPT_IMAGES) and dataset.targets == [0, 1]
+    assert [Path(path).name for path, _ in dataset.samples] == ['good.png', 'good.png']
+
+
+def test_eval_refuses_a_cut_shard_naming_the_place_and_with_the_flag_reports_the_count(checkpoint, tmp_path, capsys):
+    path = tmp_path / 'shard.tar'
+    members = write_shard(path)
+    cut(path, members['sample2.txt'].offset)
+    args = ['--model', 'Llip-Tiny', '--pretrained', str(checkpoint), '--workers', '0', '--retrieval', str(path)]
+    with pytest.raises(SystemExit, match=r"shard.tar ends after member 'sample2.png' without the end-of-archive"):
+        evaluate_main(args)
+    evaluate_main([*args, '--skip-bad-samples', '--json', str(tmp_path / 'out.json')])
+    results = json.loads((tmp_path / 'out.json').read_text())
+    assert results['skipped_samples'] == {str(path): 1}
+    assert results['results'][0]['num_images'] == 2
+    assert f'Skipped 1 bad sample(s) of {path}' in capsys.readouterr().out
+
+
+def test_index_build_refuses_a_corrupt_image_and_with_the_flag_records_the_count(checkpoint, images, tmp_path, capsys):
+    (images / 'broken.png').write_bytes(png_bytes(9)[:150])
+    args = ['build', str(tmp_path / 'index'), '--images', str(images), '--model', 'Llip-Tiny', '--pretrained',
+            str(checkpoint), '--workers', '0', '--device', 'cpu']
+    with pytest.raises(SystemExit, match=r'Could not read the image .*broken.png'):
+        index_main(args)
+    assert not (tmp_path / 'index' / 'index.json').exists()
+    index_main([*args, '--skip-bad-samples'])
+    manifest = json.loads((tmp_path / 'index' / 'index.json').read_text())
+    assert (manifest['count'], manifest['skipped_samples']) == (4, 1)
+    assert 'Skipped 1 bad sample(s)' in capsys.readouterr().out

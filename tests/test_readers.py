@@ -251,3 +251,104 @@ def test_index_build_refuses_a_corrupt_image_and_with_the_flag_records_the_count
     manifest = json.loads((tmp_path / 'index' / 'index.json').read_text())
     assert (manifest['count'], manifest['skipped_samples']) == (4, 1)
     assert 'Skipped 1 bad sample(s)' in capsys.readouterr().out
+
+
+# Image modes: each image built with numpy, saved, read through the package (the index build's and the retrieval
+# readers' RetrievalImages, and the zero-shot ImageFolder), and compared with the plain conversion written here.
+RNG = np.random.default_rng(3)
+SIZE = (12, 16)  # rows, columns: not square, so that a rotation shows
+
+
+def on_white(colour, alpha):
+    """Plain alpha compositing on white: colour [..., C] and alpha [...] in 0..255 -> uint8 [..., C]."""
+    alpha = alpha[..., None] / 255.
+    return np.rint(colour * alpha + 255. * (1. - alpha)).astype(np.uint8)
+
+
+def grey(values):
+    return np.repeat(values.astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def sixteen_bit_png(path):
+    values = RNG.integers(0, 65536, SIZE, dtype=np.uint16)
+    Image.fromarray(values).save(path)  # mode I;16
+    return grey(values >> 8)
+
+
+def thirty_two_bit_integer_tiff(path):
+    values = RNG.integers(0, 65536, SIZE).astype(np.int32)
+    Image.fromarray(values).save(path)  # mode I
+    return grey(values >> 8)
+
+
+def one_bit_png(path):
+    values = RNG.random(SIZE) > .5
+    Image.fromarray(values).save(path)  # mode 1
+    return grey(values * 255)
+
+
+def palette_png_with_transparency(path):
+    palette = RNG.integers(0, 256, (4, 3), dtype=np.uint8)
+    alpha = np.array([255, 0, 128, 30])
+    indices = RNG.integers(0, 4, SIZE, dtype=np.uint8)
+    image = Image.fromarray(indices, 'P')
+    image.putpalette(palette.flatten().tolist())
+    image.save(path, transparency=bytes(alpha.tolist()))  # a tRNS chunk: one alpha per palette entry
+    return on_white(palette[indices].astype(float), alpha[indices])
+
+
+def cmyk_jpeg(path):
+    Image.fromarray(RNG.integers(0, 256, SIZE + (4,), dtype=np.uint8), 'CMYK').save(path, quality=95)
+    c, m, y, k = np.moveaxis(np.asarray(Image.open(path), dtype=float), -1, 0)  # as decoded, before any conversion
+    return np.rint(np.stack([(255 - c) * (255 - k), (255 - m) * (255 - k), (255 - y) * (255 - k)], -1) / 255)
+
+
+def exif_rotated_jpeg(orientation, turns):
+    """A JPEG whose EXIF says how to turn it: ``turns`` counter-clockwise quarter turns show it upright."""
+    def write(path):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(RNG.integers(0, 256, SIZE + (3,), dtype=np.uint8)).save(path, exif=exif.tobytes())
+        with Image.open(path) as stored:  # the stored pixels, not turned
+            return np.rot90(np.asarray(stored), turns)
+    return write
+
+
+def greyscale_with_alpha_png(path):
+    values = RNG.integers(0, 256, SIZE + (2,), dtype=np.uint8)
+    Image.fromarray(values, 'LA').save(path)
+    return grey(on_white(values[..., :1].astype(float), values[..., 1].astype(float))[..., 0])
+
+
+def rgba_png(path):
+    values = RNG.integers(0, 256, SIZE + (4,), dtype=np.uint8)
+    Image.fromarray(values, 'RGBA').save(path)
+    return on_white(values[..., :3].astype(float), values[..., 3].astype(float))
+
+
+IMAGE_MODES = {
+    '16-bit greyscale PNG (I;16)': ('png', sixteen_bit_png, 0),
+    '32-bit integer TIFF (I)': ('tif', thirty_two_bit_integer_tiff, 0),
+    '1-bit PNG (1)': ('png', one_bit_png, 0),
+    'palette PNG with tRNS (P)': ('png', palette_png_with_transparency, 1),
+    'CMYK JPEG': ('jpg', cmyk_jpeg, 1),
+    'JPEG turned 180 degrees by EXIF': ('jpg', exif_rotated_jpeg(3, 2), 0),
+    'JPEG turned 90 degrees clockwise by EXIF': ('jpg', exif_rotated_jpeg(6, -1), 0),
+    'JPEG turned 90 degrees counter-clockwise by EXIF': ('jpg', exif_rotated_jpeg(8, 1), 0),
+    'greyscale with alpha PNG (LA)': ('png', greyscale_with_alpha_png, 1),
+    'RGBA PNG': ('png', rgba_png, 1),
+}
+
+
+@pytest.mark.parametrize('mode', IMAGE_MODES)
+def test_every_image_mode_is_read_as_a_viewer_shows_it(tmp_path, mode):
+    extension, write, tolerance = IMAGE_MODES[mode]
+    (tmp_path / 'class').mkdir()
+    path = tmp_path / 'class' / f'image.{extension}'
+    expected = write(path)
+    index_build = RetrievalImages([str(path)], np.asarray)[0]
+    zero_shot = np.asarray(zero_shot_dataset(tmp_path, ['class'])[0][0])
+    for read in (index_build, zero_shot):
+        assert read.dtype == np.uint8 and read.shape == expected.shape
+        assert np.abs(read.astype(int) - expected.astype(int)).max() <= tolerance
+    assert np.ptp(expected) > 0  # the test image is not one colour (a white image would not be caught)

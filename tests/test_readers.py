@@ -326,7 +326,16 @@ def rgba_png(path):
     return on_white(values[..., :3].astype(float), values[..., 3].astype(float))
 
 
+def rgb_png_with_a_transparent_colour(path):
+    values = RNG.integers(0, 4, SIZE + (3,), dtype=np.uint8) * 60
+    transparent = (60, 0, 120)
+    values[0, :3] = transparent
+    Image.fromarray(values).save(path, transparency=transparent)  # a tRNS chunk: this colour is transparent
+    return np.where((values == transparent).all(-1, keepdims=True), np.uint8(255), values)
+
+
 IMAGE_MODES = {
+    'RGB PNG with a transparent colour (tRNS)': ('png', rgb_png_with_a_transparent_colour, 0),
     '16-bit greyscale PNG (I;16)': ('png', sixteen_bit_png, 0),
     '32-bit integer TIFF (I)': ('tif', thirty_two_bit_integer_tiff, 0),
     '1-bit PNG (1)': ('png', one_bit_png, 0),

@@ -110,9 +110,9 @@ def evaluate_args(args) -> dict:
     if args.json is not None:
         check_output_file(args.json, args.overwrite)
     tasks = tasks_from_arguments(args.parser, args, args.skip_bad_samples)
-    skipped = {task.label: task.skipped for task in tasks}
-    for label, count in skipped.items():
-        if args.skip_bad_samples:
+    skipped = {task.label: task.skipped for task in tasks}  # 0 each without --skip-bad-samples
+    if args.skip_bad_samples:
+        for label, count in skipped.items():
             print(f'Skipped {count} bad sample(s) of {label} (--skip-bad-samples).')
     if args.temperatures and args.model in open_clip.list_models() and args.model not in llip_model_names():
         raise ValueError(f"--temperatures applies to Llip models only; '{args.model}' is scored by dot products.")

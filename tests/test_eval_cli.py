@@ -216,6 +216,8 @@ def with_file(tmp_path, name, text):
     (lambda d, t: ['--retrieval', with_file(t, 'comma.csv', 'filepath,title\na.png,a cat\n')],
      r"has columns \['filepath,title'\]; it needs a tab-separated header with the columns 'filepath'"),
     (lambda d, t: ['--retrieval', with_file(t, 'no-title.csv', 'filepath\ttitle\na.png\ta cat\nb.png\n')],
+     r"no-title.csv, line 3: 1 tab-separated field\(s\) for the header's 2 columns"),
+    (lambda d, t: ['--retrieval', with_file(t, 'no-title.csv', 'filepath\ttitle\na.png\ta cat\nb.png\t \n')],
      r'no-title.csv, line 3: no title'),
     (lambda d, t: ['--retrieval', with_file(t, 'empty.csv', 'filepath\ttitle\n')], r'empty.csv has no rows'),
     (lambda d, t: ['--retrieval', with_file(t, 'missing-images.csv', 'filepath\ttitle\nnope.png\ta cat\n')],

@@ -21,7 +21,7 @@ import open_clip
 from ..evaluation.tasks import RETRIEVAL, ZERO_SHOT, RetrievalTask, Task, ZeroShotTask, evaluate, load_model
 from ..modeling.llip_model import LlipModel, llip_model_names
 from ..written_files import check_output_file, write_json
-from .options import add_model_arguments, add_runtime_arguments, check_runtime_arguments
+from .options import add_model_arguments, add_runtime_arguments, add_skip_bad_samples_argument, check_runtime_arguments
 
 # Table columns (JSON keys stay OpenCLIP's names).
 TABLE_COLUMNS = {
@@ -45,8 +45,9 @@ def add_task_arguments(parser: argparse.ArgumentParser):
                            '(.tar, or a brace pattern).')
 
 
-def tasks_from_arguments(parser: argparse.ArgumentParser, args) -> List[Task]:
-    """The typed tasks of ``add_task_arguments``' options, every file read and checked (before any model loads)."""
+def tasks_from_arguments(parser: argparse.ArgumentParser, args, skip_bad_samples: bool = False) -> List[Task]:
+    """The typed tasks of ``add_task_arguments``' options, every file read and checked (before any model loads);
+    with ``skip_bad_samples`` the samples at fault are left out and counted (``task.skipped``)."""
     if len(args.classnames) != len(args.zeroshot_images):
         parser.error(f'give one --classnames per --zeroshot-images (got {len(args.classnames)} and '
                      f'{len(args.zeroshot_images)})')
@@ -56,9 +57,9 @@ def tasks_from_arguments(parser: argparse.ArgumentParser, args) -> List[Task]:
     if args.templates and not args.zeroshot_images:
         parser.error('--templates needs --zeroshot-images')
     templates = args.templates * len(args.zeroshot_images) if len(args.templates) == 1 else args.templates
-    tasks = [ZeroShotTask.from_files(images, classnames, task_templates)
+    tasks = [ZeroShotTask.from_files(images, classnames, task_templates, skip_bad_samples=skip_bad_samples)
              for images, classnames, task_templates in zip(args.zeroshot_images, args.classnames, templates)]
-    retrieval = [RetrievalTask(path) for path in args.retrieval]
+    retrieval = [RetrievalTask(path, skip_bad_samples=skip_bad_samples) for path in args.retrieval]
     for task in retrieval:
         task.retrieval_set  # noqa: B018  (read now: bad input fails before the model loads)
     return tasks + retrieval
@@ -75,6 +76,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument('--temperatures', type=float, nargs='+', metavar='TAU',
                         help="Mixer temperatures τ to evaluate (default: the model's).")
     add_runtime_arguments(parser)
+    add_skip_bad_samples_argument(parser)
     parser.add_argument('--json', type=Path, metavar='PATH', help='Write the results here as JSON.')
     parser.add_argument('--overwrite', action='store_true', help='Replace an existing --json file.')
     args = parser.parse_args(argv)
@@ -107,7 +109,11 @@ def format_table(records: List[Dict]) -> str:
 def evaluate_args(args) -> dict:
     if args.json is not None:
         check_output_file(args.json, args.overwrite)
-    tasks = tasks_from_arguments(args.parser, args)
+    tasks = tasks_from_arguments(args.parser, args, args.skip_bad_samples)
+    skipped = {task.label: task.skipped for task in tasks}  # 0 each without --skip-bad-samples
+    if args.skip_bad_samples:
+        for label, count in skipped.items():
+            print(f'Skipped {count} bad sample(s) of {label} (--skip-bad-samples).')
     if args.temperatures and args.model in open_clip.list_models() and args.model not in llip_model_names():
         raise ValueError(f"--temperatures applies to Llip models only; '{args.model}' is scored by dot products.")
     model, transform, tokenizer = load_model(args.model, args.pretrained, args.precision, args.device)
@@ -115,7 +121,8 @@ def evaluate_args(args) -> dict:
         raise ValueError(f"--temperatures applies to Llip models only; '{args.model}' is scored by dot products.")
     records = evaluate(model, tasks, transform, tokenizer, args.temperatures, args.precision, args.batch_size,
                        args.workers)
-    return dict(model=args.model, pretrained=args.pretrained, precision=args.precision, results=records)
+    return dict(model=args.model, pretrained=args.pretrained, precision=args.precision, results=records,
+                skipped_samples=skipped)
 
 
 def main(argv=None):

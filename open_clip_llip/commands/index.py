@@ -7,7 +7,7 @@ from typing import List, Optional
 
 from ..modeling.llip_model import LlipModel
 from ..search.index import DEFAULT_CANDIDATES, DEFAULT_PROTOTYPES, DTYPES, LlipIndex, build_index, list_images, read_manifest
-from .options import add_model_arguments, add_runtime_arguments, check_runtime_arguments
+from .options import add_model_arguments, add_runtime_arguments, add_skip_bad_samples_argument, check_runtime_arguments
 
 
 def _absolute(spec: Optional[str]) -> Optional[str]:
@@ -31,7 +31,9 @@ def _load(args):
 
 def _build(args):
     from ..evaluation.readers import RetrievalImages
-    names, images = list_images(args.images)
+    names, images, skipped = list_images(args.images, args.skip_bad_samples)
+    if args.skip_bad_samples:
+        print(f'Skipped {skipped} bad sample(s) of {args.images} (--skip-bad-samples).')
     texts = None
     if args.prototype_texts is not None:
         texts = [line.strip() for line in args.prototype_texts.read_text(encoding='utf-8').splitlines() if line.strip()]
@@ -39,7 +41,7 @@ def _build(args):
     index = build_index(args.output, model, RetrievalImages(images, transform), names, args.batch_size, args.workers,
                         args.precision, args.dtype, args.overwrite, model_name=_absolute(args.model),
                         pretrained=_absolute(args.pretrained), tokenizer=tokenizer, prototype_texts=texts,
-                        prototypes=args.prototypes)
+                        prototypes=args.prototypes, skipped_samples=skipped)
     print(f'Indexed {len(index)} images into {args.output}.')
 
 
@@ -72,6 +74,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                             'webdataset shards (.tar, or a brace pattern)')
     add_model_arguments(build)
     add_runtime_arguments(build)
+    add_skip_bad_samples_argument(build)
     build.add_argument('--dtype', choices=DTYPES, default='float16', help='how the image features are stored')
     build.add_argument('--overwrite', action='store_true', help='replace an index this command wrote in OUTPUT')
     build.add_argument('--prototype-texts', type=Path, metavar='FILE',

@@ -28,3 +28,11 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, workers: bool = True)
 def check_runtime_arguments(parser: argparse.ArgumentParser, args):
     if args.batch_size < 1 or args.workers < 0:
         parser.error('--batch-size must be at least 1 and --workers at least 0')
+
+
+def add_skip_bad_samples_argument(parser: argparse.ArgumentParser):
+    """``--skip-bad-samples``: leave out the samples the readers find at fault, counted, instead of stopping."""
+    parser.add_argument('--skip-bad-samples', action='store_true',
+                        help='leave out bad samples (a damaged or cut tar member, a bad CSV row, an image that does '
+                             'not decode), each logged, and report how many, instead of stopping at the first '
+                             '(every image is then decoded before the model runs)')

@@ -10,6 +10,7 @@ unit embeddings. Results are records (dicts) with OpenCLIP's metric names (``top
 
 Data formats: see ``open_clip_llip.evaluation.readers``.
 """
+import copy
 import functools
 import json
 import logging
@@ -42,17 +43,31 @@ class ZeroShotTask:
     classnames: Tuple[str, ...]
     templates: Tuple[str, ...]
     name: str = field(default='', compare=False)  # in the results; default: the folder
+    skip_bad_samples: bool = False  # leave out (and count) the images that do not decode
 
     @classmethod
     def from_files(cls, images: Union[str, Path], classnames: Union[str, Path], templates: Union[str, Path],
-                   name: str = '') -> 'ZeroShotTask':
+                   name: str = '', skip_bad_samples: bool = False) -> 'ZeroShotTask':
         """Class names and templates read from text files (one a line); every file checked now."""
-        task = cls(Path(images), tuple(read_classnames(classnames)), tuple(read_templates(templates)), name)
+        task = cls(Path(images), tuple(read_classnames(classnames)), tuple(read_templates(templates)), name,
+                   skip_bad_samples)
         task.dataset()
         return task
 
+    @functools.cached_property
+    def _dataset(self):
+        """The ImageFolder, read (and with ``skip_bad_samples`` every image decoded) once."""
+        return zero_shot_dataset(self.images, list(self.classnames), skip_bad_samples=self.skip_bad_samples)
+
     def dataset(self, transform=None):
-        return zero_shot_dataset(self.images, list(self.classnames), transform)
+        dataset = copy.copy(self._dataset)
+        dataset.transform = transform
+        return dataset
+
+    @property
+    def skipped(self) -> int:
+        """Images left out by ``skip_bad_samples``."""
+        return self._dataset.skipped
 
     @property
     def label(self) -> str:
@@ -64,11 +79,17 @@ class RetrievalTask:
     """Image-text retrieval over a tab-separated CSV (``filepath``, ``title``) or webdataset shards (``.tar``)."""
     path: str
     name: str = field(default='', compare=False)
+    skip_bad_samples: bool = False  # leave out (and count) the samples at fault
 
     @functools.cached_property
     def retrieval_set(self):
         """The images and captions, read (and checked) once."""
-        return read_retrieval_set(self.path)
+        return read_retrieval_set(self.path, self.skip_bad_samples)
+
+    @property
+    def skipped(self) -> int:
+        """Samples left out by ``skip_bad_samples``."""
+        return self.retrieval_set.skipped
 
     @property
     def label(self) -> str:

@@ -226,6 +226,7 @@ def write_index(
         pretrained: Optional[str] = None,
         precision: str = 'fp32',
         prototypes: Optional[torch.Tensor] = None,
+        skipped_samples: int = 0,
 ) -> Path:
     """Write an index of ``count`` images from batches of their image features [n, 2, H, K, d] into ``folder``.
 
@@ -234,7 +235,8 @@ def write_index(
     ``prototypes``: the first stage's prototype queries [P, H, d] (``prototype_queries``); default the zero
     query alone (uniform attention).
     ``model_name``, ``pretrained`` and ``precision`` are recorded so that ``open_clip_llip index query``
-    can load the model again. A failed write removes what it wrote. Returns the manifest's path.
+    can load the model again; ``skipped_samples``, the bad samples the reader left out (``--skip-bad-samples``),
+    too. A failed write removes what it wrote. Returns the manifest's path.
     """
     faiss = _faiss()
     if not isinstance(model, LlipModel):
@@ -287,7 +289,7 @@ def write_index(
             first_stage=dict(file=FIRST_STAGE, faiss='IndexIVFFlat', prototypes=len(prototypes),
                              lists='prototype c: u / |u W_O|, u = concat_h(Σ_k softmax_k(<key, c>/τ) value)',
                              routing='nearest prototypes of the raw query q (L2)', query='W_O t̂'),
-            names=NAMES if names is not None else None)
+            names=NAMES if names is not None else None, skipped_samples=skipped_samples)
         manifest['files'] = dict(written.files)  # written last: a folder with a manifest holds a whole index
         return written.write_text(MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + '\n')
 
@@ -307,6 +309,7 @@ def build_index(
         tokenizer=None,
         prototype_texts: Optional[Sequence[str]] = None,
         prototypes: Optional[int] = None,
+        skipped_samples: int = 0,
 ) -> 'LlipIndex':
     """Encode ``images`` (a dataset of transformed image tensors [3, h, w], such as ``eval_data.RetrievalImages``)
     with ``model`` on its device at ``precision`` (progress shown), write the index (``write_index``) and open it.
@@ -315,7 +318,7 @@ def build_index(
     queries give the first stage's ``prototypes`` (default ``DEFAULT_PROTOTYPES``) prototype queries
     (``prototype_queries``; needs ``tokenizer``).
     Without them the first stage ranks by the uniform mixture, which recovers far fewer of the exact best
-    images of a trained model (module docstring)."""
+    images of a trained model (module docstring). ``skipped_samples`` is recorded in the manifest."""
     import open_clip
     from open_clip_train.precision import get_autocast
     from torch.utils.data import DataLoader
@@ -346,7 +349,7 @@ def build_index(
     logging.info(f'Indexing {len(images)} images into {folder} ({dtype} features, {precision} on {device}; '
                  f'{1 if centres is None else len(centres)} prototype queries).')
     write_index(folder, model, encoded(), len(images), names, dtype, overwrite, model_name, pretrained, precision,
-                centres)
+                centres, skipped_samples)
     return LlipIndex.open(folder, model, tokenizer, precision)
 
 
@@ -546,16 +549,24 @@ class LlipIndex:
             raise ValueError(f'k must be an integer in [1, {len(self)}] (the images in the index); got {k!r}.')
 
 
-def list_images(path: Union[str, Path]) -> Tuple[List[str], list]:
-    """The images to index, as (names, sources for ``eval_data.RetrievalImages``): every image file under a folder
-    (sorted), or the images of a retrieval CSV or webdataset shards (``eval_data.read_retrieval_set``)."""
-    from ..evaluation.readers import SHARD_IMAGE_EXTENSIONS, ShardMember, read_retrieval_set
+def list_images(path: Union[str, Path], skip_bad_samples: bool = False) -> Tuple[List[str], list, int]:
+    """The images to index, as (names, sources for ``readers.RetrievalImages``, bad samples skipped): every image
+    file under a folder (sorted), or the images of a retrieval CSV or webdataset shards
+    (``readers.read_retrieval_set``). With ``skip_bad_samples`` the samples at fault (and images that do not
+    decode) are left out and counted; otherwise a fault is an error naming the file and place."""
+    from ..evaluation.readers import SHARD_IMAGE_EXTENSIONS, BadSamples, ShardMember, read_retrieval_set, readable_images
 
     if Path(path).is_dir():
         images = sorted(str(file) for file in Path(path).rglob('*')
                         if file.is_file() and file.suffix[1:].lower() in SHARD_IMAGE_EXTENSIONS)
+        bad = BadSamples(skip_bad_samples)
+        if skip_bad_samples:
+            images = [images[i] for i in readable_images(images, bad)]
         if not images:
-            raise ValueError(f'{path} holds no image files ({", ".join(SHARD_IMAGE_EXTENSIONS)}).')
-        return images, images
-    images = read_retrieval_set(str(path)).images
-    return [f'{image.shard}:{image.name}' if isinstance(image, ShardMember) else image for image in images], images
+            raise ValueError(f'{path} holds no image files ({", ".join(SHARD_IMAGE_EXTENSIONS)})'
+                             + (' that could be read.' if bad.count else '.'))
+        return images, images, bad.count
+    retrieval_set = read_retrieval_set(str(path), skip_bad_samples)
+    images = retrieval_set.images
+    names = [f'{image.shard}:{image.name}' if isinstance(image, ShardMember) else image for image in images]
+    return names, images, retrieval_set.skipped

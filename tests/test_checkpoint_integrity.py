@@ -200,6 +200,16 @@ def test_resuming_an_explicit_damaged_checkpoint_refuses_with_its_name(tmp_path)
     assert f'Error. Cannot resume: {path} is damaged' in (run / 'out.log').read_text()
 
 
+@pytest.mark.usefixtures('restore_logging')
+def test_resume_latest_refuses_a_damaged_most_recent_checkpoint_with_its_name(tmp_path):
+    train(tmp_path, '--save-most-recent', epochs=1)
+    path = tmp_path / 'logs' / 'run' / 'checkpoints' / 'epoch_latest.pt'
+    flip_bytes(path)
+    result, run = train(tmp_path, '--save-most-recent', '--resume', 'latest', epochs=2)
+    assert result == -1
+    assert f'Error. Cannot resume: {path} is damaged' in (run / 'out.log').read_text()
+
+
 def test_only_llip_runs_are_adapted():
     assert is_llip_model('Llip-Tiny') and not is_llip_model('RN50') and not is_llip_model('ViT-B-32')
     assert not is_llip_model('Llip-Tny') and not is_llip_model('local-dir:/nonexistent')

@@ -112,8 +112,8 @@ def adapt(main_module):
         return
     replacements = {'torch': _saving_whole(), 'get_latest_checkpoint': latest, loader[0]: loader[1]}
 
-    @functools.wraps(stock_main)
     def main(args):
+        """OpenCLIP's ``main(args)``; for a Llip ``--model``, with checkpoints saved whole and checked on resume."""
         if not is_llip_model(parse_args(args).model):
             return stock_main(args)
         stock = {name: getattr(main_module, name) for name in replacements}

@@ -5,7 +5,10 @@ Unit tests on ``modeling.checkpoint``, then tiny Llip-Tiny trainings with OpenCL
 """
 import errno
 import struct
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import open_clip
 import open_clip_train.main as train_main
@@ -208,6 +211,22 @@ def test_resume_latest_refuses_a_damaged_most_recent_checkpoint_with_its_name(tm
     result, run = train(tmp_path, '--save-most-recent', '--resume', 'latest', epochs=2)
     assert result == -1
     assert f'Error. Cannot resume: {path} is damaged' in (run / 'out.log').read_text()
+
+
+def test_the_open_clip_train_command_refuses_damaged_checkpoints_with_status_1_and_no_traceback(tmp_path):
+    checkpoints = tmp_path / 'logs' / 'run' / 'checkpoints'
+    checkpoints.mkdir(parents=True)
+    for epoch, where in ((1, 'at the end'), (2, 'in the zip header')):
+        save_checkpoint(tiny_checkpoint(), checkpoints / f'epoch_{epoch}.pt')
+        cut(checkpoints / f'epoch_{epoch}.pt', where)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / 'open_clip_train'), '--model', 'Llip-Tiny', '--dataset-type', 'synthetic',
+         '--train-num-samples', '8', '--batch-size', '8', '--epochs', '3', '--workers', '0', '--precision', 'fp32',
+         '--logs', str(tmp_path / 'logs'), '--name', 'run', '--resume', 'latest'],
+        capture_output=True, text=True)
+    assert result.returncode == 1
+    assert 'Traceback' not in result.stdout + result.stderr
+    assert f'Error. No intact checkpoint to resume from in {checkpoints}' in result.stdout + result.stderr
 
 
 def test_only_llip_runs_are_adapted():

@@ -17,6 +17,10 @@ Where no intact checkpoint is left, or an explicit ``--resume`` file (or ``epoch
 ``--save-most-recent``) is damaged, ``main`` logs an error naming the file and what to do and returns
 -1, as OpenCLIP's ``main`` does when it refuses to run (the ``open_clip_train`` command exits with
 status 1): no traceback. Remote (``--remote-sync``) and sharded (FSDP) checkpoints are left to OpenCLIP.
+
+It covers the ``open_clip_train`` command and any call of ``open_clip_train.main.main``; ``python -m
+open_clip_train.main`` runs OpenCLIP's module as ``__main__``, which no import hook sees, so such runs
+save and resume as stock OpenCLIP does (their checkpoints have no digest) until the patch lands.
 """
 import functools
 import glob

@@ -51,7 +51,8 @@ def test_patched_open_clip_discovers_llip_through_its_entry_point(patched_open_c
     result = run(patched_open_clip, '-c', f"""if True:
         import open_clip
         from open_clip.model import CLIP
-        import open_clip_train.train, open_clip_train.zero_shot
+        import open_clip_train.main, open_clip_train.train, open_clip_train.zero_shot
+        assert open_clip_train.main.main.__module__ == 'open_clip_train.main'  # saved whole, resumed safely by the patch
         assert open_clip.factory.CLIP is CLIP  # no stand-ins: the patches do the work
         import importlib
         hub = importlib.import_module('open_clip.push_to_hf_hub')

@@ -1,4 +1,4 @@
-"""Registers Llip with OpenCLIP: its model configs, model class, training loss and task, and evaluation.
+"""Registers Llip with OpenCLIP: its model configs, model class, training loss and task, evaluation, and checkpoints.
 
 Each piece goes through OpenCLIP's public API where it has one (``add_model_config``) and,
 where it does not yet, through the API that a patch in ``patches/`` adds (``register_model_class``,
@@ -31,7 +31,15 @@ def register():
 
     from ..modeling.llip_model import LlipModel
     from . import objective
-    from .adapters import accuracy, hub, registered_losses, registered_model_classes, registered_tasks, similarity
+    from .adapters import (
+        accuracy,
+        hub,
+        registered_losses,
+        registered_model_classes,
+        registered_tasks,
+        safe_checkpoints,
+        similarity,
+    )
     from .autoload import call_after_import
 
     if not MODEL_CONFIG_DIR.is_dir():
@@ -44,6 +52,7 @@ def register():
             register_hook(MODEL_CLASS_NAME, hook)
     similarity.install()
     call_after_import('open_clip_train.zero_shot', accuracy.adapt)
+    call_after_import('open_clip_train.main', safe_checkpoints.adapt)
     hub.install()
     register_pretrained_tags()
     _registered = True

@@ -12,12 +12,20 @@ Three layouts are recognised (after dropping ``module.`` and ``_orig_mod.`` pref
   the model's fresh initialisation, as does ``logit_bias`` when the checkpoint has none.
 
 Files are read with ``weights_only=True`` unless the caller says otherwise.
+
+Integrity: ``save_checkpoint`` writes a file whole or not at all and records a SHA-256 digest of the
+state dict's tensors under ``DIGEST_KEY`` beside ``state_dict``; reading checks it, so a file whose
+tensor bytes changed after saving (a flipped bit) is refused by name instead of loading silently.
+Files without a digest (released checkpoints, bare state dicts) load as before.
 """
+import hashlib
 import logging
 import math
+import os
 import pickle
 import re
-from typing import Dict
+import tempfile
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -193,6 +201,92 @@ def convert_state_dict(state_dict: StateDict, model) -> StateDict:
     return state_dict
 
 
+# Top-level key of a checkpoint dict ({'epoch', 'name', 'state_dict', 'optimizer', ...}): a digest cannot be a
+# buffer of the state dict it hashes.
+DIGEST_KEY = 'state_dict_sha256'
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that is cut short, unreadable, or whose tensors do not match their recorded digest."""
+
+
+def state_dict_digest(state_dict: StateDict) -> str:
+    """SHA-256 (hex) over each tensor's key, dtype, shape and bytes, in sorted key order.
+
+    Sorted, so that the order a state dict was built in does not matter; dtype and shape, so that the same
+    bytes read as another tensor do not match. Tensors are hashed from CPU copies, one at a time.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f'{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0'.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_digest(checkpoint, path) -> None:
+    """DamagedCheckpoint naming ``path`` where a checkpoint dict's state dict does not match its digest.
+
+    Checkpoints without a digest (released ones, bare state dicts) pass: there is nothing to check.
+    """
+    if not isinstance(checkpoint, dict) or DIGEST_KEY not in checkpoint:
+        return
+    if state_dict_digest(checkpoint['state_dict']) != checkpoint[DIGEST_KEY]:
+        raise DamagedCheckpoint(
+            f'{path} is damaged: its tensors do not match the SHA-256 digest recorded when it was saved '
+            '(the file changed on disk after saving). Use an earlier checkpoint.')
+
+
+def save_checkpoint(checkpoint, path) -> None:
+    """``torch.save`` whole or not at all, with a digest when ``checkpoint`` is a dict holding a ``state_dict``.
+
+    Writes a temporary file beside ``path``, fsyncs it and renames it over ``path``, so that a kill or a full
+    disk during the save leaves the previous file (or none), never a cut one. Returns nothing; raises
+    what writing raised, after removing the temporary file.
+    """
+    path = os.fspath(path)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get('state_dict'), dict):
+        checkpoint = {**checkpoint, DIGEST_KEY: state_dict_digest(checkpoint['state_dict'])}
+    folder, name = os.path.split(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f'.{name}.', suffix='.tmp')  # not *.pt: no resume finds it
+    try:
+        with os.fdopen(handle, 'wb') as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    try:  # make the rename itself durable; not every file system lets a folder be opened
+        folder_handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(folder_handle)
+    except OSError:
+        pass
+    finally:
+        os.close(folder_handle)
+
+
+def checkpoint_problem(path) -> Optional[str]:
+    """Why the checkpoint file ``path`` cannot be resumed from (cut short, unreadable, digest mismatch), or None.
+
+    Reads the whole file (``weights_only=True``) as resuming would.
+    """
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        check_digest(checkpoint, path)
+    except DamagedCheckpoint as error:
+        return str(error)
+    except Exception as error:
+        return f'{path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}); ' \
+               'it was probably cut short while being saved'
+    return None
+
+
 def read_state_dict(checkpoint_path: str, weights_only: bool = True, device='cpu') -> StateDict:
     """A checkpoint file's state dict (.safetensors, or torch.save of a state dict or of {'state_dict': ...}).
 
@@ -210,14 +304,17 @@ def read_state_dict(checkpoint_path: str, weights_only: bool = True, device='cpu
     except pickle.UnpicklingError as error:
         needs = re.search(r'GLOBAL (\S+)', str(error))
         if needs is None:
-            raise ValueError(f'Could not read {path} as a checkpoint: it is corrupt or not a PyTorch file.') from None
+            raise DamagedCheckpoint(f'Could not read {path} as a checkpoint: it is corrupt or not a PyTorch file.') from None
         raise ValueError(
             f'{path} holds a Python object ({needs.group(1)}) that only running code could rebuild, so '
             'weights_only=True refuses it. If you trust the file, load it yourself with '
             'torch.load(path, weights_only=False) and torch.save its state_dict alone.') from None
     except Exception as error:
-        raise ValueError(f'Could not read {path} as a checkpoint: {type(error).__name__}: {error}') from None
+        raise DamagedCheckpoint(
+            f'Could not read {path} as a checkpoint ({type(error).__name__}: {error}): it is cut short or '
+            'damaged, or not a PyTorch file.') from None
     if isinstance(checkpoint, dict) and 'state_dict' in checkpoint:
+        check_digest(checkpoint, path)
         checkpoint = checkpoint['state_dict']
     if not isinstance(checkpoint, dict) or not checkpoint \
             or not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):

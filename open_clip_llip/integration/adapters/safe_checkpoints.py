@@ -1,0 +1,133 @@
+"""Stand-in for patch 0007 (3.3) / 0006 (main): checkpoints saved whole, with a digest; resuming skips damaged ones.
+
+``open_clip_train.main`` saves ``epoch_N.pt`` with a plain ``torch.save``: a kill or a full disk during
+the save leaves a cut file, which ``--resume latest`` then picks (the newest ``*.pt``) and dies on with
+a traceback; a file whose bytes later flip loads silently. For a run whose ``--model`` is a Llip config
+(and only then: other runs call OpenCLIP's ``main`` untouched), this adapter replaces, for the
+duration of that run, three names in ``open_clip_train.main``:
+
+- ``torch``, by a stand-in whose ``save`` is ``modeling.checkpoint.save_checkpoint``: a temporary file
+  beside the target, fsynced, renamed over it, and a SHA-256 digest of the state dict under
+  ``state_dict_sha256`` (every other attribute is ``torch``'s own);
+- ``get_latest_checkpoint``: newest first, it skips checkpoints that cannot be read or whose digest
+  does not match, and logs each it skips and the one it resumes from instead;
+- the resume loader (``pt_load`` on 3.3, ``load_checkpoint`` on main): it checks the file first.
+
+Where no intact checkpoint is left, or an explicit ``--resume`` file (or ``epoch_latest.pt`` of
+``--save-most-recent``) is damaged, ``main`` logs an error naming the file and what to do and returns
+-1, as OpenCLIP's ``main`` does when it refuses to run (the ``open_clip_train`` command exits with
+status 1): no traceback. Remote (``--remote-sync``) and sharded (FSDP) checkpoints are left to OpenCLIP.
+
+It covers the ``open_clip_train`` command and any call of ``open_clip_train.main.main``; ``python -m
+open_clip_train.main`` runs OpenCLIP's module as ``__main__``, which no import hook sees, so such runs
+save and resume as stock OpenCLIP does (their checkpoints have no digest) until the patch lands.
+"""
+import functools
+import glob
+import json
+import logging
+import os
+import types
+from pathlib import Path
+
+import open_clip
+import torch
+
+from ...modeling.checkpoint import DamagedCheckpoint, checkpoint_problem, save_checkpoint
+from ...modeling.llip_model import MODEL_CLASS_NAME
+from . import Unexpected, expect_function, leave_alone
+
+ADAPTER = 'checkpoints (patches/0007)'
+
+
+def is_llip_model(model_name: str) -> bool:
+    """Whether ``--model`` names a Llip config (a registered name, or ``local-dir:`` a folder holding one)."""
+    try:
+        if model_name.startswith('local-dir:'):
+            config = Path(model_name[len('local-dir:'):]) / 'open_clip_config.json'
+            model_cfg = json.loads(config.read_text()).get('model_cfg', {})
+        else:
+            model_cfg = open_clip.get_model_config(model_name) or {}
+    except Exception:  # an unknown or unreadable name: OpenCLIP's main says what is wrong with it
+        return False
+    return model_cfg.get('model_class') == MODEL_CLASS_NAME
+
+
+def _saving_whole():
+    """A stand-in for the ``torch`` module whose ``save`` writes whole files with a digest."""
+    module = types.ModuleType('torch', 'torch, with save writing whole files (open_clip_llip)')
+    module.__getattr__ = lambda name: getattr(torch, name)
+    module.save = save_checkpoint
+    return module
+
+
+def _latest_intact(stock_latest, natural_key):
+    def get_latest_checkpoint(path: str, remote: bool):
+        newest = stock_latest(path, remote)
+        if remote or newest is None or os.path.isdir(newest):
+            return newest
+        damaged = []
+        for candidate in sorted(glob.glob(path + '**/*.pt', recursive=True), key=natural_key, reverse=True):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                if damaged:
+                    logging.warning(f'Resuming from {candidate}, the latest intact checkpoint, instead.')
+                return candidate
+            damaged.append(candidate)
+            logging.warning(f'Skipping a damaged checkpoint: {problem}.')
+        raise DamagedCheckpoint(
+            f'No intact checkpoint to resume from in {path}: {", ".join(damaged)} cannot be used (see above). Move '
+            'them out of the folder and run again to start afresh, or pass --resume with an intact checkpoint.')
+    return get_latest_checkpoint
+
+
+def _checked(stock_load, path_position: int):
+    @functools.wraps(stock_load)
+    def load(*args, **kwargs):
+        path = args[path_position] if len(args) > path_position else kwargs.get('path', kwargs.get('file_path'))
+        if isinstance(path, str) and os.path.isfile(path):
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                raise DamagedCheckpoint(
+                    f'Cannot resume: {problem}. Pass --resume with an intact checkpoint, or move the damaged one out '
+                    'of the run\'s checkpoints folder and use --resume latest.')
+        return stock_load(*args, **kwargs)
+    return load
+
+
+def adapt(main_module):
+    """Called once ``open_clip_train.main`` has loaded: wrap its ``main`` (does nothing where patch 0007 landed)."""
+    from open_clip_train import file_utils
+    if hasattr(file_utils, 'checkpoint_problem'):
+        return
+    try:
+        stock_main = expect_function(main_module, 'main', ('args',))
+        parse_args = expect_function(main_module, 'parse_args', ('args',))
+        natural_key = expect_function(main_module, 'natural_key')
+        latest = _latest_intact(expect_function(main_module, 'get_latest_checkpoint', ('path', 'remote')), natural_key)
+        if hasattr(main_module, 'load_checkpoint'):  # main: the training task loads the checkpoint
+            loader = 'load_checkpoint', _checked(expect_function(main_module, 'load_checkpoint', ('task', 'path')), 1)
+        else:
+            loader = 'pt_load', _checked(expect_function(main_module, 'pt_load', ('file_path',)), 0)
+        if main_module.torch is not torch:
+            raise Unexpected('open_clip_train.main.torch is not the torch module')
+    except Unexpected as error:
+        leave_alone(ADAPTER, error, 'a Llip checkpoint cut short while saving makes --resume latest fail')
+        return
+    replacements = {'torch': _saving_whole(), 'get_latest_checkpoint': latest, loader[0]: loader[1]}
+
+    def main(args):
+        """OpenCLIP's ``main(args)``; for a Llip ``--model``, with checkpoints saved whole and checked on resume."""
+        if not is_llip_model(parse_args(args).model):
+            return stock_main(args)
+        stock = {name: getattr(main_module, name) for name in replacements}
+        vars(main_module).update(replacements)
+        try:
+            return stock_main(args)
+        except DamagedCheckpoint as error:
+            logging.error(f'Error. {error}')
+            return -1
+        finally:
+            vars(main_module).update(stock)
+
+    main_module.main = main

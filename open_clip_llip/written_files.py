@@ -24,6 +24,7 @@ and a run that fails removes what it wrote.
 Not defended: a folder changed by someone else while the command runs (the checks are on paths, made just
 before each write or removal, not on open folder handles).
 """
+import contextlib
 import hashlib
 import json
 import logging
@@ -312,23 +313,44 @@ def check_output_file(path: Path, overwrite: bool, option: str = '--json'):
         raise FileExistsError(f'{path} exists; pass --overwrite to replace it, or another {option} path.')
 
 
-def write_json(path: Path, data: dict, overwrite: bool):
-    """Write to a temporary file beside ``path``, flush it to disk, then rename it: ``path`` is left whole or
-    untouched. A link at ``path`` is replaced, not written through."""
-    text = json.dumps(data, indent=2, ensure_ascii=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def whole_file(path: Union[str, Path], overwrite: bool = True):
+    """Write ``path`` whole or not at all: yields a binary file open on a temporary file beside ``path``; when the
+    block ends, it is flushed to disk and renamed over ``path`` (so a kill at any moment leaves the old file or the
+    new one), and the rename is flushed too where the folder allows. A link at ``path`` is replaced, not written
+    through. On an error, or where ``path`` appeared meanwhile and not ``overwrite``, the temporary file is
+    removed and ``path`` left as it was."""
+    path = Path(path)
     temporary = _temporary(path)
     try:
-        with open(temporary, 'w', encoding='utf-8') as file:
-            file.write(text)
+        with open(temporary, 'wb') as file:
+            yield file
             file.flush()
             os.fsync(file.fileno())
         if os.path.lexists(path) and not overwrite:
             raise FileExistsError(f'{path} appeared while this command ran; pass --overwrite to replace it.')
         os.replace(temporary, path)
     except BaseException:
-        os.unlink(temporary)
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
         raise
+    try:  # not every file system lets a folder be opened
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass
+    finally:
+        os.close(folder)
+
+
+def write_json(path: Path, data: dict, overwrite: bool):
+    """``data`` as JSON at ``path``, whole or not at all (``whole_file``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with whole_file(path, overwrite) as file:
+        file.write(json.dumps(data, indent=2, ensure_ascii=False).encode('utf-8'))
 
 
 def _read_manifest(path: Path, generator: str):

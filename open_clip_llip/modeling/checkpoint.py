@@ -21,10 +21,8 @@ Files without a digest (released checkpoints, bare state dicts) load as before.
 import hashlib
 import logging
 import math
-import os
 import pickle
 import re
-import tempfile
 from typing import Dict, Optional
 
 import torch
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from open_clip.model import convert_to_custom_text_state_dict
 from safetensors.torch import load_file as load_safetensors
 
+from ..written_files import whole_file
 from .config import CONFIG_RECORD_KEY, read_config_record
 
 _WRAPPER_PREFIX = re.compile(r'^(module\.|_orig_mod\.)+')
@@ -238,37 +237,12 @@ def check_digest(checkpoint, path) -> None:
 
 
 def save_checkpoint(checkpoint, path) -> None:
-    """``torch.save`` whole or not at all, with a digest when ``checkpoint`` is a dict holding a ``state_dict``.
-
-    Writes a temporary file beside ``path``, fsyncs it and renames it over ``path``, so that a kill or a full
-    disk during the save leaves the previous file (or none), never a cut one. Returns nothing; raises
-    what writing raised, after removing the temporary file.
-    """
-    path = os.fspath(path)
+    """``torch.save`` whole or not at all (``written_files.whole_file``), with a digest when ``checkpoint`` is a dict
+    holding a ``state_dict``. The temporary file's name does not end in ``.pt``: no ``--resume latest`` finds it."""
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get('state_dict'), dict):
         checkpoint = {**checkpoint, DIGEST_KEY: state_dict_digest(checkpoint['state_dict'])}
-    folder, name = os.path.split(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f'.{name}.', suffix='.tmp')  # not *.pt: no resume finds it
-    try:
-        with os.fdopen(handle, 'wb') as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    try:  # make the rename itself durable; not every file system lets a folder be opened
-        folder_handle = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(folder_handle)
-    except OSError:
-        pass
-    finally:
-        os.close(folder_handle)
+    with whole_file(path) as file:
+        torch.save(checkpoint, file)
 
 
 def checkpoint_problem(path) -> Optional[str]:

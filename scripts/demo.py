@@ -20,7 +20,8 @@ control`` adds the control. Runs go ``--parallel`` at a time (default: one per C
    captions each, each naming part of the scene) with its training set as OpenCLIP's CSV, whose order
    ``--seed`` fixes (webdataset's sample shuffle is not seeded); or takes ``--train-data``.
 2. For each seed and arm: the initial weights (``init/<run>/``), then OpenCLIP's stock loop
-   (``python -m open_clip_train.main --model local-dir:init/<run>``), its log lines streamed. On the
+   (``open_clip_train --model local-dir:init/<run>``, run as ``python -m open_clip_llip.commands.train``, so that
+   Llip's checkpoints are saved whole), its log lines streamed. On the
    built-in data, whose captions use a few dozen of the tokenizer's 49,408 tokens, the text tower's token
    and position embeddings keep their initial values (OpenCLIP's ``--lock-text`` with every layer above
    them unlocked; ``--train-text-embedding`` trains them too).
@@ -231,7 +232,7 @@ def train(args, written, name, model, seed, config, extra, lock):
     """One run of OpenCLIP's stock training loop; returns its final checkpoint. Its log lines stream through."""
     runs = (args.output / 'runs').resolve()
     command = [
-        sys.executable, '-m', 'open_clip_train.main', '--model', model, '--dataset-type', args.dataset_type,
+        sys.executable, '-m', 'open_clip_llip.commands.train', '--model', model, '--dataset-type', args.dataset_type,
         '--train-data', args.train_data, '--train-num-samples', str(args.train_num_samples),
         '--epochs', str(args.epochs), '--batch-size', str(args.batch_size), '--lr', str(args.lr),
         '--warmup', str(args.warmup), '--precision', args.precision, '--workers', str(args.workers),

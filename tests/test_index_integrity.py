@@ -202,7 +202,7 @@ def test_an_index_from_before_block_hashes_opens_says_what_it_lacks_and_checks_i
     as_written_before_block_hashes(folder)
     with caplog.at_level(logging.WARNING):
         index = LlipIndex.open(folder, model)
-    assert 'written before block hashes: it has no a SHA-256 of its manifest and no per-block SHA-256 of its ' \
+    assert 'written before block hashes: it has no SHA-256 of its manifest and no per-block SHA-256 of its ' \
            'features, so its features file is checked whole on every open' in caplog.text
     assert search_every_row(index, model).ids.shape == (3, 5)
     assert verify_index(folder) == []

@@ -443,7 +443,7 @@ def read_manifest(folder: Union[str, Path]) -> dict:
 
 def _legacy_gaps(manifest: dict) -> List[str]:
     """What an index written before block hashes lacks of the records ``seal_manifest`` adds."""
-    return [what for key, what in (('sha256', 'a SHA-256 of its manifest'),
+    return [what for key, what in (('sha256', 'SHA-256 of its manifest'),
                                    ('feature_blocks', 'per-block SHA-256 of its features')) if key not in manifest]
 
 

@@ -127,6 +127,54 @@ def test_metrics_match_plain_count_on_random_scores(seed):
     assert metrics == pytest.approx(plain_metrics(scores, image_index))
 
 
+def full_matrix_metrics(scores, image_index):
+    """The metrics from [N, M] masks and comparisons of the whole matrix at once (as ``retrieval_metrics`` computed
+    them before it ranked in blocks): the reference its blocks must equal exactly."""
+    from open_clip_llip.evaluation.retrieval import _rank_metrics
+    scores = scores.float()
+    is_caption = image_index[None, :] == torch.arange(len(scores))[:, None]
+    best_caption = scores.masked_fill(~is_caption, float('-inf')).amax(dim=1, keepdim=True)
+    image_ahead = ((~(scores < best_caption)) & ~is_caption).sum(dim=1)
+    text_ahead = ((~(scores < scores.gather(0, image_index[None, :]))) & ~is_caption).sum(dim=0)
+    return {**_rank_metrics('image_to_text', image_ahead), **_rank_metrics('text_to_image', text_ahead)}
+
+
+@pytest.mark.parametrize('block_elements', [1, 70, 3 * 70, 29 * 70, 1 << 22])  # images per block: 1, 1, 3, 29, all
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_metrics_ranked_in_blocks_equal_the_full_matrix_exactly(block_elements, dtype, monkeypatch):
+    import open_clip_llip.evaluation.retrieval as retrieval
+    monkeypatch.setattr(retrieval, '_RANK_BLOCK_ELEMENTS', block_elements)
+    generator = torch.Generator().manual_seed(0)
+    num_images, num_texts = 30, 70
+    image_index = torch.cat([torch.arange(num_images), torch.randint(0, num_images, (40,), generator=generator)])
+    image_index = image_index[torch.randperm(num_texts, generator=generator)]
+    tied = torch.randint(0, 12, (num_images, num_texts), generator=generator).float()
+    close = torch.randn(num_images, num_texts, generator=generator)  # distinct in float32, some tied once rounded
+    with_nan = close.clone()
+    with_nan[3, :5], with_nan[7, 9] = float('nan'), float('nan')
+    for scores in (tied, close, with_nan):
+        assert retrieval_metrics(scores.to(dtype), image_index) == full_matrix_metrics(scores.to(dtype), image_index)
+
+
+def test_similarity_fills_its_blocks_with_the_scores_of_conditioned_cosine_exactly(model, embedded, monkeypatch):
+    """Blocks of images and texts written into one matrix: bit for bit the blocks' concatenation, at every τ."""
+    import open_clip_llip.modeling.llip_model as llip_model
+    from open_clip_llip.modeling.features import unpack_text
+    from open_clip_llip.modeling.scoring import conditioned_cosine
+    _, _, image_features, text_features = embedded
+    monkeypatch.setattr(llip_model, '_GRAM_BLOCK_ELEMENTS', 3 * 32 * 32)  # 3 images per block
+    monkeypatch.setattr(llip_model, 'pair_block_size', lambda count, heads, tokens: 4)  # 4 texts per block
+    with torch.no_grad():
+        scores = model.similarity(image_features, text_features, temperature=[1., 5.])
+        keys, values = unpack_image(image_features)
+        queries, targets = unpack_text(text_features)
+        gram = model.mixer.image_gram(values)
+        for t, tau in enumerate((1., 5.)):
+            expected = torch.cat([conditioned_cosine(keys[i:i + 3], values[i:i + 3], gram[i:i + 3], queries, targets, tau,
+                                                     block_size=4) for i in range(0, 7, 3)])
+            assert torch.equal(scores[t], expected)
+
+
 def test_metrics_agree_with_openclip_without_ties():
     from open_clip_train.train import get_clip_metrics
     generator = torch.Generator().manual_seed(0)

@@ -1,4 +1,5 @@
-"""``open_clip_llip index build|query``: build a Llip retrieval index of images, or search one by text."""
+"""``open_clip_llip index build|query|verify``: build a Llip retrieval index of images, search one by text, or check
+one's files against the SHA-256 its manifest records."""
 import argparse
 import logging
 import sys
@@ -6,7 +7,16 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..modeling.llip_model import LlipModel
-from ..search.index import DEFAULT_CANDIDATES, DEFAULT_PROTOTYPES, DTYPES, LlipIndex, build_index, list_images, read_manifest
+from ..search.index import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_PROTOTYPES,
+    DTYPES,
+    LlipIndex,
+    build_index,
+    list_images,
+    read_manifest,
+    verify_index,
+)
 from .options import add_model_arguments, add_runtime_arguments, add_skip_bad_samples_argument, check_runtime_arguments
 
 
@@ -58,7 +68,18 @@ def _query(args):
         print(f'{text}')
         for rank, (score, image) in enumerate(zip(scores, ids), 1):
             name = f'\t{index.names[image]}' if index.names is not None else ''
-            print(f'{rank:4d}\t{score:.4f}\t{image}{name}')
+            if image >= 0:  # −1: fewer than k images with finite scores
+                print(f'{rank:4d}\t{score:.4f}\t{image}{name}')
+
+
+def _verify(args):
+    problems = verify_index(args.index)
+    for problem in problems:
+        print(problem)
+    if problems:
+        sys.exit(f'open_clip_llip index verify: error: {len(problems)} damaged part(s) of the index in {args.index}; '
+                 'build it again.')
+    print(f'The index in {args.index} is whole: every file and block matches the SHA-256 its manifest records.')
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -94,6 +115,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     add_model_arguments(query, required=False, model_help="default: the index's (another path to the same model)",
                         pretrained_help="default: the index's")
     add_runtime_arguments(query, workers=False)
+
+    verify = commands.add_parser('verify', help="check every file and block of an index against its manifest's SHA-256, "
+                                 'naming each damaged one (exit status 1 if any)')
+    verify.add_argument('index', type=Path, help='an index folder written by open_clip_llip index build')
     args = parser.parse_args(argv)
     if args.command == 'build':
         check_runtime_arguments(build, args)
@@ -106,7 +131,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s | %(levelname)s | %(message)s')
     try:
-        _build(args) if args.command == 'build' else _query(args)
+        dict(build=_build, query=_query, verify=_verify)[args.command](args)
     except (ValueError, OSError, ImportError) as error:  # bad input: say what is wrong, without a traceback
         sys.exit(f'open_clip_llip index {args.command}: error: {error}')
 

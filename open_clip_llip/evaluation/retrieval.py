@@ -19,6 +19,8 @@ from tqdm import tqdm
 from ..modeling.classifier import model_device
 
 RECALL_AT = (1, 5, 10)
+# Scores ranked at once by ``retrieval_metrics`` (16 MiB in fp32): its [n, M] temporaries stay this size whatever N·M.
+_RANK_BLOCK_ELEMENTS = 1 << 22
 
 
 def encode_images(
@@ -79,7 +81,10 @@ def retrieval_metrics(scores: torch.Tensor, image_index: torch.Tensor) -> Dict[s
 
     Image→text: an image's rank is that of its best-scoring caption among the other images'
     captions. Text→image: a text's rank is that of its image among all images. Ties count
-    against: a wrong item scoring as high as the right one ranks ahead of it.
+    against: a wrong item scoring as high as the right one ranks ahead of it (so does a NaN).
+
+    Memory: ``scores`` is ranked in blocks of images, ``_RANK_BLOCK_ELEMENTS`` scores at a time, with no
+    [N, M] temporary (scores converted to float32, masks, comparisons): counts are [N] and [M].
     """
     num_images, num_texts = scores.shape
     image_index = image_index.to(scores.device)
@@ -91,13 +96,16 @@ def retrieval_metrics(scores: torch.Tensor, image_index: torch.Tensor) -> Dict[s
     if (captions_per_image == 0).any():
         missing = (captions_per_image == 0).nonzero()[:5, 0].tolist()
         raise ValueError(f'Every image needs at least one text; images {missing} have none.')
-    scores = scores.float()
-    is_caption = image_index[None, :] == torch.arange(num_images, device=scores.device)[:, None]  # [N, M]
-
-    best_caption = scores.masked_fill(~is_caption, float('-inf')).amax(dim=1, keepdim=True)  # [N, 1]
-    image_ahead = ((~(scores < best_caption)) & ~is_caption).sum(dim=1)
-    true_image = scores.gather(0, image_index[None, :])  # [1, M]
-    text_ahead = ((~(scores < true_image)) & ~is_caption).sum(dim=0)
+    true_image = scores.gather(0, image_index[None, :]).float()  # [1, M]
+    image_ahead, text_ahead = [], torch.zeros(num_texts, dtype=torch.long, device=scores.device)
+    rows = max(1, _RANK_BLOCK_ELEMENTS // max(1, num_texts))
+    for start in range(0, num_images, rows):
+        block = scores[start:start + rows].float()  # [n, M]
+        other = image_index[None, :] != torch.arange(start, start + len(block), device=scores.device)[:, None]
+        best_caption = block.masked_fill(other, float('-inf')).amax(dim=1, keepdim=True)  # [n, 1]
+        image_ahead.append((~(block < best_caption) & other).sum(dim=1))
+        text_ahead += (~(block < true_image) & other).sum(dim=0)
+    image_ahead = torch.cat(image_ahead) if image_ahead else torch.zeros(0, dtype=torch.long)
     return {**_rank_metrics('image_to_text', image_ahead), **_rank_metrics('text_to_image', text_ahead)}
 
 

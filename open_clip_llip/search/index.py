@@ -29,7 +29,8 @@ numbers, fp16 by default: 64 KiB at B/16) in one memory-mapped ``.npy`` file, so
 larger than memory is searched by reading only the C candidates' rows; and its first-stage
 vectors (P·D float32 numbers: 2 KiB per prototype at B/16) in a FAISS IVF index, memory-mapped too.
 
-    index.json            manifest: model, weights fingerprint, shapes, dtype, count, τ, files (SHA-256)
+    index.json            manifest: model, weights fingerprint, shapes, dtype, count, τ, files (SHA-256), the
+                          SHA-256 of each block of feature rows, and its own SHA-256
     image_features.npy    [N, 2, H, K, d], float16 or float32, opened memory-mapped
     first_stage.faiss     FAISS IndexIVFFlat: the P prototype queries (its quantizer), list c the N vectors x[c]
     names.json            the N image names (paths), when given
@@ -45,12 +46,21 @@ Python::
 Command: ``open_clip_llip index build`` / ``open_clip_llip index query`` (``python -m
 open_clip_llip.search.index``; ``--help``).
 
+Integrity: ``LlipIndex.open`` checks the manifest's own SHA-256 and every file's but the features' (small:
+the first stage and the names) before reading them, and the features file's size and header; a search
+checks each block of ``feature_blocks.rows`` feature rows against its SHA-256 the first time it reads a row
+of it (so a row's first read costs its block's, ``_HASH_BLOCK_BYTES``). ``verify_index`` (``open_clip_llip
+index verify``) checks everything and names each damaged file and block. An index written before block
+hashes checks its features file whole on open. Images whose features or scores are not finite are never
+ranked: refused at build, left out of results (with a warning) at search.
+
 Notation: N images, Q texts (queries), C candidates per query, P prototype queries, K mixture tokens,
 H mixer heads, D embedding width, d = D / H.
 """
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -66,7 +76,7 @@ from ..modeling.features import check_features, unpack_image, unpack_text
 from ..modeling.llip_model import LlipModel
 from ..modeling.scoring import attention, mixture_cosine, mixture_norm, scoring_dtype
 from ..version import __version__
-from ..written_files import WrittenFiles, prepare_folder
+from ..written_files import WrittenFiles, file_digest, prepare_folder
 
 # What an index's manifest records as its writer, and ``--overwrite`` looks for: kept as it was when the index
 # module was ``open_clip_llip.index``, so that index folders written before keep being recognised.
@@ -83,6 +93,10 @@ _BLOCK_ELEMENTS = 1 << 24
 _TEXT_BATCH = 1024
 # Candidate rows read from disk at once: a queue deep enough for an SSD, which serves random reads in parallel.
 _READ_THREADS = 16
+# Bytes of feature rows hashed together (SHA-256 per block in the manifest): large enough that a gallery's manifest
+# stays small (~70 bytes per MiB of features), small enough that verifying a candidate's block on its first read
+# costs little more than reading the row.
+_HASH_BLOCK_BYTES = 1 << 20
 
 
 def _faiss():
@@ -94,7 +108,8 @@ def _faiss():
 
 
 class SearchResults(NamedTuple):
-    """The k best images of each query, best first: conditioned cosines and image ids (rows of the index)."""
+    """The k best images of each query, best first: conditioned cosines and image ids (rows of the index); where
+    fewer than k images have finite features and scores, the rest are id −1 with score −inf."""
     scores: torch.Tensor  # [Q, k], float32
     ids: torch.Tensor  # [Q, k], int64
 
@@ -267,8 +282,9 @@ def write_index(
                                  f'[n, {", ".join(map(str, shape[1:]))}] of {count} images in all.')
             rows = batch.detach().to('cpu', getattr(torch, dtype))
             if not torch.isfinite(rows).all():
-                raise ValueError(f'Images {done} to {done + len(batch) - 1} have non-finite features in {dtype} '
-                                 '(NaN, or too large for float16: use dtype float32).')
+                raise ValueError(f'Image {_named(_non_finite_rows(rows.numpy(), done), names)} has non-finite features '
+                                 f'in {dtype} (NaN, or too large for float16: use dtype float32); an index ranks '
+                                 'only finite scores. Leave the image out, or check the model and the image.')
             stored[done:done + len(rows)] = rows.numpy()
             with torch.inference_mode():
                 add_first_stage(first_stage, first_stage_vectors(model, rows, prototypes).cpu().numpy(), done)
@@ -291,6 +307,7 @@ def write_index(
                              routing='nearest prototypes of the raw query q (L2)', query='W_O t̂'),
             names=NAMES if names is not None else None, skipped_samples=skipped_samples)
         manifest['files'] = dict(written.files)  # written last: a folder with a manifest holds a whole index
+        seal_manifest(manifest, folder)
         return written.write_text(MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + '\n')
 
 
@@ -367,8 +384,36 @@ def _text_features(model: LlipModel, tokenizer, texts: Union[str, Sequence[str],
     return encode_texts(model, tokens.split(_TEXT_BATCH), autocast=autocast)
 
 
-def read_manifest(folder: Union[str, Path]) -> dict:
-    """The manifest of the index in ``folder``; FileNotFoundError or ValueError if there is none."""
+def feature_blocks(path: Union[str, Path]) -> dict:
+    """SHA-256 of the header of the features file at ``path`` (``.npy``) and of each block of its rows.
+
+    Returns ``dict(rows=R, header_sha256=…, sha256=[…])``: block b holds rows b·R … (b+1)·R − 1, R rows of at
+    most ``_HASH_BLOCK_BYTES`` (at least one). ``LlipIndex`` checks a block the first time it reads a row of it.
+    """
+    features = np.load(path, mmap_mode='r')
+    row_bytes = features[0].nbytes
+    rows = max(1, _HASH_BLOCK_BYTES // row_bytes)
+    with open(path, 'rb') as file:
+        header = hashlib.sha256(file.read(features.offset)).hexdigest()
+        blocks = [hashlib.sha256(file.read(rows * row_bytes)).hexdigest() for _ in range(math.ceil(len(features) / rows))]
+    return dict(rows=rows, header_sha256=header, sha256=blocks)
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of a manifest's content (canonical JSON, its own ``sha256`` left out): what it records of itself."""
+    content = {key: value for key, value in manifest.items() if key != 'sha256'}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode('utf-8')).hexdigest()
+
+
+def seal_manifest(manifest: dict, folder: Path):
+    """Add what ``LlipIndex`` checks beyond each file's SHA-256: per-block hashes of the features written in
+    ``folder`` (``feature_blocks``), then the manifest's own SHA-256 (``manifest_digest``)."""
+    manifest['feature_blocks'] = feature_blocks(folder / manifest['image_features']['file'])
+    manifest['sha256'] = manifest_digest(manifest)
+
+
+def _load_manifest(folder: Union[str, Path]) -> dict:
+    """The manifest of the index in ``folder``, parsed, its own SHA-256 not checked."""
     path = Path(folder) / MANIFEST
     if not Path(folder).is_dir():
         raise FileNotFoundError(f'Index folder {folder} not found.')
@@ -384,6 +429,132 @@ def read_manifest(folder: Union[str, Path]) -> dict:
     return manifest
 
 
+def _manifest_damage(folder: Union[str, Path], manifest: dict) -> Optional[str]:
+    """What is wrong with a parsed manifest's own record of itself (its SHA-256), or None."""
+    if 'sha256' in manifest and manifest['sha256'] != manifest_digest(manifest):
+        return (f'{Path(folder) / MANIFEST}: its content does not match the SHA-256 it records: it was changed or '
+                'damaged after the index was written.')
+    return None
+
+
+def read_manifest(folder: Union[str, Path]) -> dict:
+    """The manifest of the index in ``folder``, its own SHA-256 checked (where it records one, as every index
+    written since block hashes does); FileNotFoundError or ValueError if there is none or it is damaged."""
+    manifest = _load_manifest(folder)
+    damage = _manifest_damage(folder, manifest)
+    if damage:
+        raise ValueError(f'{damage} Build the index again.')
+    return manifest
+
+
+def _legacy_gaps(manifest: dict) -> List[str]:
+    """What an index written before block hashes lacks of the records ``seal_manifest`` adds."""
+    return [what for key, what in (('sha256', 'SHA-256 of its manifest'),
+                                   ('feature_blocks', 'per-block SHA-256 of its features')) if key not in manifest]
+
+
+def _file_damage(folder: Path, relative: str, digest: str) -> Optional[str]:
+    """What is wrong with file ``relative`` of an index against its recorded SHA-256 ``digest``, or None."""
+    path = folder / relative
+    if not path.is_file():
+        return f'{path}: missing.'
+    if file_digest(path) != digest:
+        return f'{path}: does not match the SHA-256 the manifest records: changed or damaged after the index was written.'
+    return None
+
+
+def _features_layout_damage(folder: Path, manifest: dict) -> Optional[str]:
+    """Whether the features file has the size and header that its block hashes were recorded for (None if so)."""
+    spec, blocks = manifest['image_features'], manifest['feature_blocks']
+    path = folder / spec['file']
+    if not path.is_file():
+        return f'{path}: missing.'
+    try:
+        features = np.load(path, mmap_mode='r')
+        with open(path, 'rb') as file:
+            header = hashlib.sha256(file.read(features.offset)).hexdigest()
+    except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
+        return f'{path}: not a readable .npy file ({error or "empty"}).'
+    if header != blocks['header_sha256']:
+        return f'{path}: its header does not match the SHA-256 the manifest records.'
+    expected = features.offset + int(np.prod(spec['shape'])) * np.dtype(spec['dtype']).itemsize
+    if path.stat().st_size != expected:
+        return f'{path}: {path.stat().st_size:,} bytes; the manifest records {expected:,} (cut short, or extended).'
+    return None
+
+
+def _read_at(file, size: int, offset: int) -> bytes:
+    """``size`` bytes of ``file`` from ``offset``: a positioned read where the system has one (safe across threads)."""
+    if hasattr(os, 'pread'):
+        return os.pread(file.fileno(), size, offset)
+    file.seek(offset)
+    return file.read(size)
+
+
+def _read_block(file, folder: Path, manifest: dict, features: np.ndarray, block: int) -> Optional[str]:
+    """Read block ``block`` of the features file (open as ``file``) and say what is wrong with it, or None."""
+    rows, row_bytes = manifest['feature_blocks']['rows'], features[0].nbytes
+    start, stop = block * rows, min(len(features), (block + 1) * rows)
+    size, offset = (stop - start) * row_bytes, features.offset + start * row_bytes
+    if hashlib.sha256(_read_at(file, size, offset)).hexdigest() != manifest['feature_blocks']['sha256'][block]:
+        return (f'{folder / manifest["image_features"]["file"]}: rows {start} to {stop - 1} (block {block}) do not '
+                'match the SHA-256 the manifest records: changed or damaged after the index was written.')
+    return None
+
+
+def _non_finite_rows(features: np.ndarray, first: int = 0) -> np.ndarray:
+    """Ids (``first`` + row) of the rows [n, …] of ``features`` that hold NaN or infinity."""
+    return np.flatnonzero(~np.isfinite(features.reshape(len(features), -1)).all(1)) + first
+
+
+def _named(ids: Sequence[int], names: Optional[Sequence[str]], most: int = 5) -> str:
+    """'3 (cat.png), 17 (dog.png) and 4 more': image ids with their names, where known."""
+    shown = ', '.join(f'{i} ({names[i]})' if names is not None else str(i) for i in list(ids)[:most])
+    return shown + (f' and {len(ids) - most} more' if len(ids) > most else '')
+
+
+def verify_index(folder: Union[str, Path]) -> List[str]:
+    """Check the index in ``folder`` whole -> what is damaged (empty if nothing): the manifest against its own
+    SHA-256, each file it lists against its SHA-256, the features file's size and header, and each block of
+    feature rows against its SHA-256 (each damaged block named by its rows); and which rows hold non-finite
+    features. Reads every file once. ValueError or FileNotFoundError if there is no readable manifest at all.
+    An index written before block hashes is checked by whole-file hashes (what it lacks is logged)."""
+    folder = Path(folder)
+    manifest = _load_manifest(folder)
+    problems = [damage for damage in [_manifest_damage(folder, manifest)] if damage]
+    gaps = _legacy_gaps(manifest)
+    if gaps:
+        logging.warning(f'The index in {folder} was written before block hashes: it has no {" and no ".join(gaps)}; '
+                        'its files are checked whole. Build it again to have damage located per block.')
+    try:
+        files, spec = dict(manifest['files']), manifest['image_features']
+    except (KeyError, TypeError):
+        return problems + [f'{folder / MANIFEST}: lists no files or image features; it is damaged.']
+    for relative, digest in files.items():
+        if relative == spec['file'] and 'feature_blocks' in manifest:
+            continue  # per block, below
+        problems += [damage for damage in [_file_damage(folder, relative, digest)] if damage]
+    path = folder / spec['file']
+    if 'feature_blocks' in manifest:
+        layout = _features_layout_damage(folder, manifest)
+        if layout:
+            return problems + [layout]
+        features = np.load(path, mmap_mode='r')
+        with open(path, 'rb') as file:
+            problems += [damage for block in range(len(manifest['feature_blocks']['sha256']))
+                         for damage in [_read_block(file, folder, manifest, features, block)] if damage]
+    try:
+        features = np.load(path, mmap_mode='r')
+    except (OSError, ValueError, EOFError):
+        return problems  # named above: missing, or not matching its hash
+    chunk = max(1, _HASH_BLOCK_BYTES // features[0].nbytes)
+    bad = np.concatenate([_non_finite_rows(np.asarray(features[start:start + chunk]), start)
+                          for start in range(0, len(features), chunk)] or [np.zeros(0, int)])
+    if len(bad):
+        problems.append(f'{path}: non-finite features (NaN or infinity) in the rows of images {_named(bad, None)}.')
+    return problems
+
+
 class LlipIndex:
     """A Llip index opened for search with the model it was built with (``LlipIndex.open``)."""
 
@@ -391,6 +562,8 @@ class LlipIndex:
                  model: LlipModel, tokenizer=None, precision: str = 'fp32'):
         self.folder, self.manifest, self.features, self.first_stage = folder, manifest, features, first_stage
         self.names, self.model, self.tokenizer, self.precision = names, model, tokenizer, precision
+        # Blocks of feature rows checked against their SHA-256 so far (none recorded: checked whole on open).
+        self._verified = np.zeros(len(manifest.get('feature_blocks', {}).get('sha256', [])), dtype=bool)
 
     @classmethod
     def open(cls, folder: Union[str, Path], model: LlipModel, tokenizer=None, precision: str = 'fp32') -> 'LlipIndex':
@@ -398,6 +571,10 @@ class LlipIndex:
 
         The image features and the first stage's lists are memory-mapped (read only where searched). ``tokenizer``
         is needed to search by strings; ``precision`` is the one texts are encoded at.
+
+        Checked first (ValueError naming the file): the manifest against its own SHA-256, the first stage and the
+        names against theirs, the features file's size and header; each block of feature rows is checked on its
+        first read. An index written before block hashes has its features file checked whole (a warning says so).
         """
         faiss = _faiss()
         folder = Path(folder)
@@ -414,12 +591,27 @@ class LlipIndex:
             raise ValueError(f'The index in {folder} was built with other weights ({built_with}) than this model has: '
                              'its scores would be meaningless. Search it with the weights it was built with (loaded in '
                              'fp32, bf16 or under autocast), or build an index with these.')
-        spec = manifest['image_features']
+        try:
+            spec, files = manifest['image_features'], dict(manifest['files'])
+        except (KeyError, TypeError):
+            raise ValueError(f'{folder / MANIFEST} lists no files or image features; build the index again.') from None
+        gaps = _legacy_gaps(manifest)
+        if gaps:
+            logging.warning(f'The index in {folder} was written before block hashes: it has no {" and no ".join(gaps)}, '
+                            'so its features file is checked whole on every open. Build it again to have it checked '
+                            'per block, on first read.')
+        damage = [_features_layout_damage(folder, manifest)] if 'feature_blocks' in manifest else []
+        damage += [_file_damage(folder, relative, digest) for relative, digest in files.items()
+                   if relative != spec['file'] or 'feature_blocks' not in manifest]
+        damage = [problem for problem in damage if problem]
+        if damage:
+            raise ValueError(f'The index in {folder} is damaged: {" ".join(damage)} Build it again '
+                             f'(open_clip_llip index verify {folder} lists all damage).')
         try:
             features = np.load(folder / spec['file'], mmap_mode='r')
             first_stage = faiss.read_index(str(folder / manifest['first_stage']['file']), faiss.IO_FLAG_MMAP)
             names = json.loads((folder / manifest['names']).read_text(encoding='utf-8')) if manifest['names'] else None
-        except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: FAISS could not read its file
+        except (OSError, ValueError, EOFError, RuntimeError) as error:  # RuntimeError: FAISS could not read its file
             raise ValueError(f'The index in {folder} is damaged or incomplete ({error}); build it again.') from None
         count = manifest['count']
         prototypes = manifest['first_stage']['prototypes']
@@ -430,13 +622,32 @@ class LlipIndex:
                              f'features {spec["shape"]} {spec["dtype"]}); build it again.')
         return cls(folder, manifest, features, first_stage, names, model, tokenizer, precision)
 
+    def check_rows(self, ids: np.ndarray):
+        """Check the blocks of feature rows that hold the images ``ids`` against their SHA-256, each block once per
+        opened index (``_READ_THREADS`` at a time); ValueError naming the first damaged block."""
+        if not len(self._verified):
+            return  # an index written before block hashes: its features file was checked whole on open
+        blocks = np.unique(np.asarray(ids) // self.manifest['feature_blocks']['rows'])
+        blocks = blocks[~self._verified[blocks]]
+        if not len(blocks):
+            return
+        with open(self.folder / self.manifest['image_features']['file'], 'rb') as file, \
+                ThreadPoolExecutor(_READ_THREADS if hasattr(os, 'pread') else 1) as pool:
+            damage = [problem for problem in pool.map(
+                lambda block: _read_block(file, self.folder, self.manifest, self.features, block), blocks) if problem]
+        if damage:
+            raise ValueError(f'The index in {self.folder} is damaged: {damage[0]} Build it again (open_clip_llip '
+                             f'index verify {self.folder} lists all damage).')
+        self._verified[blocks] = True
+
     def read_rows(self, ids: np.ndarray) -> np.ndarray:
-        """Stored image features of the images ``ids`` [n, 2, H, K, d].
+        """Stored image features of the images ``ids`` [n, 2, H, K, d], their blocks checked first (``check_rows``).
 
         One positioned read per row, ``_READ_THREADS`` at a time, rather than faulting the rows in through
         the memory map: from a cold page cache, page faults fetch a row's pages a few at a time, ~10× slower
         (this machine). Where ``os.preadv`` is missing, the map is read.
         """
+        self.check_rows(ids)
         if not hasattr(os, 'preadv'):
             return np.array(self.features[ids])
         rows = np.empty((len(ids), *self.features.shape[1:]), self.features.dtype)
@@ -512,17 +723,34 @@ class LlipIndex:
         if candidates.numel() and not (0 <= candidates.min() and candidates.max() < len(self)):
             raise ValueError(f'Image ids must lie in [0, {len(self)}).')
         block = max(1, _BLOCK_ELEMENTS // int(np.prod(self.features.shape[1:])))
-        scores, ids = [], []
+        scores, ids, left_out = [], [], set()
         with torch.inference_mode():  # no autocast: scores in the precision of the features and the mixer
             for query, rows in zip(text_features, candidates):
                 rows = rows.sort().values
-                cosines = torch.cat([
-                    paired_cosine(self.model, torch.from_numpy(self.read_rows(chunk.numpy()))[None], query[None])[0]
-                    for chunk in rows.split(block)]).float().cpu()
-                best = cosines.topk(k)
+                cosines = []
+                for chunk in rows.split(block):
+                    features = self.read_rows(chunk.numpy())
+                    cosine = paired_cosine(self.model, torch.from_numpy(features)[None], query[None])[0].float().cpu()
+                    cosines.append(self._finite(cosine, features, chunk, left_out))
+                best = torch.cat(cosines).topk(k)
                 scores.append(best.values)
-                ids.append(rows[best.indices])
+                ids.append(rows[best.indices].masked_fill(best.values == float('-inf'), -1))
+        self._warn_left_out(left_out)
         return SearchResults(torch.stack(scores), torch.stack(ids))
+
+    def _finite(self, scores: torch.Tensor, features: np.ndarray, ids: torch.Tensor, left_out: set) -> torch.Tensor:
+        """Scores [..., n] of the images ``ids`` [n] with stored ``features`` [n, …], −inf where a feature or the
+        score is not finite (never ranked); those images' ids added to ``left_out``."""
+        bad = ~torch.isfinite(scores) | torch.from_numpy(~np.isfinite(features.reshape(len(features), -1)).all(1))
+        left_out.update(ids[bad.reshape(-1, len(ids)).any(0)].tolist())
+        return scores.masked_fill(bad, float('-inf'))
+
+    def _warn_left_out(self, left_out: set):
+        if left_out:
+            logging.warning(f'Images {_named(sorted(left_out), self.names)} of the index in {self.folder} have '
+                            'non-finite features or scores: left out of the results (an id −1 with score −inf '
+                            f'where fewer than k images remain). Check the index: open_clip_llip index verify '
+                            f'{self.folder}.')
 
     def exhaustive_search(self, text_features: torch.Tensor, k: int = 10) -> SearchResults:
         """The exact k best images of each text, every stored image scored (``mixed_cosine``, in blocks): what the
@@ -530,14 +758,19 @@ class LlipIndex:
         self._check_query(text_features, k)
         count, block = len(self), max(1, _BLOCK_ELEMENTS // (int(np.prod(self.features.shape[1:])) * len(text_features)))
         best = SearchResults(torch.empty(len(text_features), 0), torch.empty(len(text_features), 0, dtype=torch.long))
+        left_out = set()
         with torch.inference_mode():
             for start in tqdm(range(0, count, block), desc='Exhaustive', unit='block', disable=count <= block):
-                features = torch.from_numpy(np.array(self.features[start:start + block]))  # a copy: the map is read-only
-                scores = torch.cat([best.scores, mixed_cosine(self.model, features, text_features).T.float().cpu()], 1)
-                ids = torch.cat([best.ids, torch.arange(start, start + len(features)).expand(len(text_features), -1)], 1)
+                rows = torch.arange(start, min(count, start + block))
+                self.check_rows(rows.numpy())
+                features = np.array(self.features[start:start + block])  # a copy: the map is read-only
+                cosines = mixed_cosine(self.model, torch.from_numpy(features), text_features).T.float().cpu()
+                scores = torch.cat([best.scores, self._finite(cosines, features, rows, left_out)], 1)
+                ids = torch.cat([best.ids, rows.expand(len(text_features), -1)], 1)
                 top = scores.topk(min(k, scores.shape[1]))
                 best = SearchResults(top.values, ids.gather(1, top.indices))
-        return best
+        self._warn_left_out(left_out)
+        return SearchResults(best.scores, best.ids.masked_fill(best.scores == float('-inf'), -1))
 
     def _check_query(self, text_features: torch.Tensor, k: int):
         heads, width = self.features.shape[2], self.features.shape[2] * self.features.shape[4]
@@ -545,6 +778,10 @@ class LlipIndex:
                 or not len(text_features):
             raise ValueError(f'Text features must be [Q ≥ 1, 2, {heads}, {width // heads}] (LlipModel.encode_text); '
                              f'got {list(text_features.shape)}.')
+        if not torch.isfinite(text_features).all():
+            bad = (~torch.isfinite(text_features.flatten(1))).any(1).nonzero()[:, 0].tolist()
+            raise ValueError(f'Text features of queries {bad} are not finite (NaN or infinity): nothing can be ranked '
+                             'for them. Check the model and the texts.')
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self):
             raise ValueError(f'k must be an integer in [1, {len(self)}] (the images in the index); got {k!r}.')
 

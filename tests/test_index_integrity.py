@@ -168,6 +168,24 @@ def test_a_changed_or_unreadable_manifest_is_refused(folder, model):
         verify_index(folder)
 
 
+@pytest.mark.parametrize('outside', ['../elsewhere.npy', '/etc/hostname', 'sub/image_features.npy', 'notes.txt'])
+@pytest.mark.parametrize('where', ['features', 'files'])
+def test_a_manifest_naming_a_file_that_is_not_the_indexs_own_is_refused_before_reading_it(folder, model, outside,
+                                                                                          where):
+    """Even with its own SHA-256 recomputed to match: no path the manifest names is read outside the index's files."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if where == 'features':
+        manifest['image_features'] = dict(manifest['image_features'], file=outside)
+    else:
+        manifest['files'] = dict(manifest['files'], **{outside: manifest['files'][FEATURES]})
+    manifest['sha256'] = manifest_digest(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"names files that are not an index's own .*{outside}"):
+        LlipIndex.open(folder, model)
+    with pytest.raises(ValueError, match="names files that are not an index's own"):
+        verify_index(folder)
+
+
 @pytest.mark.parametrize('name', [FEATURES, FIRST_STAGE, NAMES])
 @pytest.mark.parametrize('keep', [0, 0.5, -1])  # empty, half, one byte short
 def test_a_truncated_or_missing_file_is_refused_on_open_and_named_by_verify(folder, model, name, keep):

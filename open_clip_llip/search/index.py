@@ -426,7 +426,21 @@ def _load_manifest(folder: Union[str, Path]) -> dict:
         raise ValueError(f'{path} is not a readable index manifest ({error}).') from None
     if not isinstance(manifest, dict) or manifest.get('generator') != GENERATOR:
         raise ValueError(f'{path} was not written by {GENERATOR}.')
+    strangers = [name for name in _named_files(manifest) if not (isinstance(name, str) and FILES.fullmatch(name))]
+    if strangers:  # never read a path the manifest names outside the index's own files (``..``, absolute, others)
+        raise ValueError(f'{path} names files that are not an index\'s own ({", ".join(map(repr, strangers))}): it '
+                         'was edited or damaged; build the index again.')
     return manifest
+
+
+def _named_files(manifest: dict) -> list:
+    """Every file name a manifest gives: its ``files``, and the features, first stage and names it points to."""
+    files = manifest.get('files')
+    named = list(files) if isinstance(files, dict) else []
+    for key in ('image_features', 'first_stage'):
+        if isinstance(manifest.get(key), dict) and 'file' in manifest[key]:
+            named.append(manifest[key]['file'])
+    return named + ([manifest['names']] if manifest.get('names') is not None else [])
 
 
 def _manifest_damage(folder: Union[str, Path], manifest: dict) -> Optional[str]:

@@ -241,8 +241,8 @@ class LlipModel(nn.Module):
         Memory: the scores, allocated once and filled block by block ([n images, m texts], the blocks of
         ``scoring.conditioned_cosine``), and one block's intermediates (a few [n, H·K, m] tensors of
         ``scoring.pair_block_size`` elements): a working set that does not grow with N or M. Nothing small
-        outlives a block between its large buffers, so the allocator reuses them (a list of per-block results,
-        concatenated at the end, pinned ~14 MB of freed heap per block of Llip-Tiny: 5 GB at 4,000 × 12,000).
+        outlives a block between its large buffers, so that the allocator can reuse them (docs/benchmarks.md,
+        evaluation memory).
         """
         check_features(image_features, text_features)
         taus = self.temperatures(temperature)

@@ -370,16 +370,15 @@ def plot_attention(model_name, found_as, checkpoint, retrieval_csv, path, num_im
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from PIL import Image
 
-    from open_clip_llip.evaluation.readers import read_retrieval_set
+    from open_clip_llip.evaluation.readers import load_image, read_retrieval_set
 
     model, transform, tokenizer = load_model(found_as, str(checkpoint))
     retrieval_set = read_retrieval_set(retrieval_csv)
     fig, axes = plt.subplots(num_images, 2, figsize=(10, 2.2 * num_images), gridspec_kw={'width_ratios': [1, 4]})
     for row, image_number in enumerate(range(num_images)):
         captions = [c for c, i in zip(retrieval_set.captions, retrieval_set.image_index.tolist()) if i == image_number]
-        image = Image.open(retrieval_set.images[image_number]).convert('RGB')
+        image = load_image(retrieval_set.images[image_number], retrieval_set.images[image_number])
         with torch.no_grad():
             keys, _ = unpack_image(model.encode_image(transform(image)[None]))
             queries, _ = unpack_text(model.encode_text(tokenizer(captions)))

@@ -394,9 +394,15 @@ def feature_blocks(path: Union[str, Path]) -> dict:
     row_bytes = features[0].nbytes
     rows = max(1, _HASH_BLOCK_BYTES // row_bytes)
     with open(path, 'rb') as file:
-        header = hashlib.sha256(file.read(features.offset)).hexdigest()
+        header = _header_sha256(file, features)
         blocks = [hashlib.sha256(file.read(rows * row_bytes)).hexdigest() for _ in range(math.ceil(len(features) / rows))]
     return dict(rows=rows, header_sha256=header, sha256=blocks)
+
+
+def _header_sha256(file, features: np.ndarray) -> str:
+    """SHA-256 of the ``.npy`` header of ``features`` (memory-mapped), read from the start of its ``file``."""
+    file.seek(0)
+    return hashlib.sha256(file.read(features.offset)).hexdigest()
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -486,7 +492,7 @@ def _features_layout_damage(folder: Path, manifest: dict) -> Optional[str]:
     try:
         features = np.load(path, mmap_mode='r')
         with open(path, 'rb') as file:
-            header = hashlib.sha256(file.read(features.offset)).hexdigest()
+            header = _header_sha256(file, features)
     except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
         return f'{path}: not a readable .npy file ({error or "empty"}).'
     if header != blocks['header_sha256']:

@@ -46,6 +46,45 @@ def test_encoders_concatenate_batches(model, embedded):
         torch.testing.assert_close(text_features, whole_texts, rtol=0, atol=batching_atol(model, whole_texts))
 
 
+@pytest.mark.parametrize('batches', ['tuple', 'generator', 'loader', 'loader of a dataset that says too many'])
+def test_encoders_give_each_batch_in_order_whatever_says_how_many_rows_come(model, embedded, batches):
+    """The encoders write batches into one buffer, sized from what ``batches`` says or grown as they come."""
+    images, texts, _, _ = embedded
+    with torch.no_grad():  # the same batches through the same kernels: equal to the bit
+        expected_images = torch.cat([model.encode_image(x) for x in images.split(3)])
+        expected_texts = torch.cat([model.encode_text(t) for t in texts.split(4)])
+
+    def make(tensor, size):
+        if batches == 'tuple':
+            return tensor.split(size)
+        if batches == 'generator':
+            return (batch for batch in tensor.split(size))
+        dataset = list(tensor) if batches == 'loader' else TooLong(tensor)
+        return torch.utils.data.DataLoader(dataset, batch_size=size)
+    assert torch.equal(encode_images(model, make(images, 3)), expected_images)
+    assert torch.equal(encode_texts(model, make(texts, 4)), expected_texts)
+
+
+class TooLong(torch.utils.data.IterableDataset):
+    """An iterable dataset whose ``len`` says more rows than it gives."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self):
+        return 2 * len(self.rows)
+
+
+def test_encoders_refuse_no_batches(model):
+    with pytest.raises(ValueError, match='No images to encode'):
+        encode_images(model, [])
+    with pytest.raises(ValueError, match='No texts to encode'):
+        encode_texts(model, iter(()))
+
+
 @pytest.mark.parametrize('gram_block', [None, 32 * 32, 3 * 32 * 32])  # images per block: default, 1, 3
 @pytest.mark.parametrize('tau', [None, 1.])
 def test_blocked_scores_match_materialised_z(model, embedded, gram_block, tau, monkeypatch):

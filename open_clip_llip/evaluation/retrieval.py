@@ -23,6 +23,43 @@ RECALL_AT = (1, 5, 10)
 _RANK_BLOCK_ELEMENTS = 1 << 22
 
 
+def _expected_rows(batches) -> Optional[int]:
+    """How many rows ``batches`` will give, where it says before it is read (a DataLoader's dataset, a sequence of
+    tensors): a first guess at the size of ``_encode_all``'s buffer, which grows if it was wrong."""
+    dataset = getattr(batches, 'dataset', None)
+    if hasattr(dataset, '__len__'):
+        return len(dataset)
+    if isinstance(batches, Sequence):
+        return sum(len(batch) for batch in batches)
+    return None
+
+
+def _encode_all(encode: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor], what: str,
+                use_tqdm: bool) -> torch.Tensor:
+    """``encode(batch)`` of every batch, concatenated along dim 0.
+
+    Each batch's features go straight into one buffer, allocated once (grown by doubling where the count was
+    not known). Kept as one small tensor per batch until a final ``torch.cat``, they would sit between each
+    batch's large temporaries and pin the allocator's heap, which then grows with the gallery to many times
+    the features' size.
+    """
+    features, rows = None, 0
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc=what.capitalize(), unit='batch', disable=not use_tqdm):
+            encoded = encode(batch)
+            if features is None or rows + len(encoded) > len(features):
+                capacity = (_expected_rows(batches) or 0) if features is None else 2 * len(features)
+                grown = encoded.new_empty((max(capacity, rows + len(encoded)), *encoded.shape[1:]))
+                if features is not None:
+                    grown[:rows] = features[:rows]
+                features = grown
+            features[rows:rows + len(encoded)] = encoded
+            rows += len(encoded)
+    if features is None:
+        raise ValueError(f'No {what} to encode.')
+    return features if rows == len(features) else features[:rows].clone()
+
+
 def encode_images(
         model,
         batches: Iterable[torch.Tensor],
@@ -33,14 +70,11 @@ def encode_images(
 ) -> torch.Tensor:
     """Batches of images [n, 3, h, w] -> image features [N, 2, H, K, d], on ``device`` (default: the model's)."""
     device = model_device(model) if device is None else device
-    features = []
-    with torch.inference_mode():
-        for images in tqdm(batches, desc='Images', unit='batch', disable=not use_tqdm):
-            with autocast():
-                features.append(model.encode_image(images.to(device=device, dtype=input_dtype)))
-    if not features:
-        raise ValueError('No images to encode.')
-    return torch.cat(features)
+
+    def encode(images):
+        with autocast():
+            return model.encode_image(images.to(device=device, dtype=input_dtype))
+    return _encode_all(encode, batches, 'images', use_tqdm)
 
 
 def encode_texts(
@@ -52,14 +86,11 @@ def encode_texts(
 ) -> torch.Tensor:
     """Batches of token ids [m, L] -> text features [M, 2, H, d], on ``device`` (default: the model's)."""
     device = model_device(model) if device is None else device
-    features = []
-    with torch.inference_mode():
-        for texts in tqdm(batches, desc='Texts', unit='batch', disable=not use_tqdm):
-            with autocast():
-                features.append(model.encode_text(texts.to(device)))
-    if not features:
-        raise ValueError('No texts to encode.')
-    return torch.cat(features)
+
+    def encode(texts):
+        with autocast():
+            return model.encode_text(texts.to(device))
+    return _encode_all(encode, batches, 'texts', use_tqdm)
 
 
 def _rank_metrics(name: str, ahead: torch.Tensor) -> Dict[str, float]:

@@ -232,3 +232,21 @@ def test_the_open_clip_train_command_refuses_damaged_checkpoints_with_status_1_a
 def test_only_llip_runs_are_adapted():
     assert is_llip_model('Llip-Tiny') and not is_llip_model('RN50') and not is_llip_model('ViT-B-32')
     assert not is_llip_model('Llip-Tny') and not is_llip_model('local-dir:/nonexistent')
+
+
+@pytest.mark.usefixtures('restore_logging')
+def test_python_dash_m_open_clip_train_saves_with_a_digest_and_resumes_past_a_damaged_checkpoint(tmp_path):
+    """``python -m open_clip_train.main`` (and torchrun's workers) run the module as ``__main__``: adapted all the same."""
+    _, run = train(tmp_path, epochs=1)
+    checkpoints = run / 'checkpoints'
+    save_checkpoint(tiny_checkpoint(), checkpoints / 'epoch_2.pt')
+    cut(checkpoints / 'epoch_2.pt', 'in tensor data')
+    result = subprocess.run(
+        [sys.executable, '-m', 'open_clip_train.main', '--model', 'Llip-Tiny', '--dataset-type', 'synthetic',
+         '--train-num-samples', '8', '--batch-size', '8', '--epochs', '2', '--workers', '0', '--precision', 'fp32',
+         '--logs', str(tmp_path / 'logs'), '--name', 'run', '--resume', 'latest'],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f'Resuming from {checkpoints / "epoch_1.pt"}, the latest intact checkpoint, instead.' in result.stderr
+    saved = torch.load(checkpoints / 'epoch_2.pt', weights_only=True)
+    assert saved['epoch'] == 2 and saved[DIGEST_KEY] == state_dict_digest(saved['state_dict'])

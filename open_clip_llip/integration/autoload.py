@@ -7,7 +7,8 @@ runs as usual, and right after it ``import open_clip_llip`` registers Llip (so d
 ``import open_clip_train``). Set
 ``OPEN_CLIP_LLIP_AUTOLOAD=0`` to switch this off; ``import open_clip_llip`` still activates Llip.
 
-The package itself uses ``call_after_import`` to adapt ``open_clip_train`` modules when they load.
+The package itself uses ``call_after_import`` to adapt ``open_clip_train`` modules when they load, and
+``run_as_import`` so that ``python -m open_clip_train.main`` runs the adapted module.
 """
 import os
 import sys
@@ -39,7 +40,7 @@ class ImportHook:
         self.callback = callback
 
     def find_spec(self, name, path=None, target=None):
-        if name != self.name:
+        if name != self.name or located_to_run_as_main(name):  # see RunAsImport
             return None
         sys.meta_path.remove(self)
         from importlib.util import find_spec
@@ -67,6 +68,57 @@ class WhenLoaded:
             if module is not None:  # None: its import failed
                 self.callback(module)
         return None
+
+
+class CodeInstead:
+    """Loader wrapper whose ``get_code`` (what runpy runs) gives other code."""
+
+    def __init__(self, loader, code):
+        self.loader = loader
+        self.code = code
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def get_code(self, name):
+        return self.code
+
+
+class RunAsImport:
+    """Meta-path finder for ``python -m NAME``: runpy gets ``source`` to run instead of NAME's code.
+
+    runpy runs NAME's code in ``__main__``, a module no import hook sees, so ``call_after_import(NAME, …)``
+    never adapts it; ``source`` imports NAME as usual (the callbacks run) and does what NAME's own
+    ``if __name__ == '__main__':`` block does.
+    """
+
+    def __init__(self, name, source):
+        self.name = name
+        self.source = source
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.name:
+            return None
+        sys.meta_path.remove(self)
+        if not located_to_run_as_main(name):
+            return None
+        from importlib.util import find_spec
+        spec = find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = CodeInstead(spec.loader, compile(self.source, spec.origin or name, 'exec'))
+        return spec
+
+
+def located_to_run_as_main(name) -> bool:
+    """Whether runpy is locating module ``name`` for ``python -m name``: ``sys.argv[0]`` is ``'-m'`` while it does."""
+    argv = getattr(sys, 'orig_argv', ())
+    return sys.argv[:1] == ['-m'] and name in argv and argv[argv.index(name) - 1] == '-m'
+
+
+def run_as_import(name, source):
+    """Where this process is ``python -m name`` and has not run it yet, run ``source`` in its place."""
+    if located_to_run_as_main(name) and name not in sys.modules:
+        sys.meta_path.insert(0, RunAsImport(name, source))
 
 
 def still_loading(module) -> bool:

@@ -52,7 +52,7 @@ def register():
             register_hook(MODEL_CLASS_NAME, hook)
     similarity.install()
     call_after_import('open_clip_train.zero_shot', accuracy.adapt)
-    call_after_import('open_clip_train.main', safe_checkpoints.adapt)
+    safe_checkpoints.install()
     hub.install()
     register_pretrained_tags()
     _registered = True

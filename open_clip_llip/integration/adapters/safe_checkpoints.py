@@ -18,9 +18,9 @@ Where no intact checkpoint is left, or an explicit ``--resume`` file (or ``epoch
 -1, as OpenCLIP's ``main`` does when it refuses to run (the ``open_clip_train`` command exits with
 status 1): no traceback. Remote (``--remote-sync``) and sharded (FSDP) checkpoints are left to OpenCLIP.
 
-It covers the ``open_clip_train`` command and any call of ``open_clip_train.main.main``; ``python -m
-open_clip_train.main`` runs OpenCLIP's module as ``__main__``, which no import hook sees, so such runs
-save and resume as stock OpenCLIP does (their checkpoints have no digest) until the patch lands.
+It covers the ``open_clip_train`` command, any call of ``open_clip_train.main.main`` and ``python -m
+open_clip_train.main`` (torchrun's workers too), which runs the imported module's ``main`` as its own
+``__main__`` block does (``autoload.run_as_import``).
 """
 import functools
 import glob
@@ -35,6 +35,7 @@ import torch
 
 from ...modeling.checkpoint import DamagedCheckpoint, checkpoint_problem, save_checkpoint
 from ...modeling.llip_model import MODEL_CLASS_NAME
+from ..autoload import call_after_import, run_as_import
 from . import Unexpected, expect_function, leave_alone
 
 ADAPTER = 'checkpoints (patches/0007)'
@@ -93,6 +94,12 @@ def _checked(stock_load, path_position: int):
                     'of the run\'s checkpoints folder and use --resume latest.')
         return stock_load(*args, **kwargs)
     return load
+
+
+def install():
+    """Adapt ``open_clip_train.main`` once it has loaded, whether imported or run with ``python -m``."""
+    call_after_import('open_clip_train.main', adapt)
+    run_as_import('open_clip_train.main', 'import sys\nfrom open_clip_train.main import main\nmain(sys.argv[1:])\n')
 
 
 def adapt(main_module):

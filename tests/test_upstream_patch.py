@@ -59,7 +59,7 @@ def test_patched_open_clip_discovers_llip_through_its_entry_point(patched_open_c
         for function in (open_clip.create_model, open_clip.load_checkpoint, open_clip.create_loss,
                          open_clip.build_zero_shot_classifier, open_clip_train.train.evaluate,
                          open_clip_train.zero_shot.{run_name}, getattr(open_clip, 'create_task', open_clip.create_loss),
-                         open_clip.push_to_hf_hub, hub.save_config_for_hf):
+                         open_clip.push_to_hf_hub, hub.save_config_for_hf, open_clip.factory.download_pretrained):
             assert not function.__module__.startswith('open_clip_llip'), function
         assert ('Llip-ViT-B-16', 'llip_b16_k32') in open_clip.list_pretrained()  # through register_pretrained
         from types import SimpleNamespace

@@ -34,6 +34,7 @@ def register():
     from . import objective
     from .adapters import (
         accuracy,
+        download_errors,
         hub,
         registered_losses,
         registered_model_classes,
@@ -59,6 +60,7 @@ def register():
         call_after_import(f'clip_benchmark.metrics.{task}', route_llip_models)
     hub.install()
     register_pretrained_tags()
+    download_errors.install()
     _registered = True
 
 

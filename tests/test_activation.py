@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -52,6 +53,30 @@ def test_open_clip_train_modules_imported_before_open_clip_are_adapted_once_load
     adapter = 'open_clip_llip.integration.adapters.similarity'
     assert out.stdout.split() == [adapter, adapter, 'True']
     assert 'could not register' not in out.stderr
+
+
+def test_a_hook_that_steps_aside_leaves_the_next_hook_its_import(tmp_path, monkeypatch):
+    """A module that registers a hook on itself while it loads (as open_clip, imported by one of CLIP_benchmark's task
+    modules, registers hooks on all of them) puts it ahead of the others; when it steps aside at the next import, the
+    hook behind it must still see that import."""
+    from open_clip_llip.integration.autoload import call_after_import
+    calls = types.ModuleType('hook_calls')
+    calls.names = []
+    monkeypatch.setitem(sys.modules, 'hook_calls', calls)
+    monkeypatch.setattr(sys, 'meta_path', list(sys.meta_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / 'hooked_first.py').write_text(
+        'import hook_calls\nfrom open_clip_llip.integration.autoload import call_after_import\n'
+        'call_after_import(__name__, lambda module: hook_calls.names.append(module.__name__))\n')
+    (tmp_path / 'hooked_second.py').write_text('')
+    call_after_import('hooked_second', lambda module: calls.names.append(module.__name__))
+    try:
+        import hooked_first  # noqa: F401
+        import hooked_second  # noqa: F401
+    finally:
+        for name in ('hooked_first', 'hooked_second'):
+            sys.modules.pop(name, None)
+    assert calls.names == ['hooked_first', 'hooked_second']
 
 
 def test_python_startup_imports_none_of_torch_open_clip_or_ours():

@@ -18,6 +18,7 @@ REPLACED = {
 }
 REPLACED['hub'] = ['open_clip.push_to_hf_hub', 'open_clip.push_to_hf_hub.save_config_for_hf']
 REPLACED['safe_checkpoints'] = ['open_clip_train.main.main']  # swaps its saving and resuming during Llip runs only
+REPLACED['download_errors'] = ['open_clip.factory.download_pretrained']
 if hasattr(open_clip, 'create_task'):
     REPLACED['registered_tasks'] = ['open_clip.create_task']
 

@@ -25,10 +25,11 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import REPO
+import torch.nn.functional as F
+from conftest import EPS32, REPO
 from PIL import Image
 
-from open_clip_llip import build_zero_shot_classifier, zero_shot_cosine
+from open_clip_llip import build_zero_shot_classifier, unpack_image, zero_shot_cosine
 from open_clip_llip.commands.benchmark import main
 from open_clip_llip.commands.evaluate import main as eval_main
 from open_clip_llip.data.classification import ZERO_SHOT_TASKS
@@ -37,7 +38,7 @@ from open_clip_llip.integration import clip_benchmark as benchmark
 from open_clip_llip.integration.clip_benchmark import METRICS_MODULES, REFUSED_TASKS, llip_support
 
 clip_benchmark = pytest.importorskip('clip_benchmark', reason="CLIP_benchmark is not installed (the 'benchmark' extra)")
-from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval  # noqa: E402
+from clip_benchmark.metrics import linear_probe, zeroshot_classification, zeroshot_retrieval  # noqa: E402
 
 CLASSNAMES = ['cat', 'dog', 'red car', 'tree', 'boat', 'house']  # >= 5 classes: CLIP_benchmark reports acc5
 TEMPLATES = ['a photo of a {}.', 'a {} in a drawing']  # ours; CLIP_benchmark's write {c}
@@ -272,9 +273,9 @@ def test_everything_is_restored_on_exit_and_the_numpy_fix_stays_inside(checkpoin
         raise RuntimeError('inside')
     assert metrics_names() == before
     replaced = {key for key in before if inside[key] is not before[key]}
-    refused = {(task, 'evaluate') for task in REFUSED_TASKS}
+    evaluated_whole = {(task, 'evaluate') for task in ('linear_probe', *REFUSED_TASKS)}
     fixed = {(task, 'accuracy') for task in ('zeroshot_classification', 'linear_probe')}
-    assert replaced == SCORING_NAMES | refused | (fixed if NUMPY_REFUSES_FLOAT_OF_ARRAYS else set())
+    assert replaced == SCORING_NAMES | evaluated_whole | (fixed if NUMPY_REFUSES_FLOAT_OF_ARRAYS else set())
     assert hits == [0.5, 1.0]
     if NUMPY_REFUSES_FLOAT_OF_ARRAYS:  # CLIP_benchmark's own accuracy, outside the block, as broken as before
         with pytest.raises(TypeError, match='0-dimensional'):
@@ -336,16 +337,71 @@ def test_benchmark_extra_is_declared_and_tested():
     assert 'benchmark' in tested
 
 
-def test_importing_open_clip_adapts_nothing_of_clip_benchmark():
-    """Adaptation happens only inside llip_support(), which the user asks for."""
-    result = subprocess.run([sys.executable, '-c', """if True:
-        import sys, open_clip, open_clip_llip
-        from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
-        assert 'open_clip_llip.integration.clip_benchmark' not in sys.modules
-        for function in zeroshot_classification.zero_shot_classifier, zeroshot_retrieval.evaluate:
-            assert function.__module__.startswith('clip_benchmark.'), function
-        """], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+def test_plain_clip_benchmark_gives_a_llip_model_the_wrappers_numbers(data, checkpoint, tmp_path):
+    """``clip_benchmark eval`` as its console script runs it, in a fresh process: CLIP_benchmark loads first, then
+    OpenCLIP (and so open_clip_llip) while it imports its model loaders. Each task's ``evaluate``, and nothing else
+    of CLIP_benchmark, is replaced, with CLIP_benchmark's own underneath for other models; Llip gets the wrapper's
+    numbers."""
+    plain = {dataset: tmp_path / f'plain-{dataset}.json' for dataset in ('zeroshot', 'wds')}
+    runs = [clip_benchmark_args(data, checkpoint, dataset, output) for dataset, output in plain.items()]
+    result = subprocess.run([sys.executable, '-c', f"""if True:
+        import importlib, inspect, json, sys
+        from clip_benchmark.cli import main  # what the clip_benchmark console script runs
+        for args in {runs!r}:
+            sys.argv = ['clip_benchmark', *args]
+            main()
+        import open_clip_llip.integration.clip_benchmark as ours
+        replaced = {{f'{{task}}.{{name}}': inspect.getsourcefile(value.__wrapped__) for task in {METRICS_MODULES!r}
+                    for name, value in vars(importlib.import_module(f'clip_benchmark.metrics.{{task}}')).items()
+                    if inspect.isfunction(value) and value.__code__.co_filename == ours.__file__}}
+        print(json.dumps(replaced))
+        """], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    replaced = json.loads(result.stdout.splitlines()[-1])
+    assert replaced == {f'{task}.evaluate': import_module(f'clip_benchmark.metrics.{task}').__file__
+                        for task in METRICS_MODULES}
+    for dataset, output in plain.items():
+        wrapper = tmp_path / f'wrapper-{dataset}.json'
+        main(clip_benchmark_args(data, checkpoint, dataset, wrapper))
+        assert clip_benchmark_metrics(output) == clip_benchmark_metrics(wrapper)
+        assert_same_numbers(clip_benchmark_metrics(output), eval_command_metrics(data, checkpoint, dataset, tmp_path),
+                            dataset)
+
+
+@pytest.fixture
+def cuda_on_the_cpu(monkeypatch):
+    """CLIP_benchmark 1.6's linear probe runs on CUDA only (it asserts device == 'cuda' and calls .cuda()): here its
+    'cuda' is the CPU, so that its own code runs as it is."""
+    to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, 'cuda', lambda self, *args, **kwargs: self)
+    monkeypatch.setattr(torch.nn.Module, 'cuda', lambda self, *args, **kwargs: self)
+    monkeypatch.setattr(torch.Tensor, 'to', lambda self, *args, **kwargs: (
+        self if args[:1] == ('cuda',) else to(self, *args, **kwargs)))
+    warnings.filterwarnings('ignore', message=".*(pin_memory|CUDA is not available).*")
+
+
+def test_linear_probe_trains_on_the_uniform_mixture_of_each_llip_image(checkpoint, tmp_path, cuda_on_the_cpu):
+    """CLIP_benchmark's linear probe, called as its command line calls it: it featurises, caches and trains on the
+    normalised uniform mixture of each image's tokens (the mixer at a zero query)."""
+    model = open_clip.create_model('Llip-Tiny', pretrained=str(checkpoint)).eval()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(20, 3, *model.visual.image_size, generator=generator)
+    labels = torch.arange(20) % 6
+    loaders = [torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[part], labels[part]), batch_size=8)
+               for part in (slice(0, 12), slice(12, 20))]
+    metrics = linear_probe.evaluate(model, *loaders, -1, 8, 0, 0.1, 2, 'llip-tiny', 0, str(tmp_path), device='cuda',
+                                    normalize=True, amp=False)
+    assert {'lp_acc1', 'lp_acc5', 'lp_mean_per_class_recall'} <= set(metrics)
+    assert 0 <= metrics['lp_acc1'] <= metrics['lp_acc5'] <= 1
+    with torch.no_grad():
+        keys, values = unpack_image(model.encode_image(images))
+        mixture = model.mixer(keys, values, torch.zeros(len(images), *values.shape[1::2]))[:, 0]
+    expected = F.normalize(mixture, dim=-1)
+    for split, part in (('train', slice(0, 12)), ('test', slice(12, 20))):
+        features = torch.load(tmp_path / 'llip-tiny' / f'features_{split}.pt')
+        # Unit vectors summed over D terms in another order (test_model's uniform mixture test bounds the mixture).
+        torch.testing.assert_close(features, expected[part], rtol=0, atol=64 * mixture.shape[1] * EPS32)
+        assert torch.equal(torch.load(tmp_path / 'llip-tiny' / f'targets_{split}.pt'), labels[part])
 
 
 def test_compare_script_finds_the_same_numbers(checkpoint, tmp_path, capsys):

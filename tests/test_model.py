@@ -3,7 +3,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import batching_atol
+from conftest import EPS32, batching_atol
 from test_scoring import plain_cosine
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -265,3 +265,21 @@ def test_non_contextual_mixing_weighs_every_token_alike_for_every_text():
     loss.backward()
     assert torch.isfinite(loss) and model.mixer.out_proj.grad.abs().sum() > 0
     assert model.visual.k_proj.grad is None or not model.visual.k_proj.grad.any()  # the keys no longer matter
+
+
+def test_uniform_mixture_is_the_mixture_at_a_query_that_weighs_every_token_alike(model):
+    """One vector per image (CLIP_benchmark's linear probe): the mixer's output for a zero query, and the mean of the
+    K tokens' values through W_O, summed here token by token in float64."""
+    images, _ = batch(model)
+    with torch.no_grad():
+        keys, values = unpack_image(model.encode_image(images))
+        embedding = model.mixer.uniform_mixture(values)
+        at_zero_query = model.mixer(keys, values, torch.zeros(len(images), *values.shape[1::2]))[:, 0]
+    heads, tokens, d = values.shape[1:]
+    out_proj = model.mixer.out_proj.detach().double().view(heads, d, -1)
+    plain = sum(values[:, h, k].double() @ out_proj[h] for h in range(heads) for k in range(tokens)) / tokens
+    # Round-off of a mean over K and a product over D = H·d terms, each bounded by the sum of |terms|.
+    atol = (tokens + heads * d) * EPS32 * (values.abs().mean(2).flatten(1).double() @ out_proj.abs().flatten(0, 1)).max()
+    assert embedding.shape == (len(images), model.mixer.out_proj.shape[0])
+    torch.testing.assert_close(embedding.double(), plain, rtol=0, atol=atol.item())
+    torch.testing.assert_close(at_zero_query.double(), plain, rtol=0, atol=2 * atol.item())

@@ -5,6 +5,10 @@ cache as it would a web download.
 """
 import importlib
 import json
+import re
+import shutil
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import open_clip
@@ -90,6 +94,57 @@ def test_a_downloaded_checkpoint_of_another_architecture_is_refused_before_use(r
     register_tag('tiny-k8', 'wrong', dict(url=other.as_uri(), quick_gelu=True))
     with pytest.raises(ValueError, match=r'made for another architecture \(K = 4 mixture tokens'):
         open_clip.create_model('tiny-k8', pretrained='wrong', cache_dir=str(tmp_path / 'cache'))
+
+
+def no_network(*args, **kwargs):
+    raise urllib.error.URLError('no network (test)')
+
+
+def test_a_failed_download_of_a_release_names_the_url_the_file_and_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, 'urlopen', no_network)
+    monkeypatch.setenv('HOME', str(tmp_path))  # OpenCLIP's default cache, ~/.cache/clip
+    for cache_dir, cache in ((None, tmp_path / '.cache' / 'clip'), (str(tmp_path / 'cache'), tmp_path / 'cache')):
+        with pytest.raises(RuntimeError) as error:
+            open_clip.create_model('Llip-ViT-B-16', pretrained='llip_b16_k32', cache_dir=cache_dir)
+        message = str(error.value)
+        assert 'Could not download https://dl.fbaipublicfiles.com/llip/llip_b16_k32.pt (<urlopen error no network' in message
+        assert f'Download llip_b16_k32.pt by hand and put it at {cache / "llip_b16_k32.pt"}, ' in message
+        assert 'pass its path as pretrained= (--pretrained on the command line)' in message
+
+
+def test_a_file_put_where_the_message_says_loads_without_a_download(register_config, register_tag, tmp_path, monkeypatch):
+    release_like_tag(register_config, register_tag, 'golden-tiny', tmp_path / 'unreachable' / 'tiny.release-layout.pt')
+    cache_dir = str(tmp_path / 'cache')
+    with pytest.raises(RuntimeError, match=r'put it at (\S+), where it is looked for first') as error:
+        open_clip.create_model('golden-tiny', pretrained='release-test', cache_dir=cache_dir)
+    place = re.search(r'put it at (\S+), where', str(error.value)).group(1)
+    shutil.copy(REFERENCE / 'tiny.release-layout.pt', place)
+    monkeypatch.setattr(urllib.request, 'urlopen', no_network)
+    model = open_clip.create_model('golden-tiny', pretrained='release-test', cache_dir=cache_dir)
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in reference_model('tiny').state_dict().items())
+
+
+def test_a_failed_hub_download_names_the_repository_the_file_its_url_and_the_cache_command(
+        register_config, register_tag, tmp_path, monkeypatch):
+    from open_clip import pretrained
+    register_config('hub-tiny', dict(tiny_config(), model_class='LlipModel'))
+    register_tag('hub-tiny', 'hub-test', dict(hf_hub='someone/llip-tiny/weights.bin'))
+    monkeypatch.setattr(pretrained, 'hf_hub_download', no_network)
+    with pytest.raises(RuntimeError) as error:
+        open_clip.create_model('hub-tiny', pretrained='hub-test', cache_dir=str(tmp_path / 'hub'))
+    message = str(error.value)
+    assert 'Could not download weights.bin from the Hugging Face Hub repository someone/llip-tiny (' in message
+    assert 'Download https://huggingface.co/someone/llip-tiny/resolve/main/weights.bin by hand and pass its path as ' \
+           'pretrained= (--pretrained on the command line)' in message
+    assert f'`huggingface-cli download someone/llip-tiny weights.bin --cache-dir {tmp_path / "hub"}`' in message
+
+
+def test_a_failed_download_of_another_models_tag_is_reported_as_before(register_tag, tmp_path, monkeypatch):
+    register_tag('RN50', 'unreachable', dict(url=(tmp_path / 'unreachable.pt').as_uri()))
+    with pytest.raises(RuntimeError) as error:
+        open_clip.create_model('RN50', pretrained='unreachable', cache_dir=str(tmp_path / 'cache'))
+    assert str(error.value).startswith("Failed to download weights for tag 'unreachable': <urlopen error")
+    assert 'by hand' not in str(error.value)
 
 
 def clip_config(quick_gelu=False):

@@ -59,7 +59,7 @@ def test_patched_open_clip_discovers_llip_through_its_entry_point(patched_open_c
         for function in (open_clip.create_model, open_clip.load_checkpoint, open_clip.create_loss,
                          open_clip.build_zero_shot_classifier, open_clip_train.train.evaluate,
                          open_clip_train.zero_shot.{run_name}, getattr(open_clip, 'create_task', open_clip.create_loss),
-                         open_clip.push_to_hf_hub, hub.save_config_for_hf):
+                         open_clip.push_to_hf_hub, hub.save_config_for_hf, open_clip.factory.download_pretrained):
             assert not function.__module__.startswith('open_clip_llip'), function
         assert ('Llip-ViT-B-16', 'llip_b16_k32') in open_clip.list_pretrained()  # through register_pretrained
         from types import SimpleNamespace
@@ -131,22 +131,23 @@ def test_patched_clip_benchmark_scores_llip_itself(patched_clip_benchmark, check
     result = run_with_clip_benchmark(patched_clip_benchmark, '-c', f"""if True:
         import json, sys
         from clip_benchmark.cli import main
-        from clip_benchmark.metrics import {', '.join(REFUSED_TASKS)}, zeroshot_classification, zeroshot_retrieval
+        from clip_benchmark.metrics import (
+            {', '.join(REFUSED_TASKS)}, linear_probe, zeroshot_classification, zeroshot_retrieval)
         from open_clip_llip.integration.clip_benchmark import llip_support
         assert zeroshot_classification.__file__.startswith({str(patched_clip_benchmark)!r})
-        modules = [{', '.join(REFUSED_TASKS)}, zeroshot_classification, zeroshot_retrieval]
+        modules = [{', '.join(REFUSED_TASKS)}, linear_probe, zeroshot_classification, zeroshot_retrieval]
         before = [dict(vars(module)) for module in modules]
-        with llip_support():  # only the tasks without Llip scores are changed (to refuse Llip)
+        with llip_support():  # only the linear probe and the refusals of the tasks without Llip scores
             changed = sorted(f'{{module.__name__}}.{{name}}' for module, names in zip(modules, before)
                              for name, value in vars(module).items() if names.get(name) is not value)
         print(json.dumps(changed))
-        for args in {list(runs.values())!r}:  # CLIP_benchmark's own command, no llip_support()
+        for args in {list(runs.values())!r}:  # CLIP_benchmark's own command, its scoring tasks not routed
             sys.argv = ['clip_benchmark', *args]
             main()
         """)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.splitlines()[0]) == [f'clip_benchmark.metrics.{task}.evaluate'
-                                                          for task in sorted(REFUSED_TASKS)]
+                                                          for task in sorted(('linear_probe', *REFUSED_TASKS))]
     for dataset in runs:
         theirs = json.loads((tmp_path / f'{dataset}.json').read_text())['metrics']
         assert_same_numbers(theirs, eval_command_metrics(data, checkpoint, dataset, tmp_path), dataset)

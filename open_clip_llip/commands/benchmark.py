@@ -3,7 +3,8 @@
     open_clip_llip benchmark eval --model Llip-ViT-B-16 --pretrained llip_b16_k32.pt \\
         --dataset cifar10 --task zeroshot_classification --dataset_root DATA
 
-runs ``clip_benchmark`` inside ``integration.clip_benchmark.llip_support()``.
+runs ``clip_benchmark`` inside ``integration.clip_benchmark.llip_support()``. Plain ``clip_benchmark eval`` gives a
+Llip model the same numbers (its tasks route Llip models into that block); here, other models also get its numpy fix.
 """
 import sys
 

@@ -32,6 +32,12 @@ class RunAfterLoading:
         self.callback(module)
 
 
+def step_aside(finder):
+    """Take ``finder`` off ``sys.meta_path`` by binding a new list: an import may be iterating over the old one,
+    and removing an entry from it would skip the finder after it for that import."""
+    sys.meta_path = [other for other in sys.meta_path if other is not finder]
+
+
 class ImportHook:
     """Meta-path finder that waits for the import of one module, then steps aside."""
 
@@ -42,7 +48,7 @@ class ImportHook:
     def find_spec(self, name, path=None, target=None):
         if name != self.name or located_to_run_as_main(name):  # see RunAsImport
             return None
-        sys.meta_path.remove(self)
+        step_aside(self)
         from importlib.util import find_spec
         spec = find_spec(name)
         if spec is not None and spec.loader is not None:
@@ -64,7 +70,7 @@ class WhenLoaded:
     def find_spec(self, name, path=None, target=None):
         module = sys.modules.get(self.name)
         if module is None or not still_loading(module):
-            sys.meta_path.remove(self)
+            step_aside(self)
             if module is not None:  # None: its import failed
                 self.callback(module)
         return None
@@ -99,7 +105,7 @@ class RunAsImport:
     def find_spec(self, name, path=None, target=None):
         if name != self.name:
             return None
-        sys.meta_path.remove(self)
+        step_aside(self)
         if not located_to_run_as_main(name):
             return None
         from importlib.util import find_spec

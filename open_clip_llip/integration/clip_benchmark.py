@@ -1,7 +1,11 @@
-"""CLIP_benchmark's zero-shot classification and retrieval on Llip models, with conditioned scores.
+"""CLIP_benchmark on Llip models: zero-shot classification and retrieval with conditioned scores, and the linear probe.
 
-``open_clip_llip benchmark`` is CLIP_benchmark's own command line (``clip_benchmark``: the
-same subcommands and arguments, its datasets, metrics and output files), run inside ``llip_support()``::
+With open_clip_llip active (as it is whenever ``open_clip`` is imported), plain ``clip_benchmark eval``
+evaluates a Llip model this way: when a task's module of ``clip_benchmark.metrics`` loads,
+``route_llip_models`` makes its ``evaluate`` run a Llip model's evaluation inside ``llip_support()`` and
+hand every other model to CLIP_benchmark's function, untouched. ``open_clip_llip benchmark`` is
+CLIP_benchmark's own command line (the same subcommands and arguments, its datasets, metrics and
+output files) run inside ``llip_support()`` as a whole::
 
     pip install 'open_clip_llip[benchmark]'
     open_clip_llip benchmark eval --model Llip-ViT-B-16 --pretrained llip_b16_k32.pt \\
@@ -25,8 +29,10 @@ they replace:
   ``cos(z[i|c], t[c])`` (``zero_shot_cosine``), from which CLIP_benchmark's ``evaluate`` computes its metrics;
 - ``zeroshot_retrieval.evaluate``: images and texts encoded by ``encode_images`` and ``encode_texts``, every
   pair scored by ``LlipModel.similarity``, and CLIP_benchmark's recall@k (its ``recall_at_k``) of those scores;
-- ``linear_probe.evaluate``, ``image_caption_selection.evaluate`` and ``captioning.evaluate`` refuse Llip
-  models (they need one vector per image, or a text decoder).
+- ``linear_probe.evaluate``: CLIP_benchmark's linear probe of the model as ``UniformMixture`` shows it, one
+  vector per image: the mixture of its K tokens at a query that weighs them equally (``LlipMixer.uniform_mixture``);
+- ``image_caption_selection.evaluate`` and ``captioning.evaluate`` refuse Llip models (they compare
+  images and captions by dot products, or need a text decoder).
 
 Scores are at the model's τ: CLIP_benchmark reports one set of metrics per model and dataset
 (``open_clip_llip eval --temperatures`` scores several τ in one pass). With ``amp`` (CLIP_benchmark's
@@ -39,11 +45,11 @@ count taken with ``.item()``.
 
 The rules of ``open_clip_llip.integration.adapters`` hold: every name is checked (a function taking these
 arguments) before it is replaced, and where one is missing or has another shape, that part is left
-alone with a warning, given once. When the block exits, every name is restored: outside it,
-CLIP_benchmark is unchanged. Where CLIP_benchmark lets a model score images against texts itself
-(``patches/clip_benchmark-*/0001`` adds ``clip_benchmark.metrics.similarity.has_own_similarity``), it
-scores Llip with the model's own ``similarity`` and ``build_zero_shot_classifier``, and the three
-scoring replacements are not made; patch 0002 fixes ``accuracy``.
+alone with a warning, given once. When the block exits, every name it replaced is restored. Where
+CLIP_benchmark lets a model score images against texts itself (``patches/clip_benchmark-*/0001`` adds
+``clip_benchmark.metrics.similarity.has_own_similarity``), it scores Llip with the model's own
+``similarity`` and ``build_zero_shot_classifier``: the three scoring replacements are not made, and
+zero-shot classification and retrieval are not routed; patch 0002 fixes ``accuracy``.
 """
 import contextlib
 import functools
@@ -51,23 +57,26 @@ import importlib
 import warnings
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ..evaluation.retrieval import encode_images, encode_texts
 from ..evaluation.zero_shot import zero_shot_cosine
 from ..modeling.classifier import build_zero_shot_classifier
+from ..modeling.features import unpack_image
 from ..modeling.llip_model import LlipModel
 from .adapters import Unexpected, expect_function
 from .adapters.accuracy import accuracy as count_top_k
 
 INSTALL = "pip install 'open_clip_llip[benchmark]'"
-# CLIP_benchmark's tasks that cannot score a Llip model, and why.
+# CLIP_benchmark's tasks that Llip scores with conditioned cosines (or CLIP_benchmark itself, where patched).
+SCORED_TASKS = ('zeroshot_classification', 'zeroshot_retrieval')
+# CLIP_benchmark's tasks that cannot evaluate a Llip model, and why.
 REFUSED_TASKS = {
-    'linear_probe': 'a linear probe trains on one feature vector per image',
     'image_caption_selection': 'it compares images and captions by dot products of normalised vectors',
     'captioning': 'it needs a text decoder',
 }
-METRICS_MODULES = ('zeroshot_classification', 'zeroshot_retrieval', *REFUSED_TASKS)
+METRICS_MODULES = (*SCORED_TASKS, 'linear_probe', *REFUSED_TASKS)
 _warned = set()
 
 
@@ -173,14 +182,41 @@ def _retrieval_evaluate(stock, retrieval):
     return evaluate
 
 
+def _model(args, kwargs):
+    """The model a CLIP_benchmark ``evaluate`` was called with (its first parameter)."""
+    return kwargs['model'] if 'model' in kwargs else args[0]
+
+
+class UniformMixture(nn.Module):
+    """A Llip model as CLIP_benchmark's linear probe takes it: ``encode_image`` gives one vector per image [N, D].
+
+    The vector is the mixture of the image's K tokens at a query that weighs them equally
+    (``LlipMixer.uniform_mixture``); CLIP_benchmark normalises it (its ``--normalize``) and trains on it.
+    """
+
+    def __init__(self, model: LlipModel):
+        super().__init__()
+        self.model = model
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.mixer.uniform_mixture(unpack_image(self.model.encode_image(image))[1])
+
+
+def _linear_probe(stock):
+    @functools.wraps(stock)
+    def evaluate(model, *args, **kwargs):
+        return stock(UniformMixture(model) if isinstance(model, LlipModel) else model, *args, **kwargs)
+    return evaluate
+
+
 def _refuse_llip(stock, task: str):
     @functools.wraps(stock)
     def evaluate(*args, **kwargs):
-        if isinstance(kwargs['model'] if 'model' in kwargs else args[0], LlipModel):
+        if isinstance(_model(args, kwargs), LlipModel):
             raise ValueError(
                 f"CLIP_benchmark's {task} cannot evaluate a Llip model: {REFUSED_TASKS[task]}, and a Llip image is a set "
                 'of K tokens whose embedding depends on the text. Llip runs zeroshot_classification and '
-                'zeroshot_retrieval, scored with conditioned cosines.')
+                'zeroshot_retrieval, scored with conditioned cosines, and linear_probe.')
         return stock(*args, **kwargs)
     return evaluate
 
@@ -220,6 +256,11 @@ def _replacements(modules):
             replacements.append((retrieval, 'evaluate', _retrieval_evaluate(stock, retrieval)))
         except Unexpected as error:
             _leave_alone('retrieval', error, 'it cannot score Llip models (use open_clip_llip eval)')
+    try:
+        replacements.append((modules['linear_probe'], 'evaluate',
+                             _linear_probe(expect_function(modules['linear_probe'], 'evaluate', ('model',)))))
+    except Unexpected as error:
+        _leave_alone('the linear probe', error, 'it fails on Llip models with an unclear error')
     for task in REFUSED_TASKS:
         try:
             replacements.append((modules[task], 'evaluate',
@@ -253,3 +294,33 @@ def llip_support():
     finally:
         for module, name, function in reversed(stock):
             setattr(module, name, function)
+
+
+def route_llip_models(module):
+    """Make ``module.evaluate`` (one task of ``clip_benchmark.metrics``) evaluate Llip models inside ``llip_support()``.
+
+    ``register()`` calls it for each task's module once it has loaded, so that plain ``clip_benchmark eval``
+    gives a Llip model ``open_clip_llip benchmark eval``'s numbers. Every other model goes to CLIP_benchmark's
+    own ``evaluate`` as it is (without the numpy fix of ``llip_support()``). Zero-shot classification and
+    retrieval are left to a CLIP_benchmark that scores models itself.
+    """
+    task = module.__name__.rpartition('.')[2]
+    if task in SCORED_TASKS and _scores_models_itself():
+        return
+    try:
+        stock = expect_function(module, 'evaluate', ('model',))
+    except Unexpected as error:
+        _leave_alone(f'the {task} of clip_benchmark eval', error, 'it may fail on Llip models with an unclear error')
+        return
+
+    @functools.wraps(stock)
+    def evaluate(*args, **kwargs):
+        if not isinstance(_model(args, kwargs), LlipModel):
+            return stock(*args, **kwargs)
+        with llip_support():
+            # The block's own evaluate of this task where it has one (retrieval, the linear probe, the refusals);
+            # zero-shot classification keeps CLIP_benchmark's, which calls the functions the block replaces.
+            inside = module.evaluate
+            return (stock if inside is evaluate else inside)(*args, **kwargs)
+
+    module.evaluate = evaluate

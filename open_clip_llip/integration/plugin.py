@@ -1,4 +1,5 @@
-"""Registers Llip with OpenCLIP: its model configs, model class, training loss and task, evaluation, and checkpoints.
+"""Registers Llip with OpenCLIP: its model configs, model class, training loss and task, evaluation, and checkpoints;
+and with CLIP_benchmark, once it loads.
 
 Each piece goes through OpenCLIP's public API where it has one (``add_model_config``) and,
 where it does not yet, through the API that a patch in ``patches/`` adds (``register_model_class``,
@@ -33,6 +34,7 @@ def register():
     from . import objective
     from .adapters import (
         accuracy,
+        download_errors,
         hub,
         registered_losses,
         registered_model_classes,
@@ -41,6 +43,7 @@ def register():
         similarity,
     )
     from .autoload import call_after_import
+    from .clip_benchmark import METRICS_MODULES, route_llip_models
 
     if not MODEL_CONFIG_DIR.is_dir():
         raise FileNotFoundError(f'open_clip_llip is installed without its model configs ({MODEL_CONFIG_DIR}); reinstall it.')
@@ -53,8 +56,11 @@ def register():
     similarity.install()
     call_after_import('open_clip_train.zero_shot', accuracy.adapt)
     safe_checkpoints.install()
+    for task in METRICS_MODULES:  # plain clip_benchmark eval evaluates Llip models as open_clip_llip benchmark does
+        call_after_import(f'clip_benchmark.metrics.{task}', route_llip_models)
     hub.install()
     register_pretrained_tags()
+    download_errors.install()
     _registered = True
 
 

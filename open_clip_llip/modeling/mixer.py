@@ -69,6 +69,15 @@ class LlipMixer(nn.Module):
         mixed = torch.einsum('nmhk,nhkd->nmhd', self.attention(keys, queries, temperature), values)
         return mixed.flatten(-2).to(self.out_proj.dtype) @ self.out_proj
 
+    def uniform_mixture(self, values: torch.Tensor) -> torch.Tensor:
+        """Values [N, H, K, d] -> [N, D]: each image's embedding for a query that weighs its K tokens equally.
+
+        What ``forward`` gives for a zero query (and in the limit τ → ∞): the mean of the K tokens'
+        values, through W_O. It depends on no text, so it is one vector per image (CLIP_benchmark's
+        linear probe trains on it; docs/evaluation.md says why this one).
+        """
+        return values.mean(dim=2).flatten(1).to(self.out_proj.dtype) @ self.out_proj
+
     def image_gram(self, values: torch.Tensor) -> torch.Tensor:
         """Values [N, H, K, d] -> G: [N, H·K, H·K], the Gram matrix of the values mixed through W_O."""
         out_proj = self.out_proj.view(self.heads, -1, self.out_proj.shape[1])  # [H, d, D]

@@ -33,6 +33,7 @@ def register():
     from . import objective
     from .adapters import (
         accuracy,
+        cpu_distributed,
         hub,
         registered_losses,
         registered_model_classes,
@@ -53,6 +54,7 @@ def register():
     similarity.install()
     call_after_import('open_clip_train.zero_shot', accuracy.adapt)
     call_after_import('open_clip_train.main', safe_checkpoints.adapt)
+    call_after_import('open_clip_train.distributed', cpu_distributed.adapt)
     hub.install()
     register_pretrained_tags()
     _registered = True

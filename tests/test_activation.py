@@ -48,10 +48,12 @@ def test_open_clip_train_modules_imported_before_open_clip_are_adapted_once_load
         import open_clip_train.zero_shot
         run = getattr(open_clip_train.zero_shot, 'run', None) or open_clip_train.zero_shot.run_zero_shot_classifier
         import open_clip
-        print(evaluate.__module__, run.__module__, 'Llip-Tiny' in open_clip.list_models())
+        import torch
+        ddp = torch.nn.parallel.DistributedDataParallel.__init__  # adapted once open_clip_train.distributed loaded
+        print(evaluate.__module__, run.__module__, ddp.__module__, 'Llip-Tiny' in open_clip.list_models())
     """)
     adapter = 'open_clip_llip.integration.adapters.similarity'
-    assert out.stdout.split() == [adapter, adapter, 'True']
+    assert out.stdout.split() == [adapter, adapter, 'open_clip_llip.integration.adapters.cpu_distributed', 'True']
     assert 'could not register' not in out.stderr
 
 

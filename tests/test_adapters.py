@@ -19,6 +19,7 @@ REPLACED = {
 REPLACED['hub'] = ['open_clip.push_to_hf_hub', 'open_clip.push_to_hf_hub.save_config_for_hf']
 REPLACED['safe_checkpoints'] = ['open_clip_train.main.main']  # swaps its saving and resuming during Llip runs only
 REPLACED['download_errors'] = ['open_clip.factory.download_pretrained']
+REPLACED['cpu_distributed'] = ['torch.nn.parallel.DistributedDataParallel.__init__']  # for a Llip model on the CPU
 if hasattr(open_clip, 'create_task'):
     REPLACED['registered_tasks'] = ['open_clip.create_task']
 
@@ -35,7 +36,12 @@ SHOW_MODULES = """
     import open_clip_train.train, open_clip_train.zero_shot
     def module_of(path):
         owner, _, name = path.rpartition('.')
-        return getattr(importlib.import_module(owner), name).__module__  # sys.modules: open_clip.push_to_hf_hub
+        try:
+            owner = importlib.import_module(owner)  # sys.modules: open_clip.push_to_hf_hub
+        except ModuleNotFoundError:  # a class's method
+            module, _, cls = owner.rpartition('.')
+            owner = getattr(importlib.import_module(module), cls)
+        return getattr(owner, name).__module__
     print(json.dumps({path: module_of(path) for paths in REPLACED.values() for path in paths}))
 """
 

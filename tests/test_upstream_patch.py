@@ -54,6 +54,8 @@ def test_patched_open_clip_discovers_llip_through_its_entry_point(patched_open_c
         import open_clip_train.main, open_clip_train.train, open_clip_train.zero_shot
         assert open_clip_train.main.main.__module__ == 'open_clip_train.main'  # saved whole, resumed safely by the patch
         assert open_clip.factory.CLIP is CLIP  # no stand-ins: the patches do the work
+        import torch
+        assert torch.nn.parallel.DistributedDataParallel.__init__.__module__ == 'torch.nn.parallel.distributed'
         import importlib
         hub = importlib.import_module('open_clip.push_to_hf_hub')
         for function in (open_clip.create_model, open_clip.load_checkpoint, open_clip.create_loss,

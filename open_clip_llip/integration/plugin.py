@@ -34,6 +34,7 @@ def register():
     from . import objective
     from .adapters import (
         accuracy,
+        cpu_distributed,
         download_errors,
         hub,
         registered_losses,
@@ -58,6 +59,7 @@ def register():
     safe_checkpoints.install()
     for task in METRICS_MODULES:  # plain clip_benchmark eval evaluates Llip models as open_clip_llip benchmark does
         call_after_import(f'clip_benchmark.metrics.{task}', route_llip_models)
+    call_after_import('open_clip_train.distributed', cpu_distributed.adapt)
     hub.install()
     register_pretrained_tags()
     download_errors.install()

@@ -11,15 +11,18 @@
 | ``hub`` | 0006 | 0005 | a model's ``hub_requirements`` in its Hub config and card |
 | ``safe_checkpoints`` | 0007 | 0006 | checkpoints saved whole with a digest; ``--resume latest`` skips damaged ones |
 | ``download_errors`` | 0008 | 0007 | a failed download of a tag names the file and where to put it by hand |
+| ``cpu_distributed`` | 0009 | 0008 | ``ddp_device_ids``: DDP wraps a model on the CPU (gloo) |
 
 (patches/open_clip-3.3.0 and patches/open_clip-main; see patches/README.md.)
 
 Each adapter is detected on its own: it does nothing where OpenCLIP already has what its patch
 adds (the public name above; for ``accuracy``, an ``accuracy`` that works; for ``hub``, a
 ``generate_readme`` that takes ``requirements``; for ``safe_checkpoints``, ``open_clip_train.file_utils``'s
-``checkpoint_problem``; for ``download_errors``, ``open_clip.pretrained.PretrainedDownloadError``), and
-where something it would adapt is missing or has another shape, it leaves OpenCLIP alone and warns once.
-These modules are the only ones that replace names inside OpenCLIP; delete one when its patch lands.
+``checkpoint_problem``; for ``download_errors``, ``open_clip.pretrained.PretrainedDownloadError``; for
+``cpu_distributed``, ``open_clip_train.distributed``'s ``ddp_device_ids``), and where something it would
+adapt is missing or has another shape, it leaves OpenCLIP alone and warns once. These modules are the only
+ones that replace names inside OpenCLIP (and, in ``cpu_distributed``, torch's DDP constructor); delete one
+when its patch lands.
 """
 import inspect
 import warnings

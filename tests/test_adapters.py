@@ -18,6 +18,7 @@ REPLACED = {
 }
 REPLACED['hub'] = ['open_clip.push_to_hf_hub', 'open_clip.push_to_hf_hub.save_config_for_hf']
 REPLACED['safe_checkpoints'] = ['open_clip_train.main.main']  # swaps its saving and resuming during Llip runs only
+REPLACED['validation_data'] = ['open_clip_train.data.get_data']  # reads --val-data by its extension in Llip runs
 if hasattr(open_clip, 'create_task'):
     REPLACED['registered_tasks'] = ['open_clip.create_task']
 

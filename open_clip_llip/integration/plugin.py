@@ -39,6 +39,7 @@ def register():
         registered_tasks,
         safe_checkpoints,
         similarity,
+        validation_data,
     )
     from .autoload import call_after_import
 
@@ -53,6 +54,7 @@ def register():
     similarity.install()
     call_after_import('open_clip_train.zero_shot', accuracy.adapt)
     call_after_import('open_clip_train.main', safe_checkpoints.adapt)
+    call_after_import('open_clip_train.data', validation_data.adapt)
     hub.install()
     register_pretrained_tags()
     _registered = True

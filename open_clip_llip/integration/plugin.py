@@ -34,6 +34,7 @@ def register():
     from .adapters import (
         accuracy,
         hub,
+        model_kwargs,
         registered_losses,
         registered_model_classes,
         registered_tasks,
@@ -54,6 +55,7 @@ def register():
     similarity.install()
     call_after_import('open_clip_train.zero_shot', accuracy.adapt)
     call_after_import('open_clip_train.main', safe_checkpoints.adapt)
+    call_after_import('open_clip_train.main', model_kwargs.adapt)
     call_after_import('open_clip_train.data', validation_data.adapt)
     hub.install()
     register_pretrained_tags()

@@ -11,6 +11,7 @@
 | ``hub`` | 0006 | 0005 | a model's ``hub_requirements`` in its Hub config and card |
 | ``safe_checkpoints`` | 0007 | 0006 | checkpoints saved whole with a digest; ``--resume latest`` skips damaged ones |
 | ``validation_data`` | — | — | (a Llip run) ``--val-data`` read by its extension; a faulty validation CSV refused |
+| ``model_kwargs`` | — | — | (a Llip run) ``--model-kwargs``; ``--siglip`` keeps the config's initialisation |
 
 (patches/open_clip-3.3.0 and patches/open_clip-main; see patches/README.md.)
 
@@ -18,8 +19,9 @@ Each adapter is detected on its own: it does nothing where OpenCLIP already has 
 adds (the public name above; for ``accuracy``, an ``accuracy`` that works; for ``hub``, a
 ``generate_readme`` that takes ``requirements``; for ``safe_checkpoints``, ``open_clip_train.file_utils``'s
 ``checkpoint_problem``), and where something it would adapt is missing or has another shape, it
-leaves OpenCLIP alone and warns once. ``validation_data`` stands in for no patch (its docstring says
-why). These modules are the only ones that replace names inside OpenCLIP; delete one when its patch lands.
+leaves OpenCLIP alone and warns once. ``validation_data`` and ``model_kwargs`` stand in for no patch
+(their docstrings say why). These modules are the only ones that replace names inside OpenCLIP;
+delete one when its patch lands.
 """
 import inspect
 import warnings

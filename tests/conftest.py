@@ -90,8 +90,10 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def write_retrieval_csv(folder, count=12, seed=1):
-    """A tiny OpenCLIP CSV retrieval set (tab-separated filepath, title): random images, distinct captions."""
+def write_retrieval_csv(folder, count=12, seed=1, captions_per_image=1, name='val.csv'):
+    """A tiny OpenCLIP CSV retrieval set (tab-separated filepath, title): random images, distinct captions.
+
+    With ``captions_per_image`` > 1, each image's rows follow one another, one caption each."""
     import csv
 
     import numpy as np
@@ -103,12 +105,14 @@ def write_retrieval_csv(folder, count=12, seed=1):
     for index in range(count):
         path = folder / 'images' / f'{index}.png'
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
-        rows.append({'filepath': str(path), 'title': f'a {names[index % 6]} next to {index + 1} {names[index * 5 % 6]}s'})
-    with open(folder / 'val.csv', 'w', newline='') as file:
+        for caption in range(captions_per_image):
+            rows.append({'filepath': str(path), 'title': f'a {names[(index + caption) % 6]} next to {index + 1} '
+                                                         f'{names[(index * 5 + caption) % 6]}s'})
+    with open(folder / name, 'w', newline='') as file:
         writer = csv.DictWriter(file, fieldnames=['filepath', 'title'], delimiter='\t')
         writer.writeheader()
         writer.writerows(rows)
-    return folder / 'val.csv', rows
+    return folder / name, rows
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The shipped configs match docs/method.md (Configurations) and, parameter for parameter, the authors' checkpoints."""
 import json
+import math
 
 import open_clip
 import pytest
@@ -35,7 +36,8 @@ def test_paper_config_matches_method_and_official_layout(name, official_layouts)
     cfg = open_clip.get_model_config(name)
     assert (cfg['llip_cfg']['mixture_tokens'], cfg['embed_dim'], cfg['llip_cfg']['temperature'],
             cfg['llip_cfg']['norm'], cfg['llip_cfg']['heads']) == (tokens, embed_dim, temperature, norm, 8)
-    assert cfg['quick_gelu'] and cfg['init_logit_bias'] == -10
+    # The authors' initialisation: their configs' logit bias, their model's default logit scale log(1 / 0.07).
+    assert cfg['quick_gelu'] and cfg['init_logit_bias'] == -10 and cfg['init_logit_scale'] == math.log(1 / 0.07)
 
     layout = official_layouts[layout_name]
     cfg.pop('model_class')

@@ -12,7 +12,7 @@ import open_clip
 import pytest
 import torch
 import webdataset as wds
-from conftest import write_retrieval_csv
+from conftest import EPS32, write_retrieval_csv
 from open_clip_train.main import main as open_clip_train_main
 from PIL import Image
 
@@ -301,3 +301,32 @@ def test_the_llip_task_keeps_an_ema_that_is_a_llip_model():
     reloaded = open_clip.create_model('Llip-Tiny')
     reloaded.load_state_dict(state['state_dict_ema'])
     torch.testing.assert_close(reloaded.get_logits(images, texts)[0], image_logits)
+
+
+def test_siglip_keeps_the_configured_initialisation_and_model_kwargs_override_it(tmp_path):
+    """OpenCLIP's main passes SigLIP's init_logit_scale (log 10) and bias with --siglip: a Llip run keeps its config's
+    scale, takes --model-kwargs' bias, logs both, and starts from them (lr 0: the first step changes nothing)."""
+    run = train(tmp_path, '--siglip', '--model-kwargs', '{"init_logit_bias": -4.5}', '--lr', '0', '--warmup', '0',
+                samples=8)
+    state = final_state(run)['state_dict']
+    assert state['logit_scale'].item() == pytest.approx(np.log(1 / 0.07), abs=np.log(1 / 0.07) * EPS32)  # fp32 rounding
+    assert state['logit_bias'].item() == -4.5
+    log = (run / 'out.log').read_text()
+    assert ("--siglip: Llip-Tiny keeps its configured initialisation (a Llip model trains with the sigmoid loss anyway); "
+            "OpenCLIP's SigLIP values init_logit_scale = 2.30259, init_logit_bias = -10 are not applied.") in log
+    assert 'LlipModel initialised with init_logit_scale 2.65926 (scores scaled by 14.29) and init_logit_bias -4.5.' in log
+    assert "model_kwargs: {'init_logit_bias': -4.5}" in (run / 'params.txt').read_text()
+
+
+@pytest.mark.parametrize('model, model_kwargs, message', [
+    ('Llip-Tiny', '{"init_logit_bias": -5', r"--model-kwargs '\{\"init_logit_bias\": -5' is not JSON"),
+    ('Llip-Tiny', '[-5]', r'must be a JSON object of keyword arguments'),
+    ('Llip-Tiny', '{"logit_bias": -5}', r'logit_bias is not a keyword argument of a Llip model; it takes embed_dim, '),
+    ('ViT-B-32', '{"init_logit_bias": -5}', '2'),  # OpenCLIP's own answer: an option it does not know
+], ids=['not JSON', 'not an object', 'unknown key', 'not a Llip model'])
+def test_model_kwargs_that_cannot_apply_are_refused_before_the_model_is_built(tmp_path, capsys, model, model_kwargs,
+                                                                              message):
+    with pytest.raises(SystemExit, match=message):
+        train(tmp_path, '--model-kwargs', model_kwargs, model=model)
+    if model == 'ViT-B-32':
+        assert 'unrecognized arguments: --model-kwargs' in capsys.readouterr().err

@@ -52,7 +52,11 @@ def test_patched_open_clip_discovers_llip_through_its_entry_point(patched_open_c
         import open_clip
         from open_clip.model import CLIP
         import open_clip_train.main, open_clip_train.train, open_clip_train.zero_shot
-        assert open_clip_train.main.main.__module__ == 'open_clip_train.main'  # saved whole, resumed safely by the patch
+        main, wrappers = open_clip_train.main.main, []  # model_kwargs, which has no patch, may wrap it
+        while hasattr(main, '__wrapped__'):
+            main, wrappers = main.__wrapped__, wrappers + [main.__module__]
+        assert main.__module__ == 'open_clip_train.main'  # saved whole, resumed safely by the patch
+        assert 'open_clip_llip.integration.adapters.safe_checkpoints' not in wrappers, wrappers
         assert open_clip.factory.CLIP is CLIP  # no stand-ins: the patches do the work
         import torch
         assert torch.nn.parallel.DistributedDataParallel.__init__.__module__ == 'torch.nn.parallel.distributed'

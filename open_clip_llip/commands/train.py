@@ -1,7 +1,8 @@
 """``open_clip_train``: OpenCLIP's training entry point with Llip registered.
 
 OpenCLIP 3.3 installs no console script; this one runs ``open_clip_train.main.main`` and accepts
-exactly its arguments. It exits with status 1 where OpenCLIP's ``main`` refuses to run (it returns
+its arguments (and, for a Llip ``--model``, ``--model-kwargs``: ``integration.adapters.model_kwargs``). It
+exits with status 1 where OpenCLIP's ``main`` refuses to run (it returns
 -1, which ``python -m open_clip_train.main`` turns into status 0). Importing this package first
 registers Llip even when the autoload hook is switched off (``OPEN_CLIP_LLIP_AUTOLOAD=0``).
 """

@@ -212,6 +212,18 @@ class RetrievalImages(Dataset):
         return load_image(image, image)
 
 
+def group_rows_by_image(paths: Sequence[Union[str, Path]]) -> Tuple[List[int], torch.Tensor]:
+    """Rows that name the same image file are captions of one image: -> (the first row of each image, in order of
+    appearance; each row's image number [M]). Paths are compared as paths (``a/./b.png`` is ``a/b.png``)."""
+    numbers, first_rows = {}, []
+    for row, path in enumerate(paths):
+        key = Path(path)
+        if key not in numbers:
+            numbers[key] = len(first_rows)
+            first_rows.append(row)
+    return first_rows, torch.tensor([numbers[Path(path)] for path in paths], dtype=torch.long)
+
+
 def _read_csv(path: Path, bad: BadSamples) -> RetrievalSet:
     """The rows of a retrieval CSV, each checked: one line each (a quote left open would swallow the rows after it
     into one caption), as many fields as the header, a filepath, a caption, an image file that exists."""
@@ -268,14 +280,9 @@ def _read_csv(path: Path, bad: BadSamples) -> RetrievalSet:
         rows = [row for row in rows if os.path.isfile(row[1])]
     if not rows:
         raise ValueError(f'Retrieval CSV {path} has no rows' + (' that could be read.' if bad.count else '.'))
-    images, captions, image_index, numbers = [], [], [], {}
-    for _, image, caption in rows:
-        if image not in numbers:  # an absolute filepath stays as it is
-            numbers[image] = len(images)
-            images.append(image)
-        image_index.append(numbers[image])
-        captions.append(caption)
-    return RetrievalSet(images, captions, torch.tensor(image_index))
+    paths = [image for _, image, _ in rows]  # an absolute filepath stays as it is
+    first_rows, image_index = group_rows_by_image(paths)
+    return RetrievalSet([paths[row] for row in first_rows], [caption for _, _, caption in rows], image_index)
 
 
 def _shard_paths(pattern: str) -> List[str]:

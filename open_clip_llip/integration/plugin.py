@@ -37,11 +37,13 @@ def register():
         cpu_distributed,
         download_errors,
         hub,
+        model_kwargs,
         registered_losses,
         registered_model_classes,
         registered_tasks,
         safe_checkpoints,
         similarity,
+        validation_data,
     )
     from .autoload import call_after_import
     from .clip_benchmark import METRICS_MODULES, route_llip_models
@@ -57,6 +59,8 @@ def register():
     similarity.install()
     call_after_import('open_clip_train.zero_shot', accuracy.adapt)
     safe_checkpoints.install()
+    call_after_import('open_clip_train.main', model_kwargs.adapt)  # after safe_checkpoints: it wraps its main
+    call_after_import('open_clip_train.data', validation_data.adapt)
     for task in METRICS_MODULES:  # plain clip_benchmark eval evaluates Llip models as open_clip_llip benchmark does
         call_after_import(f'clip_benchmark.metrics.{task}', route_llip_models)
     call_after_import('open_clip_train.distributed', cpu_distributed.adapt)

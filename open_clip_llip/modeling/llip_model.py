@@ -3,6 +3,8 @@
 Notation: N images, M texts, K mixture tokens, H mixer heads, D = ``embed_dim``, d = D / H.
 """
 import inspect
+import logging
+import math
 from dataclasses import asdict, is_dataclass
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -125,6 +127,9 @@ class LlipModel(nn.Module):
         lshape = [1] if nonscalar_logit_scale else []
         self.logit_scale = nn.Parameter(torch.ones(lshape) * init_logit_scale)
         self.logit_bias = nn.Parameter(torch.ones(lshape) * init_logit_bias)
+        # In a training log, the initialisation the run starts from (unless weights are loaded next).
+        logging.info(f'LlipModel initialised with init_logit_scale {init_logit_scale:.6g} (scores scaled by '
+                     f'{math.exp(init_logit_scale):.4g}) and init_logit_bias {init_logit_bias:.6g}.')
         self.register_buffer(CONFIG_RECORD_KEY, config_record(llip_cfg))
         self.register_load_state_dict_pre_hook(_check_state_dict)
 

@@ -12,6 +12,8 @@
 | ``safe_checkpoints`` | 0007 | 0006 | checkpoints saved whole with a digest; ``--resume latest`` skips damaged ones |
 | ``download_errors`` | 0008 | 0007 | a failed download of a tag names the file and where to put it by hand |
 | ``cpu_distributed`` | 0009 | 0008 | ``ddp_device_ids``: DDP wraps a model on the CPU (gloo) |
+| ``validation_data`` | — | — | (a Llip run) ``--val-data`` read by its extension; a faulty validation CSV refused |
+| ``model_kwargs`` | — | — | (a Llip run) ``--model-kwargs``; ``--siglip`` keeps the config's initialisation |
 
 (patches/open_clip-3.3.0 and patches/open_clip-main; see patches/README.md.)
 
@@ -22,7 +24,8 @@ adds (the public name above; for ``accuracy``, an ``accuracy`` that works; for `
 ``cpu_distributed``, ``open_clip_train.distributed``'s ``ddp_device_ids``), and where something it would
 adapt is missing or has another shape, it leaves OpenCLIP alone and warns once. These modules are the only
 ones that replace names inside OpenCLIP (and, in ``cpu_distributed``, torch's DDP constructor); delete one
-when its patch lands.
+when its patch lands. ``validation_data`` and ``model_kwargs`` stand in for no patch (their docstrings say
+why).
 """
 import inspect
 import warnings

@@ -109,7 +109,7 @@ def adapt(main_module):
         return
     try:
         stock_main = expect_function(main_module, 'main', ('args',))
-        parse_args = expect_function(main_module, 'parse_args', ('args',))
+        expect_function(main_module, 'parse_args', ('args',))
         natural_key = expect_function(main_module, 'natural_key')
         latest = _latest_intact(expect_function(main_module, 'get_latest_checkpoint', ('path', 'remote')), natural_key)
         if hasattr(main_module, 'load_checkpoint'):  # main: the training task loads the checkpoint
@@ -125,7 +125,7 @@ def adapt(main_module):
 
     def main(args):
         """OpenCLIP's ``main(args)``; for a Llip ``--model``, with checkpoints saved whole and checked on resume."""
-        if not is_llip_model(parse_args(args).model):
+        if not is_llip_model(main_module.parse_args(args).model):  # at call time: model_kwargs adapts it
             return stock_main(args)
         stock = {name: getattr(main_module, name) for name in replacements}
         vars(main_module).update(replacements)
@@ -137,4 +137,5 @@ def adapt(main_module):
         finally:
             vars(main_module).update(stock)
 
+    main.__wrapped__ = stock_main  # (not functools.wraps: the function is ours, not OpenCLIP's)
     main_module.main = main

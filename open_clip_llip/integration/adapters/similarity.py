@@ -12,7 +12,10 @@ model exactly as before. Replaced names:
 - ``open_clip_train.train.evaluate``: computes the validation pairs' metrics itself (the same
   names: ``clip_val_loss``, ``image_to_text_R@1``, …, with ``open_clip_llip.evaluation.retrieval``) and lets
   the stock ``evaluate`` report them with the zero-shot metrics (log, tensorboard, results.jsonl,
-  wandb), through ``zero_shot_eval`` (OpenCLIP 3) or ``zero_shot_eval_all`` (OpenCLIP 4).
+  wandb), through ``zero_shot_eval`` (OpenCLIP 3) or ``zero_shot_eval_all`` (OpenCLIP 4). The retrieval
+  metrics are those of ``open_clip_llip eval``: rows of a CSV that name the same image file are
+  captions of one image (OpenCLIP's ``get_clip_metrics`` takes row i's text to describe row i's image
+  only, and the same image in other rows for other images; patch 0004 keeps that pairing).
 
 The model is found behind DDP and, in OpenCLIP 4, behind its training task (its EMA weights when
 the task keeps them, as the task's own evaluation does). ``open_clip_train`` modules are adapted
@@ -22,6 +25,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from ...evaluation.readers import group_rows_by_image
 from ...evaluation.retrieval import retrieval_metrics
 from ..autoload import call_after_import
 from . import Unexpected, expect_function, leave_alone
@@ -103,6 +107,7 @@ def _adapt_evaluate(train):
     try:
         stock_evaluate = expect_function(train, 'evaluate', ('data', 'epoch', 'args', 'tb_writer', 'tokenizer'))
         expect_function(train, hook)
+        from open_clip_train.data import CsvDataset
         from open_clip_train.distributed import is_master
         from open_clip_train.precision import get_autocast
     except (Unexpected, ImportError) as error:
@@ -125,7 +130,11 @@ def _adapt_evaluate(train):
                 images, texts = batch
                 return scorer(images.to(device=device, dtype=input_dtype), texts.to(device))
         model.eval()
-        metrics = validation_metrics(scorer, forward, data['val'].dataloader, autocast, epoch)
+        dataloader = data['val'].dataloader
+        dataset = dataloader.dataset
+        # OpenCLIP's CSV loader reads the rows in order (validation is neither shuffled nor sharded).
+        image_files = [str(path) for path in dataset.images] if isinstance(dataset, CsvDataset) else None
+        metrics = validation_metrics(scorer, forward, dataloader, autocast, epoch, image_files)
         stock_hook = getattr(train, hook)
         setattr(train, hook, lambda *args, **kwargs: {**stock_hook(*args, **kwargs), **metrics})
         try:
@@ -137,13 +146,16 @@ def _adapt_evaluate(train):
     train.evaluate = evaluate
 
 
-def validation_metrics(model, forward, batches, autocast, epoch) -> dict:
+def validation_metrics(model, forward, batches, autocast, epoch, image_files=None) -> dict:
     """OpenCLIP's validation metrics of (image, text) pairs, scored with ``model.similarity``.
 
     ``forward(batch)`` gives the model's outputs for a batch of pairs. Per batch, the InfoNCE
-    ``clip_val_loss`` of the conditioned logits; over the whole set, the retrieval metrics of each
-    pair's text and image (``retrieval_metrics``), from features gathered on the CPU as OpenCLIP's
-    evaluate gathers them.
+    ``clip_val_loss`` of the conditioned logits, as OpenCLIP computes it; over the whole set, the
+    retrieval metrics (``retrieval_metrics``) from features gathered on the CPU as OpenCLIP's
+    evaluate gathers them. ``image_files`` names each pair's image file, in the order of the batches:
+    pairs with the same file are captions of one image, scored as ``open_clip_llip eval`` scores a
+    CSV (each image once; a text's hit is its own image, an image's its best caption). Without it,
+    every pair's image is an image of its own.
     """
     image_features, text_features, total_loss = [], [], 0.
     with torch.inference_mode():
@@ -157,7 +169,14 @@ def validation_metrics(model, forward, batches, autocast, epoch) -> dict:
             text_features.append(out['text_features'].cpu())
         if not image_features:
             return {}
-        scores = model.similarity(torch.cat(image_features), torch.cat(text_features))
-    count = len(scores)
-    return {**retrieval_metrics(scores, torch.arange(count)), 'clip_val_loss': total_loss / count,
+        image_features, text_features = torch.cat(image_features), torch.cat(text_features)
+        count = len(text_features)
+        if image_files is None:
+            first_rows, image_index = torch.arange(count), torch.arange(count)
+        elif len(image_files) != count:
+            raise RuntimeError(f'Validation read {count} pairs from a CSV of {len(image_files)} rows.')
+        else:
+            first_rows, image_index = group_rows_by_image(image_files)
+        scores = model.similarity(image_features[first_rows], text_features)
+    return {**retrieval_metrics(scores, image_index), 'clip_val_loss': total_loss / count,
             'epoch': epoch, 'num_samples': count}

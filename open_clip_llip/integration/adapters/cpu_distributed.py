@@ -10,9 +10,8 @@ step, for every model. The patch passes ``device_ids=None`` there
 Until it lands, this adapter wraps ``torch.nn.parallel.DistributedDataParallel.__init__``: given a
 ``LlipModel`` whose parameters are all on the CPU and ``device_ids`` that name only the CPU, it wraps
 the model as with ``device_ids=None``; every other call goes to DDP unchanged (for any other model,
-the stock failure stays). It adapts DDP rather than a name in ``open_clip_train.main`` because
-``torchrun -m open_clip_train.main`` runs that module as ``__main__``, which no import hook sees;
-its ``torch.nn.parallel.DistributedDataParallel`` is looked up in torch when the loop runs.
+the stock failure stays). It adapts DDP rather than a name in OpenCLIP because 3.3 wraps the model in
+``main`` and main in its training task: one hook covers both.
 """
 import functools
 

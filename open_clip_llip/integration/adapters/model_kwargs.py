@@ -15,10 +15,8 @@ and 4.2 have no option to pass other keyword arguments. For a run whose ``--mode
   ``--model-kwargs``, which override the config. Each change is logged; ``LlipModel`` logs the
   values it was initialised with.
 
-It covers the ``open_clip_train`` command, ``python -m open_clip_llip.commands.train`` and any call of
-``open_clip_train.main.main``; ``python -m open_clip_train.main`` runs OpenCLIP's module as
-``__main__``, which no import hook sees: there ``--model-kwargs`` is an unknown option and
-``--siglip`` sets SigLIP's initialisation (the model's log line shows the values).
+It covers the ``open_clip_train`` command, ``python -m open_clip_train.main`` (``autoload.run_as_import``)
+and any call of ``open_clip_train.main.main``.
 
 No upstream patch goes with this adapter yet: ``--model-kwargs`` would suit OpenCLIP for every model,
 and whether a config's initialisation should win over ``--siglip``'s is OpenCLIP's call.

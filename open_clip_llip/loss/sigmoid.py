@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss, neighbour_exchange_bidir_with_grad, neighbour_exchange_with_grad
 
-from ..modeling.scoring import pair_block_size, pair_cosine, temperatures
+from ..modeling.scoring import Temperature, pair_block_size, pair_cosine, single_temperature
 
 
 def block_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, first_text: int, negative_only: bool,
@@ -142,14 +142,11 @@ class LlipLoss(SigLipLoss):
             (say, ``'epoch 3, step 120'``); the count of calls of this loss when not given.
     """
 
-    def __init__(self, temperature: float, rank: int = 0, world_size: int = 1, dist_impl: Optional[str] = None,
+    def __init__(self, temperature: Temperature, rank: int = 0, world_size: int = 1, dist_impl: Optional[str] = None,
                  impl: Optional[str] = None, block_size: Optional[int] = None,
                  position: Optional[Callable[[], Optional[str]]] = None):
         super().__init__(rank=rank, world_size=world_size, dist_impl=dist_impl)
-        if not isinstance(temperature, (int, float)):
-            raise ValueError(f'LlipLoss needs the mixer temperature τ (model.mixer.temperature), one number; got '
-                             f'{temperature!r}.')
-        (self.temperature,) = temperatures(temperature)
+        self.temperature = single_temperature(temperature)
         self.impl = loss_impl_from_environment() if impl is None else impl
         if self.impl not in LOSS_IMPLS:
             raise ValueError(f'LlipLoss impl must be one of {LOSS_IMPLS}, got {self.impl!r}.')

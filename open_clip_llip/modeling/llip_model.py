@@ -4,7 +4,7 @@ Notation: N images, M texts, K mixture tokens, H mixer heads, D = ``embed_dim``,
 """
 import inspect
 from dataclasses import asdict, is_dataclass
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from .classifier import build_zero_shot_classifier
 from .config import CONFIG_RECORD_KEY, LlipCfg, check_llip_config, config_record, read_config_record
 from .features import check_features, pack_image, pack_text, unpack_image, unpack_text
 from .mixer import LlipMixer, TextQueryHead, split_heads
-from .scoring import pair_block_size, pair_cosine, scoring_dtype, temperatures
+from .scoring import Temperature, pair_block_size, pair_cosine, parse_temperatures, scoring_dtype, temperatures
 from .text import build_text_tower
 from .vision import build_mixture_token_vit
 
@@ -229,14 +229,15 @@ class LlipModel(nn.Module):
         return self.text_features(*self.embed_text(text))
 
     def similarity(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                   temperature: Union[float, Sequence[float], None] = None) -> torch.Tensor:
-        """cos(z[i|j], t[j]) of every image and text -> [N, M], or [T, N, M] for a sequence of T temperatures.
+                   temperature: Temperature = None) -> torch.Tensor:
+        """cos(z[i|j], t[j]) of every image and text -> [N, M] at one τ, or [T, N, M] at a sequence of T.
 
         Image features ``[N, 2, H, K, d]`` and text features ``[M, 2, H, d]`` (``open_clip_llip.modeling.features``),
         on any device (say, as OpenCLIP's evaluation accumulates them on the CPU) and in any precision:
         they are scored on the model's device in the widest of their dtypes and the mixer's, in blocks
         of images, each image's Gram matrix computed once for all texts and temperatures. τ defaults
-        to the model's.
+        to the model's; one τ is a number or a 0-d tensor or array, several a list, tuple, 1-d tensor or
+        array (``scoring.parse_temperatures``).
 
         Memory: the scores, allocated once and filled block by block ([n images, m texts], the blocks of
         ``scoring.conditioned_cosine``), and one block's intermediates (a few [n, H·K, m] tensors of
@@ -245,7 +246,7 @@ class LlipModel(nn.Module):
         evaluation memory).
         """
         check_features(image_features, text_features)
-        taus = self.temperatures(temperature)
+        taus, several = parse_temperatures(temperature, self.mixer.temperature)
         device = self.mixer.out_proj.device
         dtype = scoring_dtype(image_features, text_features, self.mixer.out_proj)
         num_images, num_texts = len(image_features), len(text_features)
@@ -267,9 +268,9 @@ class LlipModel(nn.Module):
                     scores[t, start:start + len(keys), first:first + texts] = cosine
         if scores is None:
             scores = image_features.new_zeros(len(taus), num_images, num_texts)
-        return scores if isinstance(temperature, Sequence) else scores[0]
+        return scores if several else scores[0]
 
-    def temperatures(self, temperature: Union[float, Sequence[float], None] = None) -> Tuple[float, ...]:
+    def temperatures(self, temperature: Temperature = None) -> Tuple[float, ...]:
         """The τ values to score at: the given one(s), or the model's; ValueError unless finite and positive."""
         return temperatures(temperature, self.mixer.temperature)
 

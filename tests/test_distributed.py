@@ -28,7 +28,7 @@ def global_batch(world_size):
 
 def tiny_model():
     torch.manual_seed(0)
-    return open_clip.create_model('Llip-Tiny')
+    return open_clip.create_model('Llip-Tiny', output_dict=True)
 
 
 def count_texts_per_call(loss_fn):

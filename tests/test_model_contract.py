@@ -1,4 +1,6 @@
-"""The model contract OpenCLIP users rely on: τ in any form."""
+"""The model contract OpenCLIP users rely on: τ in any form, CLIP's tuple."""
+from types import SimpleNamespace
+
 import numpy as np
 import open_clip
 import pytest
@@ -7,6 +9,7 @@ from test_model import batch
 
 from open_clip_llip import (
     LlipLoss,
+    LlipModel,
     conditioned_cosine,
     evaluate_retrieval,
     unpack_image,
@@ -92,3 +95,47 @@ def test_every_form_of_temperature_scores_as_a_float_or_a_list(model, features, 
 def test_bad_temperatures_are_refused_saying_what_was_wrong(model, features, bad, message):
     with pytest.raises(ValueError, match=message):
         model.similarity(*features, bad)
+
+
+@pytest.mark.parametrize('create', [
+    lambda: open_clip.create_model('Llip-Tiny', output_dict=False),
+    lambda: open_clip.create_model('Llip-Tiny'),  # CLIP's default
+    lambda: LlipModel(**{k: v for k, v in open_clip.get_model_config('Llip-Tiny').items() if k != 'model_class'}),
+], ids=['output_dict=False', 'create_model default', 'LlipModel default'])
+def test_output_dict_false_returns_the_tuple_clip_returns(create):
+    torch.manual_seed(0)
+    model = create().eval()
+    images, texts = batch(model)
+    with torch.no_grad():
+        image_features, text_features, logit_scale, logit_bias = model(images, texts)
+        assert torch.equal(image_features, model.encode_image(images))  # Llip's packed shapes, as encode_* give them
+        assert torch.equal(text_features, model.encode_text(texts))
+        assert torch.equal(logit_scale, model.logit_scale.exp()) and logit_bias is model.logit_bias
+        # As CLIP: None for the input not given.
+        assert model(image=images)[1] is None and model(text=texts)[0] is None
+
+
+def test_output_dict_true_returns_what_the_loss_takes(model):
+    out = model(*batch(model, 4, 4))
+    assert set(out) == {'image_features', 'image_gram', 'text_features', 'logit_scale', 'logit_bias'}
+    assert torch.isfinite(LlipLoss(model.mixer.temperature)(**out))
+
+
+def test_the_loss_refuses_clips_tuple_and_says_to_use_the_dict(model):
+    model.output_dict = False
+    with pytest.raises(ValueError, match=r'image_gram.*output_dict=True.*loss\(\*\*model\(images, texts\)\)'):
+        LlipLoss(model.mixer.temperature)(*model(*batch(model)))
+
+
+def test_openclips_zero_shot_loop_scores_a_tuple_model_as_the_dict_model(model):
+    """The stock loop takes ``model(image=x)`` as a dict or CLIP's tuple; so does the similarity adapter."""
+    import open_clip_train.zero_shot as stock
+    run = getattr(stock, 'run_zero_shot_classifier', None) or stock.run  # OpenCLIP 4, 3
+    args = SimpleNamespace(device='cpu', precision='fp32', batch_size=4, rank=0)
+    images, texts = batch(model, 8, 5)
+    with torch.no_grad():
+        classifier = model.encode_text(texts)
+    loader = [(images[:4], torch.arange(4)), (images[4:], torch.arange(4) + 1)]
+    as_dict = run(model, classifier, loader, args)
+    model.output_dict = False
+    assert run(model, classifier, loader, args) == as_dict

@@ -211,14 +211,20 @@ class LlipLoss(SigLipLoss):
             chunks += [x for other, x in enumerate(gathered) if other != self.rank]
         return torch.cat(chunks)
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias, image_gram, output_dict: bool = False):
-        """``LlipModel.forward``'s outputs -> the loss of b local images against all texts.
+    def forward(self, image_features, text_features, logit_scale, logit_bias, image_gram=None,
+                output_dict: bool = False):
+        """``LlipModel.forward``'s outputs (its dict, ``output_dict=True``) -> the loss of b local images against all texts.
 
         Image features [b, 2, H, K, d] and their Gram matrices [b, H·K, H·K] stay on this rank;
         text features [b, 2, H, d] (``open_clip_llip.modeling.features``) travel as SigLipLoss's text features
         do, and the loss is one call over all of them (``_all_texts``): the same sum as SigLipLoss's
         one call per chunk.
         """
+        if image_gram is None:
+            raise ValueError(
+                "LlipLoss needs the images' Gram matrices (image_gram), which LlipModel.forward returns only in its "
+                'dict: CLIP\'s tuple (output_dict=False) has no place for them. Create the model with output_dict=True, '
+                'as open_clip_train does, and call loss(**model(images, texts)).')
         _check_batch(image_features, image_gram, text_features)
         texts = self._all_texts(text_features)
         loss = self._loss((image_features, image_gram), texts, logit_scale, logit_bias)

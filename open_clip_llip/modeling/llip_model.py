@@ -84,7 +84,8 @@ class LlipModel(nn.Module):
     turns them into conditioned scores ``s[i,j] = exp(logit_scale)·cos(z[i|j], t[j]) + logit_bias``.
 
     The constructor takes an OpenCLIP model config with one more key, ``llip_cfg`` (``LlipCfg``).
-    ``forward`` always returns a dict (``output_dict`` is accepted for OpenCLIP's factory).
+    ``forward`` returns what the loss needs as a dict with ``output_dict`` (as ``open_clip_train`` builds
+    its models), else CLIP's tuple.
     """
     # What loading a saved LlipModel needs besides open_clip_torch (written to its Hub config and card).
     hub_requirements = ('open_clip_llip',)
@@ -100,7 +101,7 @@ class LlipModel(nn.Module):
             init_logit_bias: Optional[float] = -10.,
             nonscalar_logit_scale: bool = False,
             cast_dtype: Optional[torch.dtype] = None,
-            output_dict: bool = True,
+            output_dict: bool = False,
     ):
         super().__init__()
         if init_logit_bias is None:
@@ -111,6 +112,7 @@ class LlipModel(nn.Module):
         check_llip_config(top, *sections, CLIPVisionCfg, CLIPTextCfg)
         vision_cfg, text_cfg, llip_cfg = (cls(**cfg) for cls, cfg in zip((CLIPVisionCfg, CLIPTextCfg, LlipCfg), sections))
         self.llip_cfg = llip_cfg
+        self.output_dict = output_dict
         norm_layer = LayerNormFp32 if cast_dtype in (torch.float16, torch.bfloat16) else LayerNorm
 
         self.visual = build_mixture_token_vit(
@@ -290,24 +292,34 @@ class LlipModel(nn.Module):
         if not (len(image) and len(text)):
             raise ValueError(f'get_logits needs at least one image and one text; got {len(image)} image(s) and '
                              f'{len(text)} text(s).')
-        out = self(image, text)
-        image_logits = out['logit_scale'] * self.similarity(out['image_features'], out['text_features']) + out['logit_bias']
+        scores = self.similarity(self.encode_image(image), self.encode_text(text))
+        image_logits = self.logit_scale.exp() * scores + self.logit_bias
         return image_logits, image_logits.T
 
-    def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """What the loss needs, batch first so that OpenCLIP's ``--accum-freq`` can concatenate it.
+    def forward(
+            self,
+            image: Optional[torch.Tensor] = None,
+            text: Optional[torch.Tensor] = None,
+    ) -> Union[Dict[str, torch.Tensor], Tuple[Optional[torch.Tensor], ...]]:
+        """Images and/or texts -> CLIP's tuple, or with ``output_dict`` what the loss needs.
 
-        Returns, for the inputs given:
+        With ``output_dict`` (as ``open_clip_train`` makes its models), a dict, batch first so that
+        OpenCLIP's ``--accum-freq`` can concatenate it, of what the inputs given yield:
             ``image_features``: [N, 2, H, K, d] (``encode_image``)
             ``image_gram``: [N, H·K, H·K], their Gram matrices (``LlipMixer.image_gram``)
             ``text_features``: [M, 2, H, d] (``encode_text``)
             ``logit_scale`` (exponentiated), ``logit_bias``
+        Without: CLIP's tuple ``(image_features, text_features, logit_scale.exp(), logit_bias)``, the
+        features in the same shapes (None for an input not given), no Gram matrices.
         """
+        image_features = self.encode_image(image) if image is not None else None
+        text_features = self.encode_text(text) if text is not None else None
+        if not self.output_dict:
+            return image_features, text_features, self.logit_scale.exp(), self.logit_bias
         out = {}
-        if image is not None:
-            image_features = self.encode_image(image)
+        if image_features is not None:
             out.update(image_features=image_features, image_gram=self.mixer.image_gram(unpack_image(image_features)[1]))
-        if text is not None:
-            out.update(text_features=self.encode_text(text))
+        if text_features is not None:
+            out.update(text_features=text_features)
         out.update(logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias)
         return out

@@ -1,4 +1,4 @@
-"""The model contract OpenCLIP users rely on: τ in any form, CLIP's tuple."""
+"""The model contract OpenCLIP users rely on: τ in any form, CLIP's tuple, torch.compile and torch.export."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -139,3 +139,70 @@ def test_openclips_zero_shot_loop_scores_a_tuple_model_as_the_dict_model(model):
     as_dict = run(model, classifier, loader, args)
     model.output_dict = False
     assert run(model, classifier, loader, args) == as_dict
+
+
+def test_a_compiled_training_forward_has_no_graph_break(model):
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model.train())(*batch(model, 4, 4))
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+
+
+def test_a_compiled_forward_still_refuses_token_ids_outside_the_vocabulary(model):
+    images, texts = batch(model, 2, 2)
+    texts[1, 3] = model.vocab_size
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=r'Token ids must lie in \[0, 49408\)'):
+        torch.compile(model.train(), backend='eager')(images, texts)
+
+
+def test_the_compiled_loss_has_no_graph_break_and_gives_the_eager_loss_and_gradients(model):
+    """The PyTorch path, compiled, checkpoints its blocks of images: the same loss, the same gradients."""
+    out = model.train()(*batch(model, 6, 6))
+    inputs = {name: value.detach().requires_grad_() for name, value in out.items()}
+    loss_fn = LlipLoss(model.mixer.temperature, impl='torch', block_size=3)  # two blocks
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(loss_fn)(**inputs)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+
+    eager = loss_fn(**inputs)
+    eager_grads = torch.autograd.grad(eager, list(inputs.values()))
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend='aot_eager')(**inputs)
+    compiled_grads = torch.autograd.grad(compiled, list(inputs.values()))
+    # The same operations on the same blocks; the texts' gradients add the two blocks', in either order the same.
+    assert torch.equal(compiled, eager)
+    for name, got, want in zip(inputs, compiled_grads, eager_grads):
+        assert torch.equal(got, want), name
+
+
+def test_a_compiled_loss_still_stops_on_a_non_finite_loss(model):
+    out = model.train()(*batch(model, 4, 4))
+    out['logit_bias'] = torch.full_like(out['logit_bias'], float('nan'))
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match='The Llip loss is not finite; stopping rather than training on NaNs'):
+        torch.compile(LlipLoss(model.mixer.temperature, impl='torch'), backend='aot_eager')(**out)
+
+
+class Encoder(torch.nn.Module):
+    """One of a model's encoders as a module's forward, as torch.export takes it."""
+
+    def __init__(self, model, encode: str):
+        super().__init__()
+        self.model, self.encode = model, encode
+
+    def forward(self, inputs):
+        return getattr(self.model, self.encode)(inputs)
+
+
+@pytest.mark.parametrize('encode', ['encode_image', 'encode_text'])
+def test_exported_encoders_give_the_eager_features(model, encode):
+    """Exactly: the exported program runs the eager kernels. (Not against an eager forward under no_grad, where
+    OpenCLIP 3's nn.MultiheadAttention takes its fused fast path, another kernel with another round-off.)"""
+    images, texts = batch(model, 3, 3)
+    other_images, other_texts = batch(model, 5, 5, seed=1)
+    inputs, other = (images, other_images) if encode == 'encode_image' else (texts, other_texts)
+    program = torch.export.export(Encoder(model, encode), (inputs,))
+    assert torch.equal(program.module()(inputs), getattr(model, encode)(inputs))
+    program = torch.export.export(Encoder(model, encode), (inputs,), dynamic_shapes=({0: torch.export.Dim('batch')},))
+    for x in (inputs, other):
+        assert torch.equal(program.module()(x), getattr(model, encode)(x))

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss, neighbour_exchange_bidir_with_grad, neighbour_exchange_with_grad
+from torch.utils.checkpoint import checkpoint
 
 from ..modeling.scoring import Temperature, pair_block_size, pair_cosine, single_temperature
 
@@ -139,7 +140,7 @@ class LlipLoss(SigLipLoss):
         block_size: images per block of the PyTorch path (default: about 4M elements per
             ``[n, H·K, B]`` intermediate).
         position: called (no arguments) when the loss is not finite, for where training stopped
-            (say, ``'epoch 3, step 120'``); the count of calls of this loss when not given.
+            (say, ``'epoch 3, step 120'``); the count of (uncompiled) calls of this loss when not given.
     """
 
     def __init__(self, temperature: Temperature, rank: int = 0, world_size: int = 1, dist_impl: Optional[str] = None,
@@ -170,8 +171,16 @@ class LlipLoss(SigLipLoss):
                                       temperature=self.temperature, negative_only=negative_only)
             return loss / num_images
         block_size = self.block_size or pair_block_size(queries.shape[0], heads, tokens)
-        loss = _ImageBlocksLoss.apply(features, gram, text_features, logit_scale, logit_bias, block_size, negative_only,
-                                      self.temperature)
+        if torch.compiler.is_compiling():
+            # torch.compile cannot trace _ImageBlocksLoss's backward (it calls autograd.grad): checkpointing each
+            # block recomputes the same blocks in the backward pass, in a graph it traces whole.
+            loss = sum(checkpoint(_packed_block_loss, features[start:start + block_size], gram[start:start + block_size],
+                                  text_features, logit_scale, logit_bias, -start, negative_only, self.temperature,
+                                  use_reentrant=False)
+                       for start in range(0, num_images, block_size))
+        else:
+            loss = _ImageBlocksLoss.apply(features, gram, text_features, logit_scale, logit_bias, block_size,
+                                          negative_only, self.temperature)
         return loss / num_images
 
     def _all_texts(self, text_features):
@@ -228,13 +237,19 @@ class LlipLoss(SigLipLoss):
         _check_batch(image_features, image_gram, text_features)
         texts = self._all_texts(text_features)
         loss = self._loss((image_features, image_gram), texts, logit_scale, logit_bias)
-        loss = {'contrastive_loss': loss} if output_dict else loss
+        self._check_finite(loss)
+        return {'contrastive_loss': loss} if output_dict else loss
+
+    def _check_finite(self, loss):
+        """Stop rather than train on NaNs: eagerly with one host sync per step, saying where; compiled, on the device."""
+        hint = ('Try a lower learning rate (--lr), or --precision amp_bf16 instead of amp: bfloat16 has the range of '
+                'float32, float16 overflows.')
+        if torch.compiler.is_compiling():  # a host sync would break the graph
+            torch._assert_async(torch.isfinite(loss), f'The Llip loss is not finite; stopping rather than training on '
+                                                      f'NaNs. {hint}')
+            return
         self.calls += 1
-        value = loss['contrastive_loss'] if output_dict else loss
-        if not torch.isfinite(value).item():  # one host sync per step: cheaper than training on NaNs
+        if not torch.isfinite(loss).item():
             where = (self.position() if self.position else None) or f'call {self.calls} of this loss'
-            raise FloatingPointError(
-                f'The Llip loss is {value.item()} at {where}; stopping rather than training on NaNs. '
-                'Try a lower learning rate (--lr), or --precision amp_bf16 instead of amp: bfloat16 has the range '
-                'of float32, float16 overflows.')
-        return loss
+            raise FloatingPointError(f'The Llip loss is {loss.item()} at {where}; stopping rather than training on '
+                                     f'NaNs. {hint}')

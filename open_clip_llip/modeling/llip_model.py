@@ -191,17 +191,22 @@ class LlipModel(nn.Module):
 
         The vocabulary check reads the ids: done on CPU tensors and outside training, not for a
         training batch on a GPU (a host sync every step), where the embedding asserts on the device.
+        A compiled or exported forward, whose graph a host sync would break, checks them on the device
+        (a RuntimeError on the CPU, a device-side assert on a GPU).
         """
         if text.ndim != 2 or text.shape[1] != self.context_length or text.is_floating_point() or text.is_complex():
             raise ValueError(
                 f'{type(self).__name__} expects integer token ids of shape [M, {self.context_length}]; got a '
                 f'{text.dtype} tensor of shape {list(text.shape)}. Tokenize with open_clip.get_tokenizer(model_name).')
-        if text.numel() and (text.device.type == 'cpu' or not self.training):
+        advice = 'Tokenize with open_clip.get_tokenizer(model_name), whose vocabulary this model was built for.'
+        if torch.compiler.is_compiling():
+            torch._assert_async(((text >= 0) & (text < self.vocab_size)).all(),
+                                f'Token ids must lie in [0, {self.vocab_size}) (text_cfg.vocab_size). {advice}')
+        elif text.numel() and (text.device.type == 'cpu' or not self.training):
             low, high = text.min().item(), text.max().item()
             if low < 0 or high >= self.vocab_size:
-                raise ValueError(
-                    f'Token ids must lie in [0, {self.vocab_size}) (text_cfg.vocab_size); these range from {low} to '
-                    f'{high}. Tokenize with open_clip.get_tokenizer(model_name), whose vocabulary this model was built for.')
+                raise ValueError(f'Token ids must lie in [0, {self.vocab_size}) (text_cfg.vocab_size); these range '
+                                 f'from {low} to {high}. {advice}')
 
     def embed_text(self, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Token ids [M, L] -> the text tower's two outputs: embeddings t [M, D] and raw queries q [M, H, d]."""

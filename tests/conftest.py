@@ -47,7 +47,7 @@ def reference_config(name: str) -> dict:
 
 def reference_model(name: str) -> open_clip_llip.LlipModel:
     """The golden weights, loaded from the authors' released layout (``NAME.release-layout.pt``)."""
-    model = open_clip_llip.LlipModel(**reference_config(name))
+    model = open_clip_llip.LlipModel(**reference_config(name), output_dict=True)
     model.load_checkpoint(str(REFERENCE / f'{name}.release-layout.pt'))
     return model
 

@@ -10,7 +10,7 @@ from open_clip_llip import LlipModel
 
 @pytest.fixture(scope='module')
 def model():
-    return open_clip.create_model('Llip-Tiny').eval()
+    return open_clip.create_model('Llip-Tiny', output_dict=True).eval()
 
 
 @pytest.mark.parametrize('shape, dtype', [

@@ -42,7 +42,7 @@ def global_batch(world_size):
 
 def tiny_model():
     torch.manual_seed(0)  # as open_clip_train.main's random_seed(0) before it builds the model
-    return open_clip.create_model('Llip-Tiny')
+    return open_clip.create_model('Llip-Tiny', output_dict=True)
 
 
 def unbiased_tiny_model():

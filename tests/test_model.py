@@ -15,7 +15,7 @@ N, M = 6, 5
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return open_clip.create_model('Llip-Tiny').eval()
+    return open_clip.create_model('Llip-Tiny', output_dict=True).eval()
 
 
 def batch(model, n=N, m=M, seed=0):
@@ -246,7 +246,7 @@ def test_non_contextual_mixing_weighs_every_token_alike_for_every_text():
     """The paper's control: llip_cfg.contextual = false, no query head, uniform mixing in every scoring path."""
     from test_bad_input import tiny_config
     torch.manual_seed(0)
-    model = LlipModel(**tiny_config(llip_cfg__contextual=False)).eval()
+    model = LlipModel(**tiny_config(llip_cfg__contextual=False), output_dict=True).eval()
     assert model.query_head is None and not any(name.startswith('query_head') for name, _ in model.named_parameters())
     images, texts = batch(model, 5, 4)
     with torch.no_grad():

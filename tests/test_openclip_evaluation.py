@@ -58,7 +58,7 @@ def test_val_data_retrieval_uses_conditioned_scores(tmp_path, checkpoint):
     csv_path, rows = write_retrieval_csv(tmp_path)
     metrics = evaluate_only(tmp_path, checkpoint, '--val-data', str(csv_path), '--dataset-type', 'csv')
 
-    model, _, transform = open_clip.create_model_and_transforms('Llip-Tiny', pretrained=str(checkpoint))
+    model, _, transform = open_clip.create_model_and_transforms('Llip-Tiny', pretrained=str(checkpoint), output_dict=True)
     tokenizer = open_clip.get_tokenizer('Llip-Tiny')
     with torch.no_grad():
         images = torch.stack([transform(Image.open(row['filepath'])) for row in rows])

@@ -59,7 +59,8 @@ def data(tmp_path_factory):
 
 
 def model_in(precision, checkpoint):
-    return open_clip.create_model('Llip-Tiny', pretrained=str(checkpoint), precision=precision, device=DEVICE).eval()
+    return open_clip.create_model('Llip-Tiny', pretrained=str(checkpoint), precision=precision, device=DEVICE,
+                                   output_dict=True).eval()
 
 
 def inputs(precision, count=6):

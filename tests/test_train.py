@@ -95,8 +95,11 @@ def test_lock_text_keeps_text_tower_but_its_layer_norms(tmp_path):
     assert not torch.equal(state['text.ln_final.weight'], initial['text.ln_final.weight'])
 
 
-def test_torchcompile(tmp_path):
-    run = train(tmp_path, '--torchcompile', samples=16)
+def test_torchcompile_trains_several_steps_without_recompiling(tmp_path):
+    """OpenCLIP 3 compiles the model, OpenCLIP 4 its task (model and loss): once, for all 4 steps."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run = train(tmp_path, '--torchcompile', samples=32)
     assert all(np.isfinite(logged_losses(run)))
     assert 'visual.k_proj' in final_state(run)['state_dict']  # saved without torch.compile's prefix
 

@@ -11,12 +11,13 @@ functions take an unwrapped ``LlipModel``, a ``device`` and an ``autocast`` cont
 such as ``open_clip_train.precision.get_autocast(precision)``.
 """
 from contextlib import nullcontext
-from typing import Callable, Dict, Iterable, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Optional, Union
 
 import torch
 from tqdm import tqdm
 
 from ..modeling.classifier import model_device
+from ..modeling.scoring import Temperature
 
 RECALL_AT = (1, 5, 10)
 # Scores ranked at once by ``retrieval_metrics`` (16 MiB in fp32): its [n, M] temporaries stay this size whatever N·M.
@@ -145,7 +146,7 @@ def evaluate_retrieval(
         image_features: torch.Tensor,
         text_features: torch.Tensor,
         image_index: Optional[torch.Tensor] = None,
-        temperatures: Optional[Sequence[float]] = None,
+        temperatures: Temperature = None,
         autocast: Callable = nullcontext,
 ) -> Dict[float, Dict[str, float]]:
     """``retrieval_metrics`` of the conditioned scores for each τ -> ``{τ: metrics}``.

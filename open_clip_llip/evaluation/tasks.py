@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ..modeling.classifier import build_zero_shot_classifier
 from ..modeling.llip_model import LlipModel, llip_model_names
+from ..modeling.scoring import Temperature
 from .readers import RetrievalImages, read_classnames, read_retrieval_set, read_templates, zero_shot_dataset
 from .retrieval import encode_images, encode_texts, evaluate_retrieval, retrieval_metrics
 from .zero_shot import run_zero_shot, topk_correct
@@ -184,7 +185,7 @@ def evaluate(
         tasks: Sequence[Task],
         transform,
         tokenizer,
-        temperatures: Optional[Sequence[float]] = None,
+        temperatures: Temperature = None,
         precision: str = 'fp32',
         batch_size: int = 64,
         workers: int = 4,

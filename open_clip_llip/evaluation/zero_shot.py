@@ -17,13 +17,14 @@ import torch
 from tqdm import tqdm
 
 from ..modeling.classifier import model_device
+from ..modeling.scoring import Temperature
 
 
 def zero_shot_cosine(
         model,
         classifier: torch.Tensor,
         images: torch.Tensor,
-        temperatures: Optional[Sequence[float]] = None,
+        temperatures: Temperature = None,
 ) -> torch.Tensor:
     """Images [N, 3, h, w] -> conditioned cosines ``cos(z[i|c], t[c])``: [T, N, C], one slice per τ.
 
@@ -48,7 +49,7 @@ def run_zero_shot(
         model,
         classifier: torch.Tensor,
         dataloader: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-        temperatures: Optional[Sequence[float]] = None,
+        temperatures: Temperature = None,
         device: Union[str, torch.device, None] = None,
         autocast: Callable = nullcontext,
         input_dtype: Optional[torch.dtype] = None,

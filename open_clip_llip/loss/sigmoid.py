@@ -26,8 +26,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss, neighbour_exchange_bidir_with_grad, neighbour_exchange_with_grad
+from torch.utils.checkpoint import checkpoint
 
-from ..modeling.scoring import pair_block_size, pair_cosine, temperatures
+from ..modeling.scoring import Temperature, pair_block_size, pair_cosine, single_temperature
 
 
 def block_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, first_text: int, negative_only: bool,
@@ -139,17 +140,14 @@ class LlipLoss(SigLipLoss):
         block_size: images per block of the PyTorch path (default: about 4M elements per
             ``[n, H·K, B]`` intermediate).
         position: called (no arguments) when the loss is not finite, for where training stopped
-            (say, ``'epoch 3, step 120'``); the count of calls of this loss when not given.
+            (say, ``'epoch 3, step 120'``); the count of (uncompiled) calls of this loss when not given.
     """
 
-    def __init__(self, temperature: float, rank: int = 0, world_size: int = 1, dist_impl: Optional[str] = None,
+    def __init__(self, temperature: Temperature, rank: int = 0, world_size: int = 1, dist_impl: Optional[str] = None,
                  impl: Optional[str] = None, block_size: Optional[int] = None,
                  position: Optional[Callable[[], Optional[str]]] = None):
         super().__init__(rank=rank, world_size=world_size, dist_impl=dist_impl)
-        if not isinstance(temperature, (int, float)):
-            raise ValueError(f'LlipLoss needs the mixer temperature τ (model.mixer.temperature), one number; got '
-                             f'{temperature!r}.')
-        (self.temperature,) = temperatures(temperature)
+        self.temperature = single_temperature(temperature)
         self.impl = loss_impl_from_environment() if impl is None else impl
         if self.impl not in LOSS_IMPLS:
             raise ValueError(f'LlipLoss impl must be one of {LOSS_IMPLS}, got {self.impl!r}.')
@@ -173,8 +171,16 @@ class LlipLoss(SigLipLoss):
                                       temperature=self.temperature, negative_only=negative_only)
             return loss / num_images
         block_size = self.block_size or pair_block_size(queries.shape[0], heads, tokens)
-        loss = _ImageBlocksLoss.apply(features, gram, text_features, logit_scale, logit_bias, block_size, negative_only,
-                                      self.temperature)
+        if torch.compiler.is_compiling():
+            # torch.compile cannot trace _ImageBlocksLoss's backward (it calls autograd.grad): checkpointing each
+            # block recomputes the same blocks in the backward pass, in a graph it traces whole.
+            loss = sum(checkpoint(_packed_block_loss, features[start:start + block_size], gram[start:start + block_size],
+                                  text_features, logit_scale, logit_bias, -start, negative_only, self.temperature,
+                                  use_reentrant=False)
+                       for start in range(0, num_images, block_size))
+        else:
+            loss = _ImageBlocksLoss.apply(features, gram, text_features, logit_scale, logit_bias, block_size,
+                                          negative_only, self.temperature)
         return loss / num_images
 
     def _all_texts(self, text_features):
@@ -214,24 +220,36 @@ class LlipLoss(SigLipLoss):
             chunks += [x for other, x in enumerate(gathered) if other != self.rank]
         return torch.cat(chunks)
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias, image_gram, output_dict: bool = False):
-        """``LlipModel.forward``'s outputs -> the loss of b local images against all texts.
+    def forward(self, image_features, text_features, logit_scale, logit_bias, image_gram=None,
+                output_dict: bool = False):
+        """``LlipModel.forward``'s outputs (its dict, ``output_dict=True``) -> the loss of b local images against all texts.
 
         Image features [b, 2, H, K, d] and their Gram matrices [b, H·K, H·K] stay on this rank;
         text features [b, 2, H, d] (``open_clip_llip.modeling.features``) travel as SigLipLoss's text features
         do, and the loss is one call over all of them (``_all_texts``): the same sum as SigLipLoss's
         one call per chunk.
         """
+        if image_gram is None:
+            raise ValueError(
+                "LlipLoss needs the images' Gram matrices (image_gram), which LlipModel.forward returns only in its "
+                'dict: CLIP\'s tuple (output_dict=False) has no place for them. Create the model with output_dict=True, '
+                'as open_clip_train does, and call loss(**model(images, texts)).')
         _check_batch(image_features, image_gram, text_features)
         texts = self._all_texts(text_features)
         loss = self._loss((image_features, image_gram), texts, logit_scale, logit_bias)
-        loss = {'contrastive_loss': loss} if output_dict else loss
+        self._check_finite(loss)
+        return {'contrastive_loss': loss} if output_dict else loss
+
+    def _check_finite(self, loss):
+        """Stop rather than train on NaNs: eagerly with one host sync per step, saying where; compiled, on the device."""
+        hint = ('Try a lower learning rate (--lr), or --precision amp_bf16 instead of amp: bfloat16 has the range of '
+                'float32, float16 overflows.')
+        if torch.compiler.is_compiling():  # a host sync would break the graph
+            torch._assert_async(torch.isfinite(loss), f'The Llip loss is not finite; stopping rather than training on '
+                                                      f'NaNs. {hint}')
+            return
         self.calls += 1
-        value = loss['contrastive_loss'] if output_dict else loss
-        if not torch.isfinite(value).item():  # one host sync per step: cheaper than training on NaNs
+        if not torch.isfinite(loss).item():
             where = (self.position() if self.position else None) or f'call {self.calls} of this loss'
-            raise FloatingPointError(
-                f'The Llip loss is {value.item()} at {where}; stopping rather than training on NaNs. '
-                'Try a lower learning rate (--lr), or --precision amp_bf16 instead of amp: bfloat16 has the range '
-                'of float32, float16 overflows.')
-        return loss
+            raise FloatingPointError(f'The Llip loss is {loss.item()} at {where}; stopping rather than training on '
+                                     f'NaNs. {hint}')

@@ -6,7 +6,7 @@ import inspect
 import logging
 import math
 from dataclasses import asdict, is_dataclass
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from .classifier import build_zero_shot_classifier
 from .config import CONFIG_RECORD_KEY, LlipCfg, check_llip_config, config_record, read_config_record
 from .features import check_features, pack_image, pack_text, unpack_image, unpack_text
 from .mixer import LlipMixer, TextQueryHead, split_heads
-from .scoring import pair_block_size, pair_cosine, scoring_dtype, temperatures
+from .scoring import Temperature, pair_block_size, pair_cosine, parse_temperatures, scoring_dtype, temperatures
 from .text import build_text_tower
 from .vision import build_mixture_token_vit
 
@@ -86,7 +86,8 @@ class LlipModel(nn.Module):
     turns them into conditioned scores ``s[i,j] = exp(logit_scale)·cos(z[i|j], t[j]) + logit_bias``.
 
     The constructor takes an OpenCLIP model config with one more key, ``llip_cfg`` (``LlipCfg``).
-    ``forward`` always returns a dict (``output_dict`` is accepted for OpenCLIP's factory).
+    ``forward`` returns what the loss needs as a dict with ``output_dict`` (as ``open_clip_train`` builds
+    its models), else CLIP's tuple.
     """
     # What loading a saved LlipModel needs besides open_clip_torch (written to its Hub config and card).
     hub_requirements = ('open_clip_llip',)
@@ -102,7 +103,7 @@ class LlipModel(nn.Module):
             init_logit_bias: Optional[float] = -10.,
             nonscalar_logit_scale: bool = False,
             cast_dtype: Optional[torch.dtype] = None,
-            output_dict: bool = True,
+            output_dict: bool = False,
     ):
         super().__init__()
         if init_logit_bias is None:
@@ -113,6 +114,7 @@ class LlipModel(nn.Module):
         check_llip_config(top, *sections, CLIPVisionCfg, CLIPTextCfg)
         vision_cfg, text_cfg, llip_cfg = (cls(**cfg) for cls, cfg in zip((CLIPVisionCfg, CLIPTextCfg, LlipCfg), sections))
         self.llip_cfg = llip_cfg
+        self.output_dict = output_dict
         norm_layer = LayerNormFp32 if cast_dtype in (torch.float16, torch.bfloat16) else LayerNorm
 
         self.visual = build_mixture_token_vit(
@@ -194,17 +196,22 @@ class LlipModel(nn.Module):
 
         The vocabulary check reads the ids: done on CPU tensors and outside training, not for a
         training batch on a GPU (a host sync every step), where the embedding asserts on the device.
+        A compiled or exported forward, whose graph a host sync would break, checks them on the device
+        (a RuntimeError on the CPU, a device-side assert on a GPU).
         """
         if text.ndim != 2 or text.shape[1] != self.context_length or text.is_floating_point() or text.is_complex():
             raise ValueError(
                 f'{type(self).__name__} expects integer token ids of shape [M, {self.context_length}]; got a '
                 f'{text.dtype} tensor of shape {list(text.shape)}. Tokenize with open_clip.get_tokenizer(model_name).')
-        if text.numel() and (text.device.type == 'cpu' or not self.training):
+        advice = 'Tokenize with open_clip.get_tokenizer(model_name), whose vocabulary this model was built for.'
+        if torch.compiler.is_compiling():
+            torch._assert_async(((text >= 0) & (text < self.vocab_size)).all(),
+                                f'Token ids must lie in [0, {self.vocab_size}) (text_cfg.vocab_size). {advice}')
+        elif text.numel() and (text.device.type == 'cpu' or not self.training):
             low, high = text.min().item(), text.max().item()
             if low < 0 or high >= self.vocab_size:
-                raise ValueError(
-                    f'Token ids must lie in [0, {self.vocab_size}) (text_cfg.vocab_size); these range from {low} to '
-                    f'{high}. Tokenize with open_clip.get_tokenizer(model_name), whose vocabulary this model was built for.')
+                raise ValueError(f'Token ids must lie in [0, {self.vocab_size}) (text_cfg.vocab_size); these range '
+                                 f'from {low} to {high}. {advice}')
 
     def embed_text(self, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Token ids [M, L] -> the text tower's two outputs: embeddings t [M, D] and raw queries q [M, H, d]."""
@@ -234,14 +241,15 @@ class LlipModel(nn.Module):
         return self.text_features(*self.embed_text(text))
 
     def similarity(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                   temperature: Union[float, Sequence[float], None] = None) -> torch.Tensor:
-        """cos(z[i|j], t[j]) of every image and text -> [N, M], or [T, N, M] for a sequence of T temperatures.
+                   temperature: Temperature = None) -> torch.Tensor:
+        """cos(z[i|j], t[j]) of every image and text -> [N, M] at one τ, or [T, N, M] at a sequence of T.
 
         Image features ``[N, 2, H, K, d]`` and text features ``[M, 2, H, d]`` (``open_clip_llip.modeling.features``),
         on any device (say, as OpenCLIP's evaluation accumulates them on the CPU) and in any precision:
         they are scored on the model's device in the widest of their dtypes and the mixer's, in blocks
         of images, each image's Gram matrix computed once for all texts and temperatures. τ defaults
-        to the model's.
+        to the model's; one τ is a number or a 0-d tensor or array, several a list, tuple, 1-d tensor or
+        array (``scoring.parse_temperatures``).
 
         Memory: the scores, allocated once and filled block by block ([n images, m texts], the blocks of
         ``scoring.conditioned_cosine``), and one block's intermediates (a few [n, H·K, m] tensors of
@@ -250,7 +258,7 @@ class LlipModel(nn.Module):
         evaluation memory).
         """
         check_features(image_features, text_features)
-        taus = self.temperatures(temperature)
+        taus, several = parse_temperatures(temperature, self.mixer.temperature)
         device = self.mixer.out_proj.device
         dtype = scoring_dtype(image_features, text_features, self.mixer.out_proj)
         num_images, num_texts = len(image_features), len(text_features)
@@ -272,9 +280,9 @@ class LlipModel(nn.Module):
                     scores[t, start:start + len(keys), first:first + texts] = cosine
         if scores is None:
             scores = image_features.new_zeros(len(taus), num_images, num_texts)
-        return scores if isinstance(temperature, Sequence) else scores[0]
+        return scores if several else scores[0]
 
-    def temperatures(self, temperature: Union[float, Sequence[float], None] = None) -> Tuple[float, ...]:
+    def temperatures(self, temperature: Temperature = None) -> Tuple[float, ...]:
         """The τ values to score at: the given one(s), or the model's; ValueError unless finite and positive."""
         return temperatures(temperature, self.mixer.temperature)
 
@@ -294,24 +302,34 @@ class LlipModel(nn.Module):
         if not (len(image) and len(text)):
             raise ValueError(f'get_logits needs at least one image and one text; got {len(image)} image(s) and '
                              f'{len(text)} text(s).')
-        out = self(image, text)
-        image_logits = out['logit_scale'] * self.similarity(out['image_features'], out['text_features']) + out['logit_bias']
+        scores = self.similarity(self.encode_image(image), self.encode_text(text))
+        image_logits = self.logit_scale.exp() * scores + self.logit_bias
         return image_logits, image_logits.T
 
-    def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """What the loss needs, batch first so that OpenCLIP's ``--accum-freq`` can concatenate it.
+    def forward(
+            self,
+            image: Optional[torch.Tensor] = None,
+            text: Optional[torch.Tensor] = None,
+    ) -> Union[Dict[str, torch.Tensor], Tuple[Optional[torch.Tensor], ...]]:
+        """Images and/or texts -> CLIP's tuple, or with ``output_dict`` what the loss needs.
 
-        Returns, for the inputs given:
+        With ``output_dict`` (as ``open_clip_train`` makes its models), a dict, batch first so that
+        OpenCLIP's ``--accum-freq`` can concatenate it, of what the inputs given yield:
             ``image_features``: [N, 2, H, K, d] (``encode_image``)
             ``image_gram``: [N, H·K, H·K], their Gram matrices (``LlipMixer.image_gram``)
             ``text_features``: [M, 2, H, d] (``encode_text``)
             ``logit_scale`` (exponentiated), ``logit_bias``
+        Without: CLIP's tuple ``(image_features, text_features, logit_scale.exp(), logit_bias)``, the
+        features in the same shapes (None for an input not given), no Gram matrices.
         """
+        image_features = self.encode_image(image) if image is not None else None
+        text_features = self.encode_text(text) if text is not None else None
+        if not self.output_dict:
+            return image_features, text_features, self.logit_scale.exp(), self.logit_bias
         out = {}
-        if image is not None:
-            image_features = self.encode_image(image)
+        if image_features is not None:
             out.update(image_features=image_features, image_gram=self.mixer.image_gram(unpack_image(image_features)[1]))
-        if text is not None:
-            out.update(text_features=self.encode_text(text))
+        if text_features is not None:
+            out.update(text_features=text_features)
         out.update(logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias)
         return out

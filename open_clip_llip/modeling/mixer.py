@@ -2,14 +2,12 @@
 
 Notation: N images, M texts, K mixture tokens, H mixer heads, D embedding width, d = D / H.
 """
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import LayerNorm
 from torch import nn
 
-from .scoring import attention, temperatures
+from .scoring import Temperature, attention, single_temperature
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -59,12 +57,12 @@ class LlipMixer(nn.Module):
         self.temperature = temperature
         self.out_proj = nn.Parameter(embed_dim ** -0.5 * torch.randn(embed_dim, embed_dim))
 
-    def attention(self, keys: torch.Tensor, queries: torch.Tensor, temperature: Optional[float] = None):
+    def attention(self, keys: torch.Tensor, queries: torch.Tensor, temperature: Temperature = None):
         """Keys [N, H, K, d], raw queries [M, H, d] -> mixing weights a: [N, M, H, K] (sum to 1 over K), at τ
         (default: the mixer's), as ``scoring.attention`` computes them for every score."""
-        return attention(keys, queries, temperatures(temperature, self.temperature)[0])
+        return attention(keys, queries, single_temperature(temperature, self.temperature))
 
-    def forward(self, keys, values, queries, temperature: Optional[float] = None) -> torch.Tensor:
+    def forward(self, keys, values, queries, temperature: Temperature = None) -> torch.Tensor:
         """Keys, values [N, H, K, d], raw queries [M, H, d] -> conditioned embeddings z: [N, M, D]."""
         mixed = torch.einsum('nmhk,nhkd->nmhd', self.attention(keys, queries, temperature), values)
         return mixed.flatten(-2).to(self.out_proj.dtype) @ self.out_proj

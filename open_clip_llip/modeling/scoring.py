@@ -24,8 +24,10 @@ Two forms of the last line share ``attention``, ``_EPS`` and ``scoring_dtype``:
   for few texts per image (``open_clip_llip.search.index``).
 """
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 # |z| below this counts as zero, as in F.normalize.
@@ -34,16 +36,48 @@ _EPS = 1e-12
 _BLOCK_ELEMENTS = 1 << 22
 
 
-def temperatures(temperature: Union[float, Sequence[float], None],
-                 default: Optional[float] = None) -> Tuple[float, ...]:
-    """The τ values to score at: ``temperature`` (a number or a sequence of them), else ``default``; ValueError
-    unless there is at least one and each is finite and positive."""
-    values = default if temperature is None else temperature
-    values = (values,) if values is None or isinstance(values, (int, float)) else values
-    values = tuple(math.nan if tau is None else float(tau) for tau in values)
-    if not values or not all(math.isfinite(tau) and tau > 0 for tau in values):
-        raise ValueError(f'Temperatures (τ) must be finite positive numbers, got {list(values)}.')
-    return values
+# τ as the scoring APIs take it: one number (a float, an int, a 0-d tensor or array), several (a list or tuple of
+# numbers, a 1-d tensor or array), or None for a default.
+Temperature = Union[float, Sequence[float], torch.Tensor, np.ndarray, None]
+
+
+def parse_temperatures(temperature: Temperature, default: Optional[float] = None) -> Tuple[Tuple[float, ...], bool]:
+    """``temperature`` (else ``default``) -> (its τ values, whether it is a sequence of them).
+
+    The one reading of τ for every API that takes it: a tensor is read on the host, so that a 0-d and a
+    1-d tensor or array give what a float and a list give; a sequence, even of one, is several (scores
+    with a T axis). ValueError unless it is one number or a 1-d sequence of at least one, each finite and
+    positive.
+    """
+    given = default if temperature is None else temperature
+    if isinstance(given, (torch.Tensor, np.ndarray)):
+        several, values = given.ndim == 1, given.tolist()
+    else:
+        several, values = isinstance(given, Sequence) and not isinstance(given, str), given
+    values = list(values) if several else [values]
+    if not all(isinstance(value, numbers.Real) and not isinstance(value, bool) for value in values):
+        got = (f'a {given.ndim}-d {type(given).__name__} of shape {list(given.shape)}'
+               if isinstance(given, (torch.Tensor, np.ndarray)) else repr(given))
+        raise ValueError(f'Temperatures (τ) are one number or a 1-d sequence of numbers (a list, a tuple, a 1-d tensor '
+                         f'or array); got {got}.')
+    taus = tuple(float(value) for value in values)
+    if not taus or not all(math.isfinite(tau) and tau > 0 for tau in taus):
+        raise ValueError(f'Temperatures (τ) must be finite positive numbers, got {list(taus)}.')
+    return taus, several
+
+
+def temperatures(temperature: Temperature, default: Optional[float] = None) -> Tuple[float, ...]:
+    """The τ values to score at: ``temperature`` (one or several, ``parse_temperatures``), else ``default``."""
+    return parse_temperatures(temperature, default)[0]
+
+
+def single_temperature(temperature: Temperature, default: Optional[float] = None) -> float:
+    """The one τ that ``temperature`` (else ``default``) gives, for APIs that score at one; ValueError for a sequence."""
+    taus, several = parse_temperatures(temperature, default)
+    if several:
+        raise ValueError(f'One temperature (τ) is needed here: one number (a float, an int, a 0-d tensor or array); got '
+                         f'a sequence of {len(taus)}, {list(taus)}. LlipModel.similarity scores several at once.')
+    return taus[0]
 
 
 def scoring_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -130,13 +164,14 @@ def pair_block_size(count: int, heads: int, tokens: int, budget: int = _BLOCK_EL
     return max(1, budget // max(1, count * heads * tokens))
 
 
-def conditioned_cosine(keys, values, gram, queries, targets, temperature: float,
+def conditioned_cosine(keys, values, gram, queries, targets, temperature: Temperature,
                        block_size: Optional[int] = None) -> torch.Tensor:
     """cos(z[i|j], t[j]) at mixer temperature τ for every image i and text j -> [N, M], in blocks of texts.
 
     Differentiable; under autograd each block keeps its intermediates, so for training use
     ``LlipLoss``, which recomputes them in the backward pass.
     """
+    temperature = single_temperature(temperature)
     num_images, heads, tokens, _ = keys.shape
     texts = block_size or pair_block_size(num_images, heads, tokens)
     blocks = [

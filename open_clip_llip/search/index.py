@@ -74,7 +74,7 @@ from tqdm import tqdm
 from ..evaluation.retrieval import encode_texts
 from ..modeling.features import check_features, unpack_image, unpack_text
 from ..modeling.llip_model import LlipModel
-from ..modeling.scoring import attention, mixture_cosine, mixture_norm, scoring_dtype
+from ..modeling.scoring import Temperature, attention, mixture_cosine, mixture_norm, scoring_dtype, single_temperature
 from ..version import __version__
 from ..written_files import WrittenFiles, file_digest, prepare_folder
 
@@ -166,7 +166,7 @@ def add_first_stage(first_stage, vectors: np.ndarray, first_id: int):
 
 
 def paired_cosine(model: LlipModel, image_features: torch.Tensor, text_features: torch.Tensor,
-                  temperature: Optional[float] = None) -> torch.Tensor:
+                  temperature: Temperature = None) -> torch.Tensor:
     """Each text against its own images: image features [Q, C, 2, H, K, d], text features [Q, 2, H, d] -> [Q, C].
 
     Entry [j, c] is cos(z[i|j], t[j]) for the image ``image_features[j, c]``, as ``LlipModel.similarity``
@@ -177,7 +177,7 @@ def paired_cosine(model: LlipModel, image_features: torch.Tensor, text_features:
         raise ValueError(f'paired_cosine takes image features [Q, C, 2, H, K, d] and text features [Q, 2, H, d]; got '
                          f'{list(image_features.shape)} and {list(text_features.shape)}.')
     check_features(image_features[0], text_features)
-    tau = model.temperatures(temperature)[0]
+    tau = single_temperature(temperature, model.mixer.temperature)
     out_proj = model.mixer.out_proj
     dtype = scoring_dtype(out_proj, image_features, text_features)
     image_features = image_features.to(out_proj.device, dtype)
@@ -190,7 +190,7 @@ def paired_cosine(model: LlipModel, image_features: torch.Tensor, text_features:
 
 
 def mixed_cosine(model: LlipModel, image_features: torch.Tensor, text_features: torch.Tensor,
-                 temperature: Optional[float] = None) -> torch.Tensor:
+                 temperature: Temperature = None) -> torch.Tensor:
     """Every image against every text by mixing: image features [N, 2, H, K, d], text features [M, 2, H, d] -> [N, M].
 
     The same cosines as ``LlipModel.similarity``, at 2·K·D + D² multiply-adds per pair and no Gram
@@ -198,7 +198,7 @@ def mixed_cosine(model: LlipModel, image_features: torch.Tensor, text_features: 
     (B/16: 128). Memory: a few [N, M, D] tensors.
     """
     check_features(image_features, text_features)
-    tau = model.temperatures(temperature)[0]
+    tau = single_temperature(temperature, model.mixer.temperature)
     out_proj = model.mixer.out_proj
     dtype = scoring_dtype(out_proj, image_features, text_features)
     keys, values = unpack_image(image_features.to(out_proj.device, dtype))  # [N, H, K, d]

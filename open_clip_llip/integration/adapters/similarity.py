@@ -77,7 +77,8 @@ class _ClassScores:
         self.class_features = class_features
 
     def __call__(self, image):
-        scores = self.model.similarity(self.model(image=image)['image_features'], self.class_features)
+        out = self.model(image=image)  # a dict, or CLIP's tuple (output_dict=False), as the stock loop takes either
+        scores = self.model.similarity(out['image_features'] if isinstance(out, dict) else out[0], self.class_features)
         return {'image_features': scores.float()}  # against an fp32 identity "classifier", whatever the model's dtype
 
 

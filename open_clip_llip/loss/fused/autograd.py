@@ -7,6 +7,7 @@ candidate of each launch and which backward scheme run is the tuning cache's cho
 import torch
 import triton
 
+from ...modeling.scoring import Temperature, single_temperature
 from . import plans
 from .kernels import LOG2E
 from .launch import device_arch, is_atomic, launch_inputs, on_device, run_launch, run_scheme, schemes
@@ -94,7 +95,7 @@ class FusedSigmoidLoss(torch.autograd.Function):
         return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None, None)
 
 
-def fused_sigmoid_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, temperature: float = 1.0,
+def fused_sigmoid_loss(keys, values, gram, queries, targets, logit_scale, logit_bias, temperature: Temperature = 1.0,
                        first_text: int = 0, negative_only: bool = False, scheme: str | None = None) -> torch.Tensor:
     """Σ_{i,j} −log σ(y[i,j]·s[i,j]) over b images and all B texts given -> 0-d fp32 tensor.
 
@@ -116,7 +117,5 @@ def fused_sigmoid_loss(keys, values, gram, queries, targets, logit_scale, logit_
 
     Differentiable in all seven tensors; inputs may be bf16 (computed with fp32 accumulation).
     """
-    if not temperature > 0:
-        raise ValueError(f'temperature must be positive, got {temperature}')
     return FusedSigmoidLoss.apply(keys, values, gram, queries, targets, logit_scale, logit_bias,
-                                  float(temperature), int(first_text), bool(negative_only), scheme)
+                                  single_temperature(temperature), int(first_text), bool(negative_only), scheme)

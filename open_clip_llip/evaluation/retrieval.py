@@ -11,7 +11,7 @@ functions take an unwrapped ``LlipModel``, a ``device`` and an ``autocast`` cont
 such as ``open_clip_train.precision.get_autocast(precision)``.
 """
 from contextlib import nullcontext
-from typing import Callable, Dict, Iterable, Optional, Union
+from typing import Callable, Dict, Iterable, Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm

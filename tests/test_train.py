@@ -76,7 +76,9 @@ def test_local_dir_llip_config_trains_with_llip_loss(tmp_path):
     (tmp_path / 'my-llip').mkdir()
     (tmp_path / 'my-llip' / 'open_clip_config.json').write_text(json.dumps({'model_cfg': config}))
     run = train(tmp_path, model=f'local-dir:{tmp_path / "my-llip"}')
-    assert 'training with LlipLoss' in (run / 'out.log').read_text()
+    log = (run / 'out.log').read_text()
+    assert 'training with LlipLoss' in log
+    assert 'This run validates nothing: give --val-data' in log  # no --val-data, no --imagenet-val
     assert final_state(run)['state_dict']['text.text_projection'].shape == (64, 32)
 
 

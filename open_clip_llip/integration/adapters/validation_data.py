@@ -13,7 +13,7 @@ is read by OpenCLIP's own CSV reader (``get_csv_dataset``: ``--csv-separator``, 
 data; any other ``--val-data`` is read as ``--dataset-type`` says. A local validation CSV is checked
 first, and refused with a message (before the first step) when it is missing, lacks either column,
 has no rows, or names image files that do not exist (OpenCLIP opens them relative to the working
-directory).
+directory). A run with neither ``--val-data`` nor ``--imagenet-val`` says that it validates nothing.
 
 No upstream patch goes with this adapter: reading ``--val-data`` by its extension would change
 OpenCLIP's behaviour for every model, which is OpenCLIP's call.
@@ -41,6 +41,9 @@ def adapt(data_module):
         return
 
     def get_data(args, preprocess_fns, epoch=0, tokenizer=None, **options):
+        if not (args.val_data or getattr(args, 'imagenet_val', None)) and is_llip_model(args.model):
+            logging.warning('This run validates nothing: give --val-data (a CSV or shards of image-caption pairs) '
+                            'for retrieval metrics and --imagenet-val for zero-shot accuracy during training.')
         reader = READER_BY_EXTENSION.get(str(args.val_data).split('.')[-1]) if args.val_data else None
         if reader is None or not is_llip_model(args.model):
             return stock_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer, **options)

@@ -22,6 +22,7 @@ from open_clip_llip.search.index import (
     MANIFEST,
     NAMES,
     LlipIndex,
+    SearchResults,
     build_index,
     first_stage_vectors,
     mixed_cosine,
@@ -119,6 +120,19 @@ def test_build_persist_reload_search(index, model, tokenizer):
     assert (by_strings.scores[:, :-1] >= by_strings.scores[:, 1:]).all()
     one = reopened.search('a red circle', k=5, candidates=12)
     assert torch.equal(one.ids, by_strings.ids[:1])
+
+
+def test_results_name_their_images_and_give_records_ranked_from_one(index, model, tokenizer):
+    results = index.search(TEXTS[:2], k=4, candidates=12)
+    assert results.names == [[f'image-{image}.png' for image in row] for row in results.ids.tolist()]
+    records = results.records(TEXTS[:2])
+    assert [record['query'] for record in records] == TEXTS[:2]
+    assert records[1]['results'][0] == dict(rank=1, id=results.ids[1, 0].item(), name=results.names[1][0],
+                                            score=results.scores[1, 0].item())
+    assert [[result['rank'] for result in record['results']] for record in records] == [[1, 2, 3, 4]] * 2
+    # Places without a rankable image (id −1) are left out; an index without names gives name None.
+    partial = SearchResults(torch.tensor([[0.5, float('-inf')]]), torch.tensor([[3, -1]]))
+    assert partial.records() == [dict(results=[dict(rank=1, id=3, name=None, score=0.5)])]
 
 
 def test_rescoring_is_exact_on_the_candidates(index, model, tokenizer):
@@ -347,6 +361,18 @@ def test_command(checkpoint, tmp_path, capsys):
         rank, printed_score, printed_id, name = line.split('\t')
         assert (int(printed_id), name) == (image, str(images / 'nested' / f'{image:02d}.png'))
         assert float(printed_score) == pytest.approx(score, abs=1e-4)
+
+    # --json: per text, its images best first, with rank, id, name and score: the Python results as data.
+    main(['query', str(output), 'a red circle', 'a blue square', '--k', '3', '--candidates', '5', '--device', 'cpu',
+          '--json'])
+    printed = json.loads(capsys.readouterr().out)
+    both = LlipIndex.open(output, model, tokenizer).search(['a red circle', 'a blue square'], k=3, candidates=5)
+    assert printed == both.records(['a red circle', 'a blue square'])
+    assert [entry['query'] for entry in printed] == ['a red circle', 'a blue square']
+    for entry, scores, ids in zip(printed, both.scores.tolist(), both.ids.tolist()):
+        assert [(result['rank'], result['id'], result['name'], result['score']) for result in entry['results']] == \
+            [(rank, image, str(images / 'nested' / f'{image:02d}.png'), score)
+             for rank, (score, image) in enumerate(zip(scores, ids), 1)]
 
     def fails(argv, message):
         with pytest.raises(SystemExit) as exit_info:

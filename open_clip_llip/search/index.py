@@ -41,7 +41,8 @@ Python::
                         model_name='Llip-ViT-B-16', pretrained='llip_b16_k32.pt', tokenizer=tokenizer,
                         prototype_texts=captions, prototypes=64)   # captions: a sample of texts like the queries
     index = LlipIndex.open('gallery-index', model, tokenizer)
-    scores, ids = index.search(['a dog on a red sofa'], k=10, candidates=1000)   # [Q, k] each
+    results = index.search(['a dog on a red sofa'], k=10, candidates=1000)   # .scores, .ids [Q, k]; .names
+    results.records(texts)   # per query: rank, id, name, score (JSON-ready)
 
 Command: ``open_clip_llip index build`` / ``open_clip_llip index query`` (``python -m
 open_clip_llip.search.index``; ``--help``).
@@ -108,10 +109,23 @@ def _faiss():
 
 
 class SearchResults(NamedTuple):
-    """The k best images of each query, best first: conditioned cosines and image ids (rows of the index); where
-    fewer than k images have finite features and scores, the rest are id −1 with score −inf."""
+    """The k best images of each query, best first: conditioned cosines, image ids (rows of the index) and the
+    images' names (where the index has them); where fewer than k images have finite features and scores, the rest
+    are id −1 with score −inf and no name."""
     scores: torch.Tensor  # [Q, k], float32
     ids: torch.Tensor  # [Q, k], int64
+    names: Optional[List[List[Optional[str]]]] = None  # [Q][k]; None where the index has no names
+
+    def records(self, texts: Optional[Sequence[str]] = None) -> List[dict]:
+        """The results as plain data (``json.dumps`` writes them): per query ``{'query': text, 'results': [{'rank':
+        1, 'id': …, 'name': …, 'score': …}, …]}``, best first, rank from 1, ``'query'`` only with ``texts``;
+        places with id −1 (fewer than k rankable images) left out."""
+        records = []
+        for query, (scores, ids) in enumerate(zip(self.scores.tolist(), self.ids.tolist())):
+            results = [dict(rank=rank, id=image, name=None if self.names is None else self.names[query][rank - 1],
+                            score=score) for rank, (score, image) in enumerate(zip(scores, ids), 1) if image >= 0]
+            records.append(dict(query=texts[query], results=results) if texts is not None else dict(results=results))
+        return records
 
 
 def first_stage_vectors(model: LlipModel, image_features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -756,7 +770,7 @@ class LlipIndex:
                 scores.append(best.values)
                 ids.append(rows[best.indices].masked_fill(best.values == float('-inf'), -1))
         self._warn_left_out(left_out)
-        return SearchResults(torch.stack(scores), torch.stack(ids))
+        return self._named_results(torch.stack(scores), torch.stack(ids))
 
     def _finite(self, scores: torch.Tensor, features: np.ndarray, ids: torch.Tensor, left_out: set) -> torch.Tensor:
         """Scores [..., n] of the images ``ids`` [n] with stored ``features`` [n, …], −inf where a feature or the
@@ -790,7 +804,12 @@ class LlipIndex:
                 top = scores.topk(min(k, scores.shape[1]))
                 best = SearchResults(top.values, ids.gather(1, top.indices))
         self._warn_left_out(left_out)
-        return SearchResults(best.scores, best.ids.masked_fill(best.scores == float('-inf'), -1))
+        return self._named_results(best.scores, best.ids.masked_fill(best.scores == float('-inf'), -1))
+
+    def _named_results(self, scores: torch.Tensor, ids: torch.Tensor) -> SearchResults:
+        names = None if self.names is None else [[self.names[image] if image >= 0 else None for image in row]
+                                                 for row in ids.tolist()]
+        return SearchResults(scores, ids, names)
 
     def _check_query(self, text_features: torch.Tensor, k: int):
         heads, width = self.features.shape[2], self.features.shape[2] * self.features.shape[4]

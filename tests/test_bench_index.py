@@ -16,7 +16,7 @@ def test_bench_index_reports_every_figure(checkpoint, tmp_path, capsys):
     small = ['--checkpoint', str(checkpoint), '--train-images', '16', '--retrieval-images', '8', '--gallery-images',
              '32', '--candidates', '10', '40', '--prototypes', '1', '3', '--images', '3000', '--stored-images', '256',
              '--exhaustive-images', '128', '--speed-candidates', '50', '--queries', '2', '--exhaustive-queries', '1',
-             '--repeats', '1']
+             '--repeats', '3', '--batch-repeats', '2', '--bytes-images', '4']
     bench.main([*small, '--json', str(output)])
     figures = json.loads(output.read_text())
     recall = figures['recall']
@@ -26,13 +26,17 @@ def test_bench_index_reports_every_figure(checkpoint, tmp_path, capsys):
         for by_candidates in by_probes.values():
             assert by_candidates['40']['recall_at_10'] == 1.0  # every image a candidate: the exhaustive top 10
             assert 0 <= by_candidates['10']['recall_at_10'] <= 1
+    assert 0 <= recall['int8']['by_candidates']['40'] <= 1  # every image a candidate, but int8 re-scoring
     speed = figures['speed']
     assert (speed['images'], speed['stored_images'], speed['exhaustive_images_measured']) == (3000, 256, 128)
-    assert speed['bytes_per_image_features'] == pytest.approx(65536, rel=1e-3)  # B/16, fp16: 2·K·D·2 bytes
-    assert speed['bytes_per_image_per_prototype'] == pytest.approx(2048 + 8, rel=1e-2)  # D float32 and an id
-    assert speed['bytes_total_at_images']['3'] == pytest.approx(3000 * (65536 + 3 * 2056), rel=1e-2)
-    for name in ('two_stage_warm_single_s', 'two_stage_cold_batch_per_query_s', 'exhaustive_s_per_query_extrapolated',
-                 'speedup_cold_single'):
+    per_image = speed['bytes']['per_image']
+    assert per_image['image_features.npy'] == 65536  # B/16, float16: 2·K·D·2 bytes
+    assert per_image['first_stage.faiss'] == 256 * (16 + 8)  # P = 256 codes of 16 bytes and ids
+    assert per_image['names.json'] == len('"images/000000000.jpg", ')
+    assert speed['bytes']['besides_features'] <= 8192
+    for name in ('two_stage_warm_single', 'two_stage_cold_batch_per_query', 'first_stage_warm_single'):
+        assert 0 < speed[name]['p50_s'] <= speed[name]['p95_s'], name
+    for name in ('exhaustive_s_per_query_extrapolated', 'speedup_cold_single'):
         assert math.isfinite(speed[name]) and speed[name] > 0, name
     assert 'extrapolated' in capsys.readouterr().out
     # An existing --json is kept unless --overwrite is given.

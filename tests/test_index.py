@@ -22,11 +22,14 @@ from open_clip_llip.search.index import (
     MANIFEST,
     NAMES,
     LlipIndex,
+    SearchResults,
     build_index,
     first_stage_vectors,
     mixed_cosine,
     paired_cosine,
     prototype_queries,
+    train_first_stage,
+    verify_index,
     write_index,
 )
 
@@ -121,17 +124,65 @@ def test_build_persist_reload_search(index, model, tokenizer):
     assert torch.equal(one.ids, by_strings.ids[:1])
 
 
+def test_results_name_their_images_and_give_records_ranked_from_one(index, model, tokenizer):
+    results = index.search(TEXTS[:2], k=4, candidates=12)
+    assert results.names == [[f'image-{image}.png' for image in row] for row in results.ids.tolist()]
+    records = results.records(TEXTS[:2])
+    assert [record['query'] for record in records] == TEXTS[:2]
+    assert records[1]['results'][0] == dict(rank=1, id=results.ids[1, 0].item(), name=results.names[1][0],
+                                            score=results.scores[1, 0].item())
+    assert [[result['rank'] for result in record['results']] for record in records] == [[1, 2, 3, 4]] * 2
+    # Places without a rankable image (id −1) are left out; an index without names gives name None.
+    partial = SearchResults(torch.tensor([[0.5, float('-inf')]]), torch.tensor([[3, -1]]))
+    assert partial.records() == [dict(results=[dict(rank=1, id=3, name=None, score=0.5)])]
+
+
+def coded_vectors(index):
+    """The first-stage vectors as the index's codes hold them [N, P, D]: each list's codes, decoded."""
+    import faiss
+    first_stage, lists = index.first_stage, index.first_stage.invlists
+    vectors = np.full((len(index), first_stage.nlist, first_stage.d), np.nan, np.float32)
+    for prototype in range(first_stage.nlist):
+        size = lists.list_size(prototype)
+        ids = faiss.rev_swig_ptr(lists.get_ids(prototype), size).copy()
+        codes = faiss.rev_swig_ptr(lists.get_codes(prototype), size * first_stage.code_size).copy()
+        vectors[ids, prototype] = first_stage.pq.decode(codes.reshape(size, first_stage.code_size))
+    assert not np.isnan(vectors).any()  # every image in every list
+    return torch.from_numpy(vectors)
+
+
+def assert_the_best_are_chosen(reference, scores, ids):
+    """``ids`` [Q, C] (scores ``scores``, best first) are the C best of ``reference`` [Q, N], to float32 rounding (an
+    ADC sum of M sub-products against the reference's one dot product)."""
+    atol = 1e-5 * reference.abs().max().item()
+    torch.testing.assert_close(scores, reference.gather(1, ids), rtol=0, atol=atol)
+    assert (scores[:, :-1] >= scores[:, 1:]).all() and all(len(set(row)) == ids.shape[1] for row in ids.tolist())
+    left_out = reference.scatter(1, ids, float('-inf'))
+    assert (reference.gather(1, ids).amin(1) >= left_out.amax(1) - atol).all()
+
+
+def test_the_lists_hold_each_images_first_stage_vector_as_its_nearest_code(index, model):
+    """List c holds x[c] of every image (first_stage_vectors of the stored features) coded by the product quantizer:
+    no code is farther from x than the one FAISS computes for it."""
+    vectors = first_stage_vectors(model, stored(index), torch.zeros(1, 4, 16)).detach()  # no prototype texts: zero query
+    coded = coded_vectors(index)
+    pq = index.first_stage.pq
+    nearest = torch.from_numpy(pq.decode(pq.compute_codes(np.ascontiguousarray(vectors.flatten(0, 1).numpy()))))
+    error, best = (coded - vectors).flatten(0, 1).norm(dim=1), (nearest - vectors.flatten(0, 1)).norm(dim=1)
+    torch.testing.assert_close(error, best, rtol=1e-5, atol=1e-6)
+    assert index.manifest['first_stage']['faiss'] == 'IndexIVFPQ' and not index.first_stage.by_residual
+
+
 def test_rescoring_is_exact_on_the_candidates(index, model, tokenizer):
     """The results are the k best of the first stage's candidates by conditioned cosine, scored as similarity does."""
     text_features = model.encode_text(tokenizer(TEXTS)).detach()
     with torch.no_grad():
         reference = model.similarity(stored(index), text_features).T  # [Q, N]
-    candidates = index.first_stage_candidates(text_features, 10)
-    assert candidates.shape == (len(TEXTS), 10) and all(len(set(row.tolist())) == 10 for row in candidates)
-    # The first stage ranks by <x, p> of the uniform mixture (no prototype texts), computed here from the stored features.
-    uniform = first_stage_vectors(model, stored(index), torch.zeros(1, 4, 16))[:, 0]  # [N, D]
-    first = unpack_text(text_features)[1].flatten(1) @ uniform.T
-    assert torch.equal(candidates.sort(1).values, first.topk(10).indices.sort(1).values)
+    scores, candidates = index.first_stage_search(text_features, 10)
+    assert torch.equal(candidates, index.first_stage_candidates(text_features, 10))
+    # The first stage ranks by <x̂, p>, x̂ the coded uniform mixture (no prototype texts).
+    first = unpack_text(text_features)[1].flatten(1) @ coded_vectors(index)[:, 0].T
+    assert_the_best_are_chosen(first, scores, candidates)
     results = index.search_features(text_features, k=4, candidates=10)
     restricted = reference.gather(1, candidates)
     best = restricted.topk(4)
@@ -170,8 +221,7 @@ def test_prototype_queries_are_centres_of_the_sample(model, tokenizer):
 
 
 def test_the_first_stage_routes_each_text_to_its_nearest_prototypes(model, tokenizer, tmp_path):
-    """Each text's candidates are its images ranked by the best <x[c], p> over its ``probes`` nearest prototypes c;
-    a text whose own query is a prototype gets the exact conditioned ranking from the first stage alone."""
+    """Each text's candidates are its images ranked by the best <x̂[c], p> over its ``probes`` nearest prototypes c."""
     with torch.no_grad():
         image_features = model.encode_image(RandomImages(30, seed=4).images)
         sample = model.encode_text(tokenizer(SAMPLE_TEXTS))
@@ -180,24 +230,78 @@ def test_the_first_stage_routes_each_text_to_its_nearest_prototypes(model, token
     write_index(tmp_path / 'routed', model, image_features.split(7), 30, dtype='float32', prototypes=prototypes)
     index = LlipIndex.open(tmp_path / 'routed', model)
     assert index.prototypes == 3 and index.manifest['first_stage']['prototypes'] == 3
+    torch.testing.assert_close(torch.from_numpy(index.first_stage.quantizer.reconstruct_n(0, 3)), prototypes.flatten(1))
     queries, targets = unpack_text(text_features)
     nearest = torch.cdist(queries.flatten(1), prototypes.flatten(1)).argsort(1)  # [Q, P]
-    scores = torch.einsum('npd,qd->qnp', first_stage_vectors(model, stored(index), prototypes), targets.flatten(1))
+    scores = torch.einsum('npd,qd->qnp', coded_vectors(index), targets.flatten(1))
     for probes in (1, 2, 3):
         best = scores.gather(2, nearest[:, None, :probes].expand(-1, 30, -1)).amax(2)  # [Q, N]
-        candidates = index.first_stage_candidates(text_features, 8, probes)
-        assert candidates.shape == (len(TEXTS), 8) and all(len(set(row.tolist())) == 8 for row in candidates)
-        assert torch.equal(candidates, best.topk(8).indices)
-
-    own = tmp_path / 'own'  # the texts' queries themselves as prototypes
-    write_index(own, model, image_features.split(7), 30, dtype='float32', prototypes=queries)
-    with torch.no_grad():
-        exact = model.similarity(image_features, text_features).T.topk(5).indices
-    assert torch.equal(LlipIndex.open(own, model).first_stage_candidates(text_features, 5), exact)
+        assert_the_best_are_chosen(best, *index.first_stage_search(text_features, 8, probes))
     with pytest.raises(ValueError, match=r'probes must be an integer in \[1, 3\]'):
         index.search_features(text_features, k=2, probes=4)
     with pytest.raises(ValueError, match=r'Prototype queries must be finite raw mixer queries \[P ≥ 1, 4, 16\]'):
         write_index(tmp_path / 'bad', model, [image_features], 30, prototypes=prototypes[:, :2])
+
+
+def test_images_of_equal_first_stage_scores_are_chosen_in_order_of_id(model, tokenizer, tmp_path):
+    """Identical images have identical codes: whichever order FAISS scans them in, the first stage takes them by id."""
+    with torch.no_grad():
+        distinct = model.encode_image(RandomImages(6, seed=6).images)
+    image_features = distinct[torch.tensor([0, 1, 2, 3, 4, 5] * 5)]  # image i + 6j: a copy of image i
+    write_index(tmp_path / 'copies', model, image_features.split(4), 30, dtype='float32')
+    index = LlipIndex.open(tmp_path / 'copies', model)
+    text_features = model.encode_text(tokenizer(TEXTS)).detach()
+    scores, ids = index.first_stage_search(text_features, 8)
+    for row_scores, row_ids in zip(scores, ids):
+        best = row_ids[0].item() % 6
+        assert row_ids[:5].tolist() == [best + 6 * copy for copy in range(5)]  # the five copies of the best, by id
+        assert (row_scores[:5] == row_scores[0]).all() and row_ids[5].item() % 6 != best
+        assert row_ids[5:8].tolist() == sorted(row_ids[5:8].tolist()) and (row_scores[5:8] == row_scores[5]).all()
+
+
+def test_the_first_stage_costs_its_code_and_an_id_per_prototype_and_image(model, tokenizer, tmp_path):
+    import faiss
+    with torch.no_grad():
+        image_features = model.encode_image(RandomImages(37, seed=2).images)
+        prototypes = prototype_queries(model.encode_text(tokenizer(SAMPLE_TEXTS)), 4)
+    trained = train_first_stage(model, image_features, prototypes, code_bytes=8)
+    assert (trained.nlist, trained.pq.M, trained.pq.nbits, trained.code_size) == (4, 8, 7, 7)  # 148 vectors: 7 bits
+    sizes = []
+    for count in (20, 37):
+        write_index(tmp_path / f'{count}', model, [image_features[:count]], count, first_stage=trained)
+        sizes.append((tmp_path / f'{count}' / FIRST_STAGE).stat().st_size)
+    assert sizes[1] - sizes[0] == 17 * 4 * (trained.code_size + 8)  # 17 images more: P codes and ids each
+    assert faiss.read_index(str(tmp_path / '37' / FIRST_STAGE)).pq.nbits == 7
+    with pytest.raises(ValueError, match='code_bytes must be a divisor of the embedding width D = 64'):
+        train_first_stage(model, image_features, prototypes, code_bytes=12)
+    with pytest.raises(ValueError, match='prototypes .* or a trained first_stage, not both'):
+        write_index(tmp_path / 'both', model, [image_features], 37, prototypes=prototypes, first_stage=trained)
+
+
+def test_int8_storage_keeps_each_vector_to_half_a_step_and_scores_what_it_stores(model, tokenizer, tmp_path):
+    """int8 features: each key and value vector v as round(v / s), s = max|v| / 127 in float16 (half of float16's
+    bytes, and a scale per vector); re-scoring is exact for what is stored."""
+    with torch.no_grad():
+        image_features = model.encode_image(RandomImages(20, seed=3).images)
+        text_features = model.encode_text(tokenizer(TEXTS))
+    image_features[3, 0, 1, 2] = 0  # a zero vector: scale 0, stored exactly
+    write_index(tmp_path / 'int8', model, image_features.split(6), 20, dtype='int8')
+    index = LlipIndex.open(tmp_path / 'int8', model)
+    rows = index.read_rows(np.arange(20))
+    assert rows.dtype.names == ('codes', 'scales') and rows['codes'].shape == (20, 2, 4, 8, 16)
+    scales = torch.from_numpy(rows['scales'].astype(np.float32))
+    torch.testing.assert_close(scales, (image_features.abs().amax(-1) / 127).half().float())
+    decoded = torch.from_numpy(index.decode_rows(rows))
+    assert ((decoded - image_features).abs() <= scales[..., None] / 2 * (1 + 1e-6)).all()
+    assert (decoded[3, 0, 1, 2] == 0).all()
+    file_bytes = (tmp_path / 'int8' / FEATURES).stat().st_size - index.features.offset
+    assert file_bytes == 20 * (2 * 4 * 8 * 16 + 2 * 2 * 4 * 8)  # a byte per number, 2 bytes per vector's scale
+    results = index.search_features(text_features, k=5, candidates=20)
+    with torch.no_grad():
+        exact = model.similarity(decoded, text_features).T.topk(5)
+    assert torch.equal(results.ids, exact.indices)
+    torch.testing.assert_close(results.scores, exact.values)
+    assert verify_index(tmp_path / 'int8') == []
 
 
 @pytest.mark.parametrize('precision', ['amp', 'amp_bf16'])
@@ -297,7 +401,7 @@ def test_bad_input(index, model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r'Image ids must lie in \[0, 37\)'):
         index.rescore(text_features, torch.full((len(TEXTS), 3), NUM_IMAGES), k=2)
     with pytest.raises(ValueError, match='dtype must be one of'):
-        write_index(tmp_path / 'a', model, [features], 5, dtype='int8')
+        write_index(tmp_path / 'a', model, [features], 5, dtype='bfloat16')
     with pytest.raises(ValueError, match='2 names for 5 images'):
         write_index(tmp_path / 'b', model, [features], 5, names=['x', 'y'])
     with pytest.raises(ValueError, match=r'expected batches \[n, 2, 4, 8, 16\]'):
@@ -347,6 +451,18 @@ def test_command(checkpoint, tmp_path, capsys):
         rank, printed_score, printed_id, name = line.split('\t')
         assert (int(printed_id), name) == (image, str(images / 'nested' / f'{image:02d}.png'))
         assert float(printed_score) == pytest.approx(score, abs=1e-4)
+
+    # --json: per text, its images best first, with rank, id, name and score: the Python results as data.
+    main(['query', str(output), 'a red circle', 'a blue square', '--k', '3', '--candidates', '5', '--device', 'cpu',
+          '--json'])
+    printed = json.loads(capsys.readouterr().out)
+    both = LlipIndex.open(output, model, tokenizer).search(['a red circle', 'a blue square'], k=3, candidates=5)
+    assert printed == both.records(['a red circle', 'a blue square'])
+    assert [entry['query'] for entry in printed] == ['a red circle', 'a blue square']
+    for entry, scores, ids in zip(printed, both.scores.tolist(), both.ids.tolist()):
+        assert [(result['rank'], result['id'], result['name'], result['score']) for result in entry['results']] == \
+            [(rank, image, str(images / 'nested' / f'{image:02d}.png'), score)
+             for rank, (score, image) in enumerate(zip(scores, ids), 1)]
 
     def fails(argv, message):
         with pytest.raises(SystemExit) as exit_info:

@@ -83,9 +83,10 @@ def flip_byte(path, position):
     path.write_bytes(bytes(data))
 
 
-def write_row(folder, row, value):
+def write_row(folder, row, value, part=1):
+    """Write ``value`` into image ``row``'s first value (``part`` 1) or key (0)."""
     features = np.load(folder / FEATURES, mmap_mode='r+')
-    features[row, 1, 0, 0, 0] = value
+    features[row, part, 0, 0, 0] = value
     features.flush()
     del features
 
@@ -231,15 +232,16 @@ def test_an_index_from_before_block_hashes_opens_says_what_it_lacks_and_checks_i
     assert len(problems) == 2 and f'{FEATURES}: does not match' in problems[0] and f'images {ROW}.' in problems[1]
 
 
-@pytest.mark.parametrize('value', [np.inf, np.nan])
+@pytest.mark.parametrize('value', [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize('part', [0, 1])  # a key (−inf: given no weight, the score would stay finite), a value
 @pytest.mark.parametrize('legacy', [False, True])
-def test_search_leaves_out_images_with_non_finite_features_with_a_warning(folder, model, caplog, value, legacy):
+def test_search_leaves_out_images_with_non_finite_features_with_a_warning(folder, model, caplog, value, part, legacy):
     """Hashes that agree with a non-finite row (an index written so): the row is never ranked."""
     index = LlipIndex.open(folder, model)
     queries = text_features(model)
     first = index.search_features(queries, k=5, candidates=NUM_IMAGES).ids[:, 0]
-    write_row(folder, first[0].item(), value)
-    write_row(folder, first[1].item(), value)
+    write_row(folder, first[0].item(), value, part)
+    write_row(folder, first[1].item(), value, part)
     reseal(folder)
     if legacy:
         as_written_before_block_hashes(folder)

@@ -1,6 +1,7 @@
 """``open_clip_llip index build|query|verify``: build a Llip retrieval index of images, search one by text, or check
 one's files against the SHA-256 its manifest records."""
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -64,6 +65,9 @@ def _query(args):
     model, _, tokenizer = _load(args)
     index = LlipIndex.open(args.index, model, tokenizer, args.precision)
     results = index.search(args.texts, args.k, args.candidates, args.probes)
+    if args.json:
+        print(json.dumps(results.records(args.texts), indent=2, ensure_ascii=False))
+        return
     for text, scores, ids in zip(args.texts, results.scores.tolist(), results.ids.tolist()):
         print(f'{text}')
         for rank, (score, image) in enumerate(zip(scores, ids), 1):
@@ -112,6 +116,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     query.add_argument('--candidates', type=int, default=DEFAULT_CANDIDATES,
                        help='first-stage candidates per text, re-scored exactly')
     query.add_argument('--probes', type=int, default=1, help="prototypes per text whose lists the first stage scans")
+    query.add_argument('--json', action='store_true',
+                       help='print the results as JSON: per text, its images best first with rank, id, name and score')
     add_model_arguments(query, required=False, model_help="default: the index's (another path to the same model)",
                         pretrained_help="default: the index's")
     add_runtime_arguments(query, workers=False)

@@ -41,7 +41,8 @@ Python::
                         model_name='Llip-ViT-B-16', pretrained='llip_b16_k32.pt', tokenizer=tokenizer,
                         prototype_texts=captions, prototypes=64)   # captions: a sample of texts like the queries
     index = LlipIndex.open('gallery-index', model, tokenizer)
-    scores, ids = index.search(['a dog on a red sofa'], k=10, candidates=1000)   # [Q, k] each
+    results = index.search(['a dog on a red sofa'], k=10, candidates=1000)   # .scores, .ids [Q, k]; .names
+    results.records(texts)   # per query: rank, id, name, score (JSON-ready)
 
 Command: ``open_clip_llip index build`` / ``open_clip_llip index query`` (``python -m
 open_clip_llip.search.index``; ``--help``).
@@ -84,9 +85,16 @@ GENERATOR = 'open_clip_llip.index'
 MANIFEST, FEATURES, FIRST_STAGE, NAMES = 'index.json', 'image_features.npy', 'first_stage.faiss', 'names.json'
 # Every file an index is: all that ``overwrite`` may remove.
 FILES = re.compile('|'.join(re.escape(name) for name in (MANIFEST, FEATURES, FIRST_STAGE, NAMES)))
-DTYPES = ('float16', 'float32')
+DTYPES = ('float16', 'float32', 'int8')
 DEFAULT_CANDIDATES = 1000
-DEFAULT_PROTOTYPES = 64
+DEFAULT_PROTOTYPES = 256
+# Bytes of a first-stage code (product-quantizer sub-vectors of 8 bits): with an id (8 bytes) per prototype and
+# image, P = 256 prototypes cost 6 KiB per image.
+DEFAULT_CODE_BYTES = 16
+# First-stage vectors the codebooks are trained on: 256 per centroid of an 8-bit sub-quantizer.
+_TRAINING_VECTORS = 1 << 16
+# Images whose first-stage vectors the codebooks are trained on, at most.
+_SAMPLE_IMAGES = 4096
 # Elements of image features scored at once (64 MiB in fp32): bounds the memory of a block of pairs.
 _BLOCK_ELEMENTS = 1 << 24
 # Texts encoded at once.
@@ -108,10 +116,26 @@ def _faiss():
 
 
 class SearchResults(NamedTuple):
-    """The k best images of each query, best first: conditioned cosines and image ids (rows of the index); where
-    fewer than k images have finite features and scores, the rest are id −1 with score −inf."""
+    """The k best images of each query, best first: conditioned cosines, image ids (rows of the index) and the
+    images' names (where the index has them); where fewer than k images have finite features and scores, the rest
+    are id −1 with score −inf and no name."""
     scores: torch.Tensor  # [Q, k], float32
     ids: torch.Tensor  # [Q, k], int64
+    names: Optional[List[List[Optional[str]]]] = None  # [Q][k]; None where the index has no names
+    shards: Optional[torch.Tensor] = None  # [Q, k], int64: the shard each image is in (a gallery of shards), else None
+
+    def records(self, texts: Optional[Sequence[str]] = None) -> List[dict]:
+        """The results as plain data (``json.dumps`` writes them): per query ``{'query': text, 'results': [{'rank':
+        1, 'id': …, 'name': …, 'score': …, 'shard': …}, …]}``, best first, rank from 1, ``'query'`` only with
+        ``texts``, ``'shard'`` only for a gallery of shards; places with id −1 (fewer than k rankable images) left
+        out."""
+        records = []
+        for query, (scores, ids) in enumerate(zip(self.scores.tolist(), self.ids.tolist())):
+            results = [dict(rank=rank, id=image, name=None if self.names is None else self.names[query][rank - 1],
+                            score=score, **({} if self.shards is None else dict(shard=int(self.shards[query, rank - 1])))
+                            ) for rank, (score, image) in enumerate(zip(scores, ids), 1) if image >= 0]
+            records.append(dict(query=texts[query], results=results) if texts is not None else dict(results=results))
+        return records
 
 
 def first_stage_vectors(model: LlipModel, image_features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -143,26 +167,71 @@ def prototype_queries(text_features: torch.Tensor, count: int) -> torch.Tensor:
     return torch.from_numpy(kmeans.centroids).view(count, *text_features.shape[2:])
 
 
-def new_first_stage(prototypes: torch.Tensor):
-    """An empty first stage for prototype queries [P, H, d]: FAISS ``IndexIVFFlat`` (inner product) whose
-    quantizer holds the prototypes, flattened; ``add_first_stage`` fills its lists."""
+def new_first_stage(prototypes: torch.Tensor, code_bytes: int, code_bits: int = 8):
+    """An empty, untrained first stage for prototype queries [P, H, d]: a FAISS ``IndexIVFPQ`` (inner product) whose
+    quantizer holds the prototypes, flattened, and routes a text by its raw query q, and whose list c is to hold
+    every image's x[c] as a product-quantizer code of ``code_bytes`` sub-vectors of ``code_bits`` bits each.
+    ``train_first_stage`` trains its codebooks."""
     faiss = _faiss()
     width = prototypes[0].numel()
     quantizer = faiss.IndexFlatL2(width)
     quantizer.add(np.ascontiguousarray(prototypes.detach().flatten(1).float().cpu().numpy()))
-    first_stage = faiss.IndexIVFFlat(quantizer, width, len(prototypes), faiss.METRIC_INNER_PRODUCT)
-    first_stage.is_trained = True  # the lists are the prototypes, given: nothing to train
+    first_stage = faiss.IndexIVFPQ(quantizer, width, len(prototypes), code_bytes, code_bits, faiss.METRIC_INNER_PRODUCT)
+    # The lists hold vectors x of another space than the quantizer's queries q: codes of x itself, not of x − c.
+    first_stage.by_residual = False
+    first_stage.pq.cp.min_points_per_centroid = 1  # small galleries train on what they have (fewer bits), silently
+    return first_stage
+
+
+def train_first_stage(model: LlipModel, image_features: torch.Tensor, prototypes: Optional[torch.Tensor] = None,
+                      code_bytes: int = DEFAULT_CODE_BYTES):
+    """A sample of image features [n, 2, H, K, d] -> a trained, empty first stage (``new_first_stage``) for the
+    prototype queries [P, H, d] (``prototype_queries``; default the zero query alone: uniform attention).
+
+    Its product quantizer is trained (seeded k-means) on the sample's first-stage vectors x[c] for every prototype
+    c (about ``_TRAINING_VECTORS`` of them, drawn seeded): ``code_bytes`` sub-vectors (a divisor of D) of 8 bits
+    each, or of log2 of the vectors' count where the sample gives fewer than 256 vectors. What is trained from
+    one sample serves any number of indexes (the shards of a gallery), whose codes it makes comparable.
+    """
+    heads, width = model.mixer.heads, model.mixer.out_proj.shape[0]
+    if prototypes is None:
+        prototypes = torch.zeros(1, heads, width // heads)
+    if prototypes.ndim != 3 or tuple(prototypes.shape[1:]) != (heads, width // heads) or not len(prototypes) \
+            or not torch.isfinite(prototypes).all():
+        raise ValueError(f'Prototype queries must be finite raw mixer queries [P ≥ 1, {heads}, {width // heads}] '
+                         f'(prototype_queries); got {list(prototypes.shape)}.')
+    if isinstance(code_bytes, bool) or not isinstance(code_bytes, int) or code_bytes < 1 or width % code_bytes:
+        raise ValueError(f'code_bytes must be a divisor of the embedding width D = {width} (the first stage codes '
+                         f'each vector as code_bytes sub-vectors of D / code_bytes numbers); got {code_bytes!r}.')
+    if image_features.ndim != 5 or not len(image_features):
+        raise ValueError(f'The first stage is trained on a sample of image features [n ≥ 1, 2, H, K, d]; got '
+                         f'{list(image_features.shape)}.')
+    rng, keep = np.random.default_rng(0), min(1.0, _TRAINING_VECTORS / (len(image_features) * len(prototypes)))
+    chunk, vectors = max(1, _TRAINING_VECTORS // len(prototypes)), []
+    with torch.inference_mode():
+        for start in range(0, len(image_features), chunk):
+            mixed = first_stage_vectors(model, image_features[start:start + chunk].float(), prototypes)
+            mixed = mixed.flatten(0, 1).cpu().numpy()
+            vectors.append(mixed[rng.random(len(mixed)) < keep] if keep < 1 else mixed)
+    vectors = np.concatenate(vectors)
+    # k centroids need k vectors; a single vector is repeated so that two centroids (1 bit) can be fitted.
+    vectors = np.ascontiguousarray(np.repeat(vectors, 2, axis=0) if len(vectors) == 1 else vectors)
+    first_stage = new_first_stage(prototypes, code_bytes, min(8, int(math.log2(len(vectors)))))
+    first_stage.train(vectors)  # the quantizer holds its P prototypes already: only the codebooks are trained
     return first_stage
 
 
 def add_first_stage(first_stage, vectors: np.ndarray, first_id: int):
-    """Add the first-stage vectors [n, P, D] of images ``first_id`` … ``first_id + n − 1``: x[c] to list c."""
-    faiss = _faiss()
-    ids = np.arange(first_id, first_id + len(vectors), dtype=np.int64)
-    for prototype in range(vectors.shape[1]):
-        rows = np.ascontiguousarray(vectors[:, prototype], dtype=np.float32)
-        lists = np.full(len(vectors), prototype, dtype=np.int64)
-        first_stage.add_core(len(rows), faiss.swig_ptr(rows), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+    """Add the first-stage vectors [n, P, D] of images ``first_id`` … ``first_id + n − 1``: x[c] to list c, coded by
+    FAISS (``add_preassigned``), each list in order of id."""
+    from faiss.contrib.ivf_tools import add_preassigned
+
+    count, prototypes, width = vectors.shape
+    # Named here: add_preassigned drops its own reference to the ids before FAISS reads them.
+    ids = np.repeat(np.arange(first_id, first_id + count, dtype=np.int64), prototypes)
+    lists = np.tile(np.arange(prototypes, dtype=np.int64), count)
+    rows = np.ascontiguousarray(vectors.reshape(count * prototypes, width), dtype=np.float32)
+    add_preassigned(first_stage, rows, lists, ids)
 
 
 def paired_cosine(model: LlipModel, image_features: torch.Tensor, text_features: torch.Tensor,
@@ -171,7 +240,8 @@ def paired_cosine(model: LlipModel, image_features: torch.Tensor, text_features:
 
     Entry [j, c] is cos(z[i|j], t[j]) for the image ``image_features[j, c]``, as ``LlipModel.similarity``
     scores it (τ defaults to the model's), computed by mixing (``scoring.mixture_cosine``): 2·K·D + D²
-    multiply-adds per pair.
+    multiply-adds per pair. An image with a stored number that is not finite scores NaN, even where the
+    attention would give it no weight (a key of −inf).
     """
     if image_features.ndim != 6 or image_features.shape[0] != text_features.shape[0]:
         raise ValueError(f'paired_cosine takes image features [Q, C, 2, H, K, d] and text features [Q, 2, H, d]; got '
@@ -180,13 +250,22 @@ def paired_cosine(model: LlipModel, image_features: torch.Tensor, text_features:
     tau = single_temperature(temperature, model.mixer.temperature)
     out_proj = model.mixer.out_proj
     dtype = scoring_dtype(out_proj, image_features, text_features)
-    image_features = image_features.to(out_proj.device, dtype)
-    keys, values = image_features[:, :, 0], image_features[:, :, 1]  # [Q, C, H, K, d]
     queries, targets = unpack_text(text_features.to(out_proj.device, dtype))  # [Q, H, d]
-    # One [K, d] × [d] product per (pair, head), broadcast over the candidates without copying the keys.
-    attn = attention(keys, queries[:, None], tau, equation=None)  # [Q, C, H, K, 1]
-    mixed = torch.matmul(attn.transpose(-1, -2), values).flatten(2)  # [Q, C, D]
-    return mixture_cosine(mixed, targets.flatten(1)[:, None], out_proj.to(dtype))
+    count, _, heads, tokens, width = image_features.shape[1:]
+    scores = []
+    for features, query, target in zip(image_features, queries, targets):
+        # Keys and values laid out per head, [2, H, C, K, d], in the one copy that casts them: each head's keys are
+        # then one [C·K, d] matrix against its query (not C products of [K, d]), read once.
+        laid = torch.empty((2, heads, count, tokens, width), dtype=dtype, device=out_proj.device)
+        laid.copy_(features.permute(1, 2, 0, 3, 4))
+        attn = attention(laid[0], query, tau, 'hckd,hd->hck')  # [H, C, K]
+        mixed = torch.einsum('hck,hckd->hcd', attn, laid[1]).transpose(0, 1).reshape(count, heads * width)  # [C, D]
+        cosine = mixture_cosine(mixed, target.flatten(), out_proj.to(dtype))
+        # A non-finite value makes its mixture and score so (0 · inf is NaN too); a key of −inf may get no weight
+        # and leave the score finite: a sum of the keys finds it.
+        bad_keys = ~torch.isfinite(laid[0].reshape(heads, count, tokens * width).sum(2)).all(0)
+        scores.append(cosine.masked_fill(bad_keys, float('nan')))
+    return torch.stack(scores)
 
 
 def mixed_cosine(model: LlipModel, image_features: torch.Tensor, text_features: torch.Tensor,
@@ -242,16 +321,24 @@ def write_index(
         precision: str = 'fp32',
         prototypes: Optional[torch.Tensor] = None,
         skipped_samples: int = 0,
+        first_stage=None,
+        code_bytes: int = DEFAULT_CODE_BYTES,
+        shard: Optional[dict] = None,
 ) -> Path:
     """Write an index of ``count`` images from batches of their image features [n, 2, H, K, d] into ``folder``.
 
     ``folder`` must be new or empty; with ``overwrite``, an index this module wrote there is replaced
     (its files, if unchanged, and nothing else). ``names``: one per image, kept for the results.
-    ``prototypes``: the first stage's prototype queries [P, H, d] (``prototype_queries``); default the zero
-    query alone (uniform attention).
+    ``dtype``: how the features are stored for re-scoring: float16, float32, or int8 (each key and value vector
+    scaled by its largest magnitude / 127, the scale kept in float16: half of float16's bytes).
+    The first stage: ``first_stage``, trained already (``train_first_stage``: the shards of a gallery share one),
+    or else trained here (``train_first_stage``) on up to ``_SAMPLE_IMAGES`` stored images, evenly spaced, with
+    the prototype queries ``prototypes`` [P, H, d] (``prototype_queries``; default the zero query alone) and
+    ``code_bytes``; either way its lists are filled from the features as stored.
     ``model_name``, ``pretrained`` and ``precision`` are recorded so that ``open_clip_llip index query``
     can load the model again; ``skipped_samples``, the bad samples the reader left out (``--skip-bad-samples``),
-    too. A failed write removes what it wrote. Returns the manifest's path.
+    too, and ``shard`` (where this index lies in a gallery of shards). A failed write removes what it wrote.
+    Returns the manifest's path.
     """
     faiss = _faiss()
     if not isinstance(model, LlipModel):
@@ -262,36 +349,48 @@ def write_index(
         raise ValueError(f'An index needs at least one image; got {count}.')
     if names is not None and len(names) != count:
         raise ValueError(f'{len(names)} names for {count} images; give one name per image.')
+    if first_stage is not None and prototypes is not None:
+        raise ValueError('Give prototypes (the first stage is then trained here) or a trained first_stage, not both.')
     heads, tokens, width = model.mixer.heads, model.llip_cfg.mixture_tokens, model.mixer.out_proj.shape[0]
-    shape = (count, 2, heads, tokens, width // heads)
-    if prototypes is None:
-        prototypes = torch.zeros(1, heads, width // heads)
-    if prototypes.ndim != 3 or tuple(prototypes.shape[1:]) != (heads, width // heads) or not len(prototypes) \
-            or not torch.isfinite(prototypes).all():
-        raise ValueError(f'Prototype queries must be finite raw mixer queries [P ≥ 1, {heads}, {width // heads}] '
-                         f'(prototype_queries); got {list(prototypes.shape)}.')
+    spec = dict(file=FEATURES, shape=[count, 2, heads, tokens, width // heads], dtype=dtype)
+    if first_stage is not None:
+        _check_first_stage(first_stage, heads, width)
     folder = Path(folder)
     prepare_folder(folder, MANIFEST, GENERATOR, overwrite, FILES, what='index')
     with WrittenFiles(folder, FILES, MANIFEST, GENERATOR) as written:
-        stored = np.lib.format.open_memmap(written.claim(FEATURES), mode='w+', dtype=dtype, shape=shape)
-        first_stage = new_first_stage(prototypes)
+        row = np.empty(0, _row_dtype(spec))  # [0, 2, H, K, d] of floats, or [0] of int8 codes and scales
+        stored = np.lib.format.open_memmap(written.claim(FEATURES), mode='w+', dtype=row.dtype,
+                                           shape=(count, *row.shape[1:]))
         done = 0
         for batch in image_features:
-            if tuple(batch.shape[1:]) != shape[1:] or done + len(batch) > count:
+            if tuple(batch.shape[1:]) != tuple(spec['shape'][1:]) or done + len(batch) > count:
                 raise ValueError(f'Image features of shape {list(batch.shape)} after {done} images: expected batches '
-                                 f'[n, {", ".join(map(str, shape[1:]))}] of {count} images in all.')
-            rows = batch.detach().to('cpu', getattr(torch, dtype))
-            if not torch.isfinite(rows).all():
-                raise ValueError(f'Image {_named(_non_finite_rows(rows.numpy(), done), names)} has non-finite features '
-                                 f'in {dtype} (NaN, or too large for float16: use dtype float32); an index ranks '
-                                 'only finite scores. Leave the image out, or check the model and the image.')
-            stored[done:done + len(rows)] = rows.numpy()
-            with torch.inference_mode():
-                add_first_stage(first_stage, first_stage_vectors(model, rows, prototypes).cpu().numpy(), done)
+                                 f'[n, {", ".join(map(str, spec["shape"][1:]))}] of {count} images in all.')
+            rows = _encode_rows(batch.detach().cpu(), spec)
+            bad = _non_finite_rows(_decode_rows(rows, spec), done)
+            if len(bad):
+                raise ValueError(f'Image {_named(bad, names)} has non-finite features in {dtype} (NaN, or too large '
+                                 'for float16: use dtype float32); an index ranks only finite scores. Leave the image '
+                                 'out, or check the model and the image.')
+            stored[done:done + len(rows)] = rows
             done += len(rows)
         if done != count:
             raise ValueError(f'Got the features of {done} images; expected {count}.')
         stored.flush()
+        if first_stage is None:
+            sample = np.unique(np.linspace(0, count - 1, min(count, _SAMPLE_IMAGES)).round().astype(np.int64))
+            first_stage = train_first_stage(model, torch.from_numpy(_decode_rows(stored[sample], spec)), prototypes,
+                                            code_bytes)
+        else:
+            first_stage = faiss.clone_index(first_stage)
+        # The lists, from the features as stored (what re-scoring reads), in blocks of rows.
+        prototypes = torch.from_numpy(first_stage.quantizer.reconstruct_n(0, first_stage.nlist)).view(
+            first_stage.nlist, heads, width // heads)
+        block = max(1, _BLOCK_ELEMENTS // (len(prototypes) * width))
+        with torch.inference_mode():
+            for start in range(0, count, block):
+                rows = torch.from_numpy(_decode_rows(stored[start:start + block], spec))
+                add_first_stage(first_stage, first_stage_vectors(model, rows, prototypes).cpu().numpy(), start)
         del stored
         written.record(FEATURES)
         faiss.write_index(first_stage, str(written.claim(FIRST_STAGE)))
@@ -300,15 +399,59 @@ def write_index(
             written.write_text(NAMES, json.dumps([str(name) for name in names], ensure_ascii=False))
         manifest = dict(
             generator=GENERATOR, version=__version__, model=model_name, pretrained=pretrained, precision=precision,
-            **_model_record(model), temperature=model.mixer.temperature, count=count,
-            image_features=dict(file=FEATURES, shape=list(shape), dtype=dtype),
-            first_stage=dict(file=FIRST_STAGE, faiss='IndexIVFFlat', prototypes=len(prototypes),
+            **_model_record(model), temperature=model.mixer.temperature, count=count, image_features=spec,
+            first_stage=dict(file=FIRST_STAGE, faiss='IndexIVFPQ', prototypes=first_stage.nlist,
+                             code_bytes=first_stage.pq.M, code_bits=first_stage.pq.nbits,
                              lists='prototype c: u / |u W_O|, u = concat_h(Σ_k softmax_k(<key, c>/τ) value)',
                              routing='nearest prototypes of the raw query q (L2)', query='W_O t̂'),
             names=NAMES if names is not None else None, skipped_samples=skipped_samples)
+        if shard is not None:
+            manifest['shard'] = shard
         manifest['files'] = dict(written.files)  # written last: a folder with a manifest holds a whole index
         seal_manifest(manifest, folder)
         return written.write_text(MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + '\n')
+
+
+def _check_first_stage(first_stage, heads: int, width: int):
+    """ValueError unless ``first_stage`` is a trained first stage (``train_first_stage``) for a model of ``heads``
+    mixer heads and embedding width ``width``."""
+    faiss = _faiss()
+    if not isinstance(first_stage, faiss.IndexIVFPQ) or first_stage.d != width or not first_stage.is_trained \
+            or first_stage.by_residual or first_stage.quantizer.ntotal != first_stage.nlist:
+        raise ValueError(f'first_stage must be a trained first stage (train_first_stage) for D = {width}; got '
+                         f'{type(first_stage).__name__}.')
+
+
+def _row_dtype(spec: dict) -> np.dtype:
+    """The numpy dtype of one stored image (features ``spec`` of a manifest): [2, H, K, d] numbers of float16 or
+    float32 (a sub-array type: an array of it has shape [n, 2, H, K, d]), or for int8 a record of those as
+    ``codes`` and a float16 ``scales`` per vector [2, H, K]."""
+    shape = tuple(spec['shape'][1:])
+    if spec['dtype'] == 'int8':
+        return np.dtype([('codes', np.int8, shape), ('scales', np.float16, shape[:-1])])
+    return np.dtype((spec['dtype'], shape))
+
+
+def _encode_rows(features: torch.Tensor, spec: dict) -> np.ndarray:
+    """Image features [n, 2, H, K, d] -> the rows stored for them (``_row_dtype``): rounded to float16 or float32, or
+    for int8 each vector v as round(v / s) with s = max|v| / 127 (in float16)."""
+    if spec['dtype'] != 'int8':
+        return features.to(getattr(torch, spec['dtype'])).numpy()
+    features = features.float()
+    scales = (features.abs().amax(-1) / 127).half()
+    divisor = scales.float().masked_fill(scales == 0, 1)[..., None]
+    rows = np.empty(len(features), _row_dtype(spec))
+    rows['codes'] = (features / divisor).round().clamp(-127, 127).to(torch.int8).numpy()
+    rows['scales'] = scales.numpy()
+    return rows
+
+
+def _decode_rows(rows: np.ndarray, spec: dict) -> np.ndarray:
+    """Stored rows (``_row_dtype``) -> image features [n, 2, H, K, d]: as stored for float16 and float32, codes ×
+    scales in float32 for int8."""
+    if spec['dtype'] != 'int8':
+        return np.asarray(rows)
+    return rows['codes'].astype(np.float32) * rows['scales'].astype(np.float32)[..., None]
 
 
 def build_index(
@@ -327,15 +470,29 @@ def build_index(
         prototype_texts: Optional[Sequence[str]] = None,
         prototypes: Optional[int] = None,
         skipped_samples: int = 0,
+        code_bytes: int = DEFAULT_CODE_BYTES,
 ) -> 'LlipIndex':
     """Encode ``images`` (a dataset of transformed image tensors [3, h, w], such as ``eval_data.RetrievalImages``)
     with ``model`` on its device at ``precision`` (progress shown), write the index (``write_index``) and open it.
 
     ``prototype_texts``: a sample of texts like the queries to come (captions of the gallery's kind), whose
     queries give the first stage's ``prototypes`` (default ``DEFAULT_PROTOTYPES``) prototype queries
-    (``prototype_queries``; needs ``tokenizer``).
+    (``prototype_queries``; needs ``tokenizer``), its codes ``code_bytes`` (``train_first_stage``).
     Without them the first stage ranks by the uniform mixture, which recovers far fewer of the exact best
     images of a trained model (module docstring). ``skipped_samples`` is recorded in the manifest."""
+    centres = text_prototypes(model, tokenizer, prototype_texts, prototypes, precision)
+    logging.info(f'Indexing {len(images)} images into {folder} ({dtype} features, {precision} on '
+                 f'{model.mixer.out_proj.device}; {1 if centres is None else len(centres)} prototype queries).')
+    write_index(folder, model, encode_images(model, images, batch_size, workers, precision), len(images), names,
+                dtype, overwrite, model_name, pretrained, precision, centres, skipped_samples, code_bytes=code_bytes)
+    return LlipIndex.open(folder, model, tokenizer, precision)
+
+
+def encode_images(model: LlipModel, images: torch.utils.data.Dataset, batch_size: int = 64, workers: int = 4,
+                  precision: str = 'fp32', progress: str = 'Images', position: int = 0) -> Iterable[torch.Tensor]:
+    """Batches of the image features [n, 2, H, K, d] of ``images`` (a dataset of transformed image tensors [3, h, w],
+    such as ``readers.RetrievalImages``), in order, encoded on the model's device at ``precision``; a progress bar
+    named ``progress`` at line ``position`` (one per process of a spread build)."""
     import open_clip
     from open_clip_train.precision import get_autocast
     from torch.utils.data import DataLoader
@@ -347,27 +504,29 @@ def build_index(
 
     @torch.inference_mode()  # a decorated generator: the mode holds while it runs, not across its yields
     def encoded():
-        for batch in tqdm(loader, desc='Images', unit='batch'):
+        for batch in tqdm(loader, desc=progress, unit='batch', position=position):
             if not isinstance(batch, torch.Tensor):
                 raise TypeError(f'The dataset must give image tensors; it gave {type(batch).__name__} batches.')
             with autocast():
                 features = model.encode_image(batch.to(device=device, dtype=input_dtype))
             yield features
 
-    centres = None
-    if prototype_texts is None and prototypes is not None:
-        raise ValueError(f'{prototypes} prototypes asked for without prototype texts to make them of: give '
-                         'prototype_texts, a sample of texts like the queries to come.')
-    if prototype_texts is not None:
-        if tokenizer is None:
-            raise ValueError('Prototype texts need the tokenizer: build_index(..., tokenizer=tokenizer).')
-        centres = prototype_queries(_text_features(model, tokenizer, prototype_texts, precision),
-                                    DEFAULT_PROTOTYPES if prototypes is None else prototypes)
-    logging.info(f'Indexing {len(images)} images into {folder} ({dtype} features, {precision} on {device}; '
-                 f'{1 if centres is None else len(centres)} prototype queries).')
-    write_index(folder, model, encoded(), len(images), names, dtype, overwrite, model_name, pretrained, precision,
-                centres, skipped_samples)
-    return LlipIndex.open(folder, model, tokenizer, precision)
+    return encoded()
+
+
+def text_prototypes(model: LlipModel, tokenizer, texts: Optional[Sequence[str]], count: Optional[int] = None,
+                    precision: str = 'fp32') -> Optional[torch.Tensor]:
+    """The first stage's prototype queries [P, H, d] made of a sample of ``texts`` like the queries to come
+    (``prototype_queries``; ``count`` default ``DEFAULT_PROTOTYPES``), or None (the zero query) without texts."""
+    if texts is None:
+        if count is not None:
+            raise ValueError(f'{count} prototypes asked for without prototype texts to make them of: give '
+                             'prototype_texts, a sample of texts like the queries to come.')
+        return None
+    if tokenizer is None:
+        raise ValueError('Prototype texts need the tokenizer: build_index(..., tokenizer=tokenizer).')
+    return prototype_queries(_text_features(model, tokenizer, texts, precision),
+                             DEFAULT_PROTOTYPES if count is None else count)
 
 
 def _text_features(model: LlipModel, tokenizer, texts: Union[str, Sequence[str], torch.Tensor],
@@ -497,7 +656,7 @@ def _features_layout_damage(folder: Path, manifest: dict) -> Optional[str]:
         return f'{path}: not a readable .npy file ({error or "empty"}).'
     if header != blocks['header_sha256']:
         return f'{path}: its header does not match the SHA-256 the manifest records.'
-    expected = features.offset + int(np.prod(spec['shape'])) * np.dtype(spec['dtype']).itemsize
+    expected = features.offset + int(spec['shape'][0]) * _row_dtype(spec).itemsize
     if path.stat().st_size != expected:
         return f'{path}: {path.stat().st_size:,} bytes; the manifest records {expected:,} (cut short, or extended).'
     return None
@@ -568,20 +727,162 @@ def verify_index(folder: Union[str, Path]) -> List[str]:
     except (OSError, ValueError, EOFError):
         return problems  # named above: missing, or not matching its hash
     chunk = max(1, _HASH_BLOCK_BYTES // features[0].nbytes)
-    bad = np.concatenate([_non_finite_rows(np.asarray(features[start:start + chunk]), start)
+    bad = np.concatenate([_non_finite_rows(_decode_rows(features[start:start + chunk], spec), start)
                           for start in range(0, len(features), chunk)] or [np.zeros(0, int)])
     if len(bad):
         problems.append(f'{path}: non-finite features (NaN or infinity) in the rows of images {_named(bad, None)}.')
     return problems
 
 
-class LlipIndex:
+class TwoStageSearch:
+    """The two-stage search of a gallery of stored image features: ``LlipIndex`` (one index folder) and
+    ``shards.ShardedIndex`` (the shards of a gallery, as one) provide the first stage (``first_stage_search``),
+    the stored rows (``read_rows``, ``read_block``) and the images' names; the re-scoring is the same."""
+
+    def __init__(self, model: LlipModel, spec: dict, tokenizer=None, precision: str = 'fp32'):
+        self.model, self.spec, self.tokenizer, self.precision = model, spec, tokenizer, precision
+
+    def decode_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Stored rows -> image features [n, 2, H, K, d] (float16 or float32 as stored; int8 codes × scales)."""
+        return _decode_rows(rows, self.spec)
+
+    def encode_texts(self, texts: Union[Sequence[str], torch.Tensor]) -> torch.Tensor:
+        """Strings (with the tokenizer given to ``open``) or token ids [Q, L] -> text features [Q, 2, H, d]."""
+        if not isinstance(texts, torch.Tensor) and self.tokenizer is None:
+            raise ValueError('Searching by strings needs a tokenizer: LlipIndex.open(folder, model, tokenizer), '
+                             'or pass token ids.')
+        return _text_features(self.model, self.tokenizer, texts, self.precision)
+
+    def search(self, texts: Union[Sequence[str], torch.Tensor], k: int = 10, candidates: int = DEFAULT_CANDIDATES,
+               probes: int = 1) -> SearchResults:
+        """The k best images for each text (strings or token ids [Q, L]): the first stage's ``candidates`` best,
+        re-scored exactly (``search_features``)."""
+        return self.search_features(self.encode_texts(texts), k, candidates, probes)
+
+    def search_features(self, text_features: torch.Tensor, k: int = 10, candidates: int = DEFAULT_CANDIDATES,
+                        probes: int = 1) -> SearchResults:
+        """Text features [Q, 2, H, d] -> the k best images of each by conditioned cosine, among the first stage's
+        ``candidates`` best (all images when ``candidates`` ≥ the gallery's size) in the lists of the text's
+        ``probes`` nearest prototypes."""
+        self._check_query(text_features, k)
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < k:
+            raise ValueError(f'candidates must be an integer of at least k = {k}; got {candidates!r}.')
+        candidates = min(candidates, len(self))
+        return self.rescore(text_features, self.first_stage_candidates(text_features, candidates, probes), k)
+
+    def first_stage_candidates(self, text_features: torch.Tensor, candidates: int, probes: int = 1) -> torch.Tensor:
+        """Text features [Q, 2, H, d] -> the ids of each text's ``candidates`` best images by first-stage score
+        [Q, C], best first (``first_stage_search``)."""
+        return self.first_stage_search(text_features, candidates, probes)[1]
+
+    def rescore(self, text_features: torch.Tensor, candidates: torch.Tensor, k: int) -> SearchResults:
+        """Text features [Q, 2, H, d] and image ids [Q, C] -> the k best of each text's C images by exact conditioned
+        cosine. Each text's images are read from the stored features in increasing order, in blocks (``read_rows``)."""
+        self._check_query(text_features, k)
+        if candidates.ndim != 2 or len(candidates) != len(text_features) or candidates.shape[1] < k:
+            raise ValueError(f'candidates must be image ids [Q, C ≥ k] for the {len(text_features)} texts; got '
+                             f'{list(candidates.shape)}.')
+        if candidates.numel() and not (0 <= candidates.min() and candidates.max() < len(self)):
+            raise ValueError(f'Image ids must lie in [0, {len(self)}).')
+        block = max(1, _BLOCK_ELEMENTS // int(np.prod(self.spec['shape'][1:])))
+        scores, ids, left_out = [], [], set()
+        with torch.inference_mode():  # no autocast: scores in the precision of the features and the mixer
+            for query, rows in zip(text_features, candidates):
+                rows = rows.sort().values
+                cosines = []
+                for chunk in rows.split(block):
+                    features = torch.from_numpy(self.decode_rows(self.read_rows(chunk.numpy())))
+                    cosine = paired_cosine(self.model, features[None], query[None])[0].float().cpu()
+                    cosines.append(self._finite(cosine, chunk, left_out))  # NaN for non-finite features
+                best = torch.cat(cosines).topk(k)
+                scores.append(best.values)
+                ids.append(rows[best.indices].masked_fill(best.values == float('-inf'), -1))
+        self._warn_left_out(left_out)
+        return self._named_results(torch.stack(scores), torch.stack(ids))
+
+    def _finite(self, scores: torch.Tensor, ids: torch.Tensor, left_out: set,
+                features: Optional[np.ndarray] = None) -> torch.Tensor:
+        """Scores [..., n] of the images ``ids`` [n] (with stored ``features`` [n, …], where their scores may be finite
+        when they are not), −inf where a score or feature is not finite (never ranked); those images' ids added to
+        ``left_out``."""
+        bad = ~torch.isfinite(scores)
+        if features is not None:
+            bad |= torch.from_numpy(~np.isfinite(features.reshape(len(features), -1)).all(1))
+        left_out.update(ids[bad.reshape(-1, len(ids)).any(0)].tolist())
+        return scores.masked_fill(bad, float('-inf'))
+
+    def _warn_left_out(self, left_out: set):
+        if left_out:
+            ids = sorted(left_out)
+            named = ', '.join(f'{image} ({name})' if name is not None else str(image)
+                              for image, name in zip(ids[:5], self.image_names(ids[:5]) or [None] * 5))
+            logging.warning(f'Images {named}{f" and {len(ids) - 5} more" if len(ids) > 5 else ""} of the index in '
+                            f'{self.folder} have non-finite features or scores: left out of the results (an id −1 '
+                            'with score −inf where fewer than k images remain). Check the index: open_clip_llip index '
+                            f'verify {self.folder}.')
+
+    def exhaustive_search(self, text_features: torch.Tensor, k: int = 10) -> SearchResults:
+        """The exact k best images of each text, every stored image scored (``mixed_cosine``, in blocks): what the
+        two stages approximate, at the cost of reading and scoring the whole gallery."""
+        self._check_query(text_features, k)
+        count = len(self)
+        block = max(1, _BLOCK_ELEMENTS // (int(np.prod(self.spec['shape'][1:])) * len(text_features)))
+        best = SearchResults(torch.empty(len(text_features), 0), torch.empty(len(text_features), 0, dtype=torch.long))
+        left_out = set()
+        with torch.inference_mode():
+            for start in tqdm(range(0, count, block), desc='Exhaustive', unit='block', disable=count <= block):
+                rows = torch.arange(start, min(count, start + block))
+                features = self.decode_rows(self.read_block(start, start + len(rows)))
+                cosines = mixed_cosine(self.model, torch.from_numpy(features), text_features).T.float().cpu()
+                scores = torch.cat([best.scores, self._finite(cosines, rows, left_out, features)], 1)
+                ids = torch.cat([best.ids, rows.expand(len(text_features), -1)], 1)
+                top = scores.topk(min(k, scores.shape[1]))
+                best = SearchResults(top.values, ids.gather(1, top.indices))
+        self._warn_left_out(left_out)
+        return self._named_results(best.scores, best.ids.masked_fill(best.scores == float('-inf'), -1))
+
+    def _named_results(self, scores: torch.Tensor, ids: torch.Tensor) -> SearchResults:
+        names = [self.image_names(row) for row in ids.tolist()]
+        return SearchResults(scores, ids, None if names and names[0] is None else names)
+
+    def _check_probes(self, probes: int):
+        if isinstance(probes, bool) or not isinstance(probes, int) or not 1 <= probes <= self.prototypes:
+            raise ValueError(f'probes must be an integer in [1, {self.prototypes}] (the prototypes of this index); '
+                             f'got {probes!r}.')
+
+    def _check_query(self, text_features: torch.Tensor, k: int):
+        heads, width = self.spec['shape'][2], self.spec['shape'][2] * self.spec['shape'][4]
+        if text_features.ndim != 4 or tuple(text_features.shape[1:]) != (2, heads, width // heads) \
+                or not len(text_features):
+            raise ValueError(f'Text features must be [Q ≥ 1, 2, {heads}, {width // heads}] (LlipModel.encode_text); '
+                             f'got {list(text_features.shape)}.')
+        if not torch.isfinite(text_features).all():
+            bad = (~torch.isfinite(text_features.flatten(1))).any(1).nonzero()[:, 0].tolist()
+            raise ValueError(f'Text features of queries {bad} are not finite (NaN or infinity): nothing can be ranked '
+                             'for them. Check the model and the texts.')
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self):
+            raise ValueError(f'k must be an integer in [1, {len(self)}] (the images in the index); got {k!r}.')
+
+
+def _best_per_image(scores: np.ndarray, ids: np.ndarray, count: int) -> Tuple[np.ndarray, np.ndarray]:
+    """First-stage entries (scores and image ids, −1 for none; an image may recur, from several lists) -> the
+    ``count`` best images (or all there are), each at its best score, by score and then id: (scores, ids)."""
+    valid = ids >= 0
+    scores, ids = scores[valid], ids[valid]
+    order = np.lexsort((ids, -scores))
+    scores, ids = scores[order], ids[order]
+    first = np.sort(np.unique(ids, return_index=True)[1])[:count]
+    return scores[first], ids[first]
+
+
+class LlipIndex(TwoStageSearch):
     """A Llip index opened for search with the model it was built with (``LlipIndex.open``)."""
 
     def __init__(self, folder: Path, manifest: dict, features: np.ndarray, first_stage, names: Optional[List[str]],
                  model: LlipModel, tokenizer=None, precision: str = 'fp32'):
-        self.folder, self.manifest, self.features, self.first_stage = folder, manifest, features, first_stage
-        self.names, self.model, self.tokenizer, self.precision = names, model, tokenizer, precision
+        super().__init__(model, manifest['image_features'], tokenizer, precision)
+        self.folder, self.manifest, self.features, self.first_stage, self.names = (folder, manifest, features,
+                                                                                   first_stage, names)
         # Blocks of feature rows checked against their SHA-256 so far (none recorded: checked whole on open).
         self._verified = np.zeros(len(manifest.get('feature_blocks', {}).get('sha256', [])), dtype=bool)
 
@@ -633,10 +934,12 @@ class LlipIndex:
             names = json.loads((folder / manifest['names']).read_text(encoding='utf-8')) if manifest['names'] else None
         except (OSError, ValueError, EOFError, RuntimeError) as error:  # RuntimeError: FAISS could not read its file
             raise ValueError(f'The index in {folder} is damaged or incomplete ({error}); build it again.') from None
-        count = manifest['count']
+        count, expected = manifest['count'], np.empty(0, _row_dtype(spec))  # [0, 2, H, K, d], or [0] for int8
         prototypes = manifest['first_stage']['prototypes']
-        if list(features.shape) != spec['shape'] or features.dtype != spec['dtype'] \
-                or not isinstance(first_stage, faiss.IndexIVFFlat) or first_stage.nlist != prototypes \
+        # IndexIVFFlat: the full first-stage vectors of an index written before codes.
+        kind = dict(IndexIVFPQ=faiss.IndexIVFPQ, IndexIVFFlat=faiss.IndexIVFFlat).get(manifest['first_stage'].get('faiss'))
+        if len(features) != count or features.shape[1:] != expected.shape[1:] or features.dtype != expected.dtype \
+                or kind is None or not isinstance(first_stage, kind) or first_stage.nlist != prototypes \
                 or first_stage.ntotal != count * prototypes or (names is not None and len(names) != count):
             raise ValueError(f'The files of the index in {folder} do not match its manifest ({count} images of '
                              f'features {spec["shape"]} {spec["dtype"]}); build it again.')
@@ -661,7 +964,8 @@ class LlipIndex:
         self._verified[blocks] = True
 
     def read_rows(self, ids: np.ndarray) -> np.ndarray:
-        """Stored image features of the images ``ids`` [n, 2, H, K, d], their blocks checked first (``check_rows``).
+        """The stored rows of the images ``ids`` (their features [n, 2, H, K, d], or their codes and scales for int8:
+        ``decode_rows``), their blocks checked first (``check_rows``).
 
         One positioned read per row, ``_READ_THREADS`` at a time, rather than faulting the rows in through
         the memory map: from a cold page cache, page faults fetch a row's pages a few at a time, ~10× slower
@@ -670,14 +974,18 @@ class LlipIndex:
         self.check_rows(ids)
         if not hasattr(os, 'preadv'):
             return np.array(self.features[ids])
-        rows = np.empty((len(ids), *self.features.shape[1:]), self.features.dtype)
+        rows = np.empty((len(ids), *self.features.shape[1:]), self.features.dtype)  # [n] for int8's records
         row_bytes = self.features[0].nbytes
         buffers = rows.view(np.uint8).reshape(len(ids), row_bytes)
+
+        def read(part):  # the rows of one thread, one after the other
+            return sum(os.preadv(file.fileno(), [buffers[j]], self.features.offset + int(ids[j]) * row_bytes)
+                       for j in part)
+
         with open(self.folder / self.manifest['image_features']['file'], 'rb') as file, \
                 ThreadPoolExecutor(_READ_THREADS) as pool:
-            read = sum(pool.map(lambda j: os.preadv(file.fileno(), [buffers[j]],
-                                                    self.features.offset + int(ids[j]) * row_bytes), range(len(ids))))
-        if read != len(ids) * row_bytes:
+            done = sum(pool.map(read, np.array_split(np.arange(len(ids)), min(_READ_THREADS, max(1, len(ids))))))
+        if done != len(ids) * row_bytes:
             raise ValueError(f'The features file of the index in {self.folder} is shorter than its manifest says; '
                              'build it again.')
         return rows
@@ -685,126 +993,48 @@ class LlipIndex:
     def __len__(self) -> int:
         return self.manifest['count']
 
-    def encode_texts(self, texts: Union[Sequence[str], torch.Tensor]) -> torch.Tensor:
-        """Strings (with the tokenizer given to ``open``) or token ids [Q, L] -> text features [Q, 2, H, d]."""
-        if not isinstance(texts, torch.Tensor) and self.tokenizer is None:
-            raise ValueError('Searching by strings needs a tokenizer: LlipIndex.open(folder, model, tokenizer), '
-                             'or pass token ids.')
-        return _text_features(self.model, self.tokenizer, texts, self.precision)
-
     @property
     def prototypes(self) -> int:
         """P, the first stage's prototype queries (its lists)."""
         return self.first_stage.nlist
 
-    def search(self, texts: Union[Sequence[str], torch.Tensor], k: int = 10, candidates: int = DEFAULT_CANDIDATES,
-               probes: int = 1) -> SearchResults:
-        """The k best images for each text (strings or token ids [Q, L]): the first stage's ``candidates`` best,
-        re-scored exactly (``search_features``)."""
-        return self.search_features(self.encode_texts(texts), k, candidates, probes)
+    def first_stage_search(self, text_features: torch.Tensor, count: int, probes: int = 1
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Text features [Q, 2, H, d] -> each text's ``count`` (≤ the index's size) best images by first-stage score,
+        best first: scores [Q, count] (float32) and ids [Q, count].
 
-    def search_features(self, text_features: torch.Tensor, k: int = 10, candidates: int = DEFAULT_CANDIDATES,
-                        probes: int = 1) -> SearchResults:
-        """Text features [Q, 2, H, d] -> the k best images of each by conditioned cosine, among the first stage's
-        ``candidates`` best (all images when ``candidates`` ≥ the index's size) in the lists of the text's
-        ``probes`` nearest prototypes."""
-        self._check_query(text_features, k)
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < k:
-            raise ValueError(f'candidates must be an integer of at least k = {k}; got {candidates!r}.')
-        candidates = min(candidates, len(self))
-        return self.rescore(text_features, self.first_stage_candidates(text_features, candidates, probes), k)
-
-    def first_stage_candidates(self, text_features: torch.Tensor, candidates: int, probes: int = 1) -> torch.Tensor:
-        """Text features [Q, 2, H, d] -> the ids of each text's ``candidates`` best images by first-stage score
-        [Q, C]: the best <x[c], p> over the text's ``probes`` nearest prototypes c, each image once."""
-        if isinstance(probes, bool) or not isinstance(probes, int) or not 1 <= probes <= self.prototypes:
-            raise ValueError(f'probes must be an integer in [1, {self.prototypes}] (the prototypes of this index); '
-                             f'got {probes!r}.')
+        An image's score is its best <x̂[c], p> over the text's ``probes`` nearest prototypes c (x̂: x as its code
+        holds it); images of equal scores are taken in order of id, whatever order FAISS scans them in, so that
+        the shards of a gallery select together what one index of their images selects.
+        """
+        self._check_probes(probes)
         queries, targets = (np.ascontiguousarray(part.flatten(1).float().cpu().numpy())
                             for part in unpack_text(text_features))
         _, lists = self.first_stage.quantizer.search(queries, probes)
         self.first_stage.nprobe = probes
-        # The lists are scanned by <x[c], p> alone (no coarse distances: the routing's L2 distances in query space do
-        # not add to inner products). An image is in every list: among the best C·probes entries are at least C
-        # images, the first of each its best.
-        _, ids = self.first_stage.search_preassigned(targets, candidates * probes, lists, None)
-        if probes == 1:
-            return torch.from_numpy(ids)
-        return torch.from_numpy(np.stack([row[np.sort(np.unique(row, return_index=True)[1])][:candidates]
-                                          for row in ids]))
+        # The lists are scanned by <x[c], p> alone (zero coarse distances: the routing's L2 distances in query space
+        # do not add to inner products). An image is in every list: among the best count·probes entries are at least
+        # count images. One entry more shows whether a tie crosses the last place.
+        coarse = np.zeros(lists.shape, np.float32)
+        entries, ids = self.first_stage.search_preassigned(targets, count * probes + 1, lists, coarse)
+        scores, chosen = np.empty((len(targets), count), np.float32), np.empty((len(targets), count), np.int64)
+        for query in range(len(targets)):
+            found, images = entries[query], ids[query]
+            best = _best_per_image(found, images, count)
+            if (images >= 0).all() and found[-1] == best[0][-1]:  # entries tied with the last place may be left out:
+                radius = np.nextafter(found[-1], np.float32(-np.inf))  # all of them score above this
+                _, found, images = self.first_stage.range_search_preassigned(
+                    targets[query:query + 1], float(radius), lists[query:query + 1], coarse[query:query + 1])
+                best = _best_per_image(found, images, count)
+            scores[query], chosen[query] = best
+        return torch.from_numpy(scores), torch.from_numpy(chosen)
 
-    def rescore(self, text_features: torch.Tensor, candidates: torch.Tensor, k: int) -> SearchResults:
-        """Text features [Q, 2, H, d] and image ids [Q, C] -> the k best of each text's C images by exact conditioned
-        cosine. Each text's images are read from the stored features in increasing order, in blocks (``read_rows``)."""
-        self._check_query(text_features, k)
-        if candidates.ndim != 2 or len(candidates) != len(text_features) or candidates.shape[1] < k:
-            raise ValueError(f'candidates must be image ids [Q, C ≥ k] for the {len(text_features)} texts; got '
-                             f'{list(candidates.shape)}.')
-        if candidates.numel() and not (0 <= candidates.min() and candidates.max() < len(self)):
-            raise ValueError(f'Image ids must lie in [0, {len(self)}).')
-        block = max(1, _BLOCK_ELEMENTS // int(np.prod(self.features.shape[1:])))
-        scores, ids, left_out = [], [], set()
-        with torch.inference_mode():  # no autocast: scores in the precision of the features and the mixer
-            for query, rows in zip(text_features, candidates):
-                rows = rows.sort().values
-                cosines = []
-                for chunk in rows.split(block):
-                    features = self.read_rows(chunk.numpy())
-                    cosine = paired_cosine(self.model, torch.from_numpy(features)[None], query[None])[0].float().cpu()
-                    cosines.append(self._finite(cosine, features, chunk, left_out))
-                best = torch.cat(cosines).topk(k)
-                scores.append(best.values)
-                ids.append(rows[best.indices].masked_fill(best.values == float('-inf'), -1))
-        self._warn_left_out(left_out)
-        return SearchResults(torch.stack(scores), torch.stack(ids))
+    def read_block(self, start: int, stop: int) -> np.ndarray:
+        self.check_rows(np.arange(start, stop))
+        return np.array(self.features[start:stop])  # a copy: the map is read-only
 
-    def _finite(self, scores: torch.Tensor, features: np.ndarray, ids: torch.Tensor, left_out: set) -> torch.Tensor:
-        """Scores [..., n] of the images ``ids`` [n] with stored ``features`` [n, …], −inf where a feature or the
-        score is not finite (never ranked); those images' ids added to ``left_out``."""
-        bad = ~torch.isfinite(scores) | torch.from_numpy(~np.isfinite(features.reshape(len(features), -1)).all(1))
-        left_out.update(ids[bad.reshape(-1, len(ids)).any(0)].tolist())
-        return scores.masked_fill(bad, float('-inf'))
-
-    def _warn_left_out(self, left_out: set):
-        if left_out:
-            logging.warning(f'Images {_named(sorted(left_out), self.names)} of the index in {self.folder} have '
-                            'non-finite features or scores: left out of the results (an id −1 with score −inf '
-                            f'where fewer than k images remain). Check the index: open_clip_llip index verify '
-                            f'{self.folder}.')
-
-    def exhaustive_search(self, text_features: torch.Tensor, k: int = 10) -> SearchResults:
-        """The exact k best images of each text, every stored image scored (``mixed_cosine``, in blocks): what the
-        two stages approximate, at the cost of reading and scoring the whole gallery."""
-        self._check_query(text_features, k)
-        count, block = len(self), max(1, _BLOCK_ELEMENTS // (int(np.prod(self.features.shape[1:])) * len(text_features)))
-        best = SearchResults(torch.empty(len(text_features), 0), torch.empty(len(text_features), 0, dtype=torch.long))
-        left_out = set()
-        with torch.inference_mode():
-            for start in tqdm(range(0, count, block), desc='Exhaustive', unit='block', disable=count <= block):
-                rows = torch.arange(start, min(count, start + block))
-                self.check_rows(rows.numpy())
-                features = np.array(self.features[start:start + block])  # a copy: the map is read-only
-                cosines = mixed_cosine(self.model, torch.from_numpy(features), text_features).T.float().cpu()
-                scores = torch.cat([best.scores, self._finite(cosines, features, rows, left_out)], 1)
-                ids = torch.cat([best.ids, rows.expand(len(text_features), -1)], 1)
-                top = scores.topk(min(k, scores.shape[1]))
-                best = SearchResults(top.values, ids.gather(1, top.indices))
-        self._warn_left_out(left_out)
-        return SearchResults(best.scores, best.ids.masked_fill(best.scores == float('-inf'), -1))
-
-    def _check_query(self, text_features: torch.Tensor, k: int):
-        heads, width = self.features.shape[2], self.features.shape[2] * self.features.shape[4]
-        if text_features.ndim != 4 or tuple(text_features.shape[1:]) != (2, heads, width // heads) \
-                or not len(text_features):
-            raise ValueError(f'Text features must be [Q ≥ 1, 2, {heads}, {width // heads}] (LlipModel.encode_text); '
-                             f'got {list(text_features.shape)}.')
-        if not torch.isfinite(text_features).all():
-            bad = (~torch.isfinite(text_features.flatten(1))).any(1).nonzero()[:, 0].tolist()
-            raise ValueError(f'Text features of queries {bad} are not finite (NaN or infinity): nothing can be ranked '
-                             'for them. Check the model and the texts.')
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self):
-            raise ValueError(f'k must be an integer in [1, {len(self)}] (the images in the index); got {k!r}.')
-
+    def image_names(self, ids: Sequence[int]) -> Optional[List[Optional[str]]]:
+        return None if self.names is None else [self.names[image] if image >= 0 else None for image in ids]
 
 def list_images(path: Union[str, Path], skip_bad_samples: bool = False) -> Tuple[List[str], list, int]:
     """The images to index, as (names, sources for ``readers.RetrievalImages``, bad samples skipped): every image

@@ -186,7 +186,7 @@ def test_torchrun_trains_llip_on_the_cpu_with_gloo(tmp_path):
     assert len(losses) == samples // (2 * per_rank) and all(math.isfinite(loss) for loss in losses)
 
     torch.manual_seed(0)  # as open_clip_train.main's random_seed(0) before it builds the model
-    model, preprocess, _ = open_clip.create_model_and_transforms(model_name)
+    model, preprocess, _ = open_clip.create_model_and_transforms(model_name, output_dict=True)
     sample = SyntheticDataset(preprocess, image_size=(32, 32), tokenizer=open_clip.get_tokenizer(model_name))[0]
     image, text = (sample['image'], sample['text']) if isinstance(sample, dict) else sample  # OpenCLIP 4: a dict
     batch = 2 * per_rank

@@ -93,7 +93,7 @@ def count_texts_per_call(loss_fn):
 
 
 def run_rank(rank, world_size, init_method, out_path):
-    torch.set_num_threads(1)  # a forked process must not use the parent's OpenMP threads
+    torch.set_num_threads(1)  # the ranks share the machine's cores
     dist.init_process_group('gloo', init_method=init_method, rank=rank, world_size=world_size)
     model = unbiased_tiny_model()
     # Wrapped as open_clip_train wraps it, device_ids=[device]: DDP takes that on the CPU for Llip (cpu_distributed)
@@ -119,9 +119,10 @@ def run_rank(rank, world_size, init_method, out_path):
 @pytest.mark.parametrize('world_size', [2, 3])
 def test_processes_give_the_first_step_loss_and_gradients_of_one_process(world_size, tmp_path):
     out_path = tmp_path / 'ranks.pt'
-    # Forked, not spawned: the ranks start in a fraction of a second instead of importing everything again.
+    # Spawned, not forked: a process forked after its parent ran a backward pass cannot run one itself (autograd's
+    # worker threads), and earlier tests in the same session do.
     mp.start_processes(run_rank, args=(world_size, f'file://{tmp_path / "rendezvous"}', str(out_path)),
-                       nprocs=world_size, start_method='fork')
+                       nprocs=world_size, start_method='spawn')
     results = torch.load(out_path, weights_only=True)
 
     model = unbiased_tiny_model()

@@ -1,4 +1,5 @@
 """Llip trains with OpenCLIP's own loop (open_clip_train.main), unchanged."""
+import functools
 import io
 import json
 import os
@@ -97,8 +98,13 @@ def test_lock_text_keeps_text_tower_but_its_layer_norms(tmp_path):
     assert not torch.equal(state['text.ln_final.weight'], initial['text.ln_final.weight'])
 
 
-def test_torchcompile_trains_several_steps_without_recompiling(tmp_path):
-    """OpenCLIP 3 compiles the model, OpenCLIP 4 its task (model and loss): once, for all 4 steps."""
+def test_torchcompile_trains_several_steps_without_recompiling(tmp_path, monkeypatch):
+    """OpenCLIP 3 compiles the model, OpenCLIP 4 its task (model and loss): once, for all 4 steps.
+
+    Dynamo's guards decide recompiles, whatever the backend: aot_eager stands in for inductor, whose C++ build
+    fails in a session where the standard library's distutils was imported before setuptools.
+    """
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
         run = train(tmp_path, '--torchcompile', samples=32)

@@ -286,7 +286,7 @@ def test_the_llip_task_keeps_an_ema_that_is_a_llip_model():
     averaged model scores, checkpoints and reloads as a Llip model."""
     from argparse import Namespace
     torch.manual_seed(0)
-    model = open_clip.create_model('Llip-Tiny')
+    model = open_clip.create_model('Llip-Tiny', output_dict=True)  # as OpenCLIP's loop builds it
     args = Namespace(model='Llip-Tiny', siglip=False, distill=False, horovod=False, fsdp=False, use_naflex=False,
                      rank=0, world_size=1, loss_dist_impl=None)
     task = open_clip.create_task(args, model).setup_ema(decay=0.5)

@@ -17,7 +17,7 @@ import torch
 from conftest import REFERENCE
 
 from open_clip_llip import LlipModel
-from open_clip_llip.integration.adapters.safe_checkpoints import is_llip_model
+from open_clip_llip.integration.adapters import is_llip_model
 from open_clip_llip.modeling.checkpoint import (
     DIGEST_KEY,
     DamagedCheckpoint,

@@ -28,9 +28,13 @@ when its patch lands. ``validation_data`` and ``model_kwargs`` stand in for no p
 why).
 """
 import inspect
+import json
 import warnings
+from pathlib import Path
 
 import open_clip
+
+from ...modeling.llip_model import MODEL_CLASS_NAME
 
 
 class Unexpected(Exception):
@@ -65,3 +69,16 @@ def leave_alone(adapter: str, error: Unexpected, consequence: str):
     warnings.warn(
         f'open_clip_llip: OpenCLIP {open_clip.__version__} is not what the {adapter} adapter expects ({error}), so it '
         f'leaves OpenCLIP alone: {consequence}. Please report this with your OpenCLIP version.', stacklevel=3)
+
+
+def is_llip_model(model_name: str) -> bool:
+    """Whether ``--model`` names a Llip config (a registered name, or ``local-dir:`` a folder holding one)."""
+    try:
+        if model_name.startswith('local-dir:'):
+            config = Path(model_name[len('local-dir:'):]) / 'open_clip_config.json'
+            model_cfg = json.loads(config.read_text()).get('model_cfg', {})
+        else:
+            model_cfg = open_clip.get_model_config(model_name) or {}
+    except Exception:  # an unknown or unreadable name: OpenCLIP's main says what is wrong with it
+        return False
+    return model_cfg.get('model_class') == MODEL_CLASS_NAME

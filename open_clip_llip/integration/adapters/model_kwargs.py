@@ -26,8 +26,7 @@ import json
 import logging
 
 from ...modeling.llip_model import LlipModel
-from . import Unexpected, expect_function, leave_alone
-from .safe_checkpoints import is_llip_model
+from . import Unexpected, expect_function, is_llip_model, leave_alone
 
 ADAPTER = 'model keyword arguments'
 OPTION = '--model-kwargs'

@@ -24,34 +24,17 @@ open_clip_train.main`` (torchrun's workers too), which runs the imported module'
 """
 import functools
 import glob
-import json
 import logging
 import os
 import types
-from pathlib import Path
 
-import open_clip
 import torch
 
 from ...modeling.checkpoint import DamagedCheckpoint, checkpoint_problem, save_checkpoint
-from ...modeling.llip_model import MODEL_CLASS_NAME
 from ..autoload import call_after_import, run_as_import
-from . import Unexpected, expect_function, leave_alone
+from . import Unexpected, expect_function, is_llip_model, leave_alone
 
 ADAPTER = 'checkpoints (patches/0007)'
-
-
-def is_llip_model(model_name: str) -> bool:
-    """Whether ``--model`` names a Llip config (a registered name, or ``local-dir:`` a folder holding one)."""
-    try:
-        if model_name.startswith('local-dir:'):
-            config = Path(model_name[len('local-dir:'):]) / 'open_clip_config.json'
-            model_cfg = json.loads(config.read_text()).get('model_cfg', {})
-        else:
-            model_cfg = open_clip.get_model_config(model_name) or {}
-    except Exception:  # an unknown or unreadable name: OpenCLIP's main says what is wrong with it
-        return False
-    return model_cfg.get('model_class') == MODEL_CLASS_NAME
 
 
 def _saving_whole():

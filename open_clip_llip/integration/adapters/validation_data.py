@@ -22,8 +22,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import Unexpected, expect_function, leave_alone
-from .safe_checkpoints import is_llip_model
+from . import Unexpected, expect_function, is_llip_model, leave_alone
 
 ADAPTER = 'validation data'
 # The reader ``--dataset-type auto`` picks from a path's extension (open_clip_train.data.get_dataset_fn).
@@ -41,11 +40,12 @@ def adapt(data_module):
         return
 
     def get_data(args, preprocess_fns, epoch=0, tokenizer=None, **options):
-        if not (args.val_data or getattr(args, 'imagenet_val', None)) and is_llip_model(args.model):
+        llip = is_llip_model(args.model)
+        if llip and not (args.val_data or getattr(args, 'imagenet_val', None)):
             logging.warning('This run validates nothing: give --val-data (a CSV or shards of image-caption pairs) '
                             'for retrieval metrics and --imagenet-val for zero-shot accuracy during training.')
         reader = READER_BY_EXTENSION.get(str(args.val_data).split('.')[-1]) if args.val_data else None
-        if reader is None or not is_llip_model(args.model):
+        if reader is None or not llip:
             return stock_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer, **options)
         if reader == 'csv':
             check_csv_header(args.val_data, args.csv_separator, args.csv_img_key, args.csv_caption_key)

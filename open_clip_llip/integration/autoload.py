@@ -38,6 +38,15 @@ def step_aside(finder):
     sys.meta_path = [other for other in sys.meta_path if other is not finder]
 
 
+def spec_with_loader(name, wrap):
+    """The spec the other finders give for module ``name``, with ``wrap(spec)`` as its loader."""
+    from importlib.util import find_spec
+    spec = find_spec(name)
+    if spec is not None and spec.loader is not None:
+        spec.loader = wrap(spec)
+    return spec
+
+
 class ImportHook:
     """Meta-path finder that waits for the import of one module, then steps aside."""
 
@@ -49,11 +58,7 @@ class ImportHook:
         if name != self.name or located_to_run_as_main(name):  # see RunAsImport
             return None
         step_aside(self)
-        from importlib.util import find_spec
-        spec = find_spec(name)
-        if spec is not None and spec.loader is not None:
-            spec.loader = RunAfterLoading(spec.loader, self.callback)
-        return spec
+        return spec_with_loader(name, lambda spec: RunAfterLoading(spec.loader, self.callback))
 
 
 class WhenLoaded:
@@ -108,11 +113,8 @@ class RunAsImport:
         step_aside(self)
         if not located_to_run_as_main(name):
             return None
-        from importlib.util import find_spec
-        spec = find_spec(name)
-        if spec is not None and spec.loader is not None:
-            spec.loader = CodeInstead(spec.loader, compile(self.source, spec.origin or name, 'exec'))
-        return spec
+        return spec_with_loader(
+            name, lambda spec: CodeInstead(spec.loader, compile(self.source, spec.origin or name, 'exec')))
 
 
 def located_to_run_as_main(name) -> bool:

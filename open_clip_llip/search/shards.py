@@ -16,7 +16,7 @@ finished shards of a killed build are kept and the others built again.
 ``ShardedIndex`` searches the shards as one index: the first stage of every shard returns its best candidates,
 which are merged by score (ties by id, as in ``LlipIndex.first_stage_search``) into the gallery's best C, and
 those are re-scored in one pass, reading each from its shard: the results equal those of one index of the same
-images with the same first stage (``tests/test_shards.py``). Image ids are the gallery's (a shard's row plus its
+images with the same first stage (``tests/test_index_shards.py``). Image ids are the gallery's (a shard's row plus its
 first id); results also say which shard each image is in.
 """
 import hashlib

@@ -11,16 +11,18 @@ query time at 1M images.
    (conditioned cosines of all images, ``LlipModel.similarity``, on the features as stored in float16) that the
    two stages return, and text→image R@1/R@10. Then the same at the largest P and one probe with the features
    stored as int8 (the whole search, int8 re-scoring included, against the float16 exhaustive top 10).
-2. **Bytes per image, by file**, of an index of B/16 shapes (``Llip-ViT-B-16``: K 32, H 8, D 512; random weights
-   and features) with the default number of prototypes and ``--code-bytes``, from two indexes of ``--bytes-images``
-   and twice as many images: each file's growth per image (and its fixed part). Names are 20-character paths.
-3. **Query time at ``--images`` (1M) images of B/16 shapes** (random weights and features: the arithmetic does not
-   depend on the values), on this machine's CPUs:
-   - the first stage at full size: ``--speed-prototypes`` lists of ``--images`` random codes each (a query scans
-     one: the scan is the same for any P); the re-scoring reads its C = ``--speed-candidates`` candidates' rows from
-     a features file of ``--stored-images`` rows (candidate i is row i mod ``--stored-images``: what full size
-     changes is whether rows are in the page cache; both ends are timed, warm, and cold — the file's pages evicted
-     before every call);
+2. **Bytes per image, by file**, of an index of ``--speed-model``'s shapes (default ``Llip-ViT-B-16``: K 32,
+   H 8, D 512; random weights and features) with ``--bytes-prototypes`` prototypes and ``--code-bytes``, from two
+   indexes of ``--bytes-images`` and twice as many images: each file's growth per image (and its fixed part).
+   Names are 20-character paths. Build time per image on this CPU: encoding a batch of ``--encode-images`` images,
+   and writing the index (the growth between the two builds).
+3. **Query time at ``--images`` (1M) images of ``--speed-model``'s shapes** (random weights and features: the
+   arithmetic does not depend on the values), on this machine's CPUs:
+   - the first stage at full size: a list of ``--images`` random codes (a query scans one list, whatever P is),
+     with the rotation and codebooks of the stored index; the re-scoring reads its C = ``--speed-candidates``
+     candidates' rows from a features file of ``--stored-images`` rows (candidate i is row i mod
+     ``--stored-images``: what full size changes is whether rows are in the page cache; both ends are timed, warm,
+     and cold — the file's pages evicted before every call);
    - latency: p50 and p95 of ``--repeats`` queries one at a time (each another text), and of the time per query of
      ``--batch-repeats`` batches of ``--queries``: first stage + re-scoring (text encoding excluded);
    - exhaustive: the first ``--exhaustive-images`` stored rows (read into the page cache beforehand, which
@@ -62,9 +64,10 @@ from open_clip_llip.search.index import (
     NAMES,
     LlipIndex,
     encode_images,
+    first_stage_lists,
     mixed_cosine,
-    new_first_stage,
     prototype_queries,
+    train_first_stage,
     write_index,
 )
 from open_clip_llip.written_files import check_output_file, write_json
@@ -167,29 +170,43 @@ def recall(args, work: Path) -> dict:
 
 
 def bytes_by_file(args, work: Path, model) -> dict:
-    """Each file's bytes per image (its growth per image) and fixed bytes, at B/16 shapes and default settings."""
+    """Each file's bytes per image (its growth per image) and fixed bytes, at ``--speed-model``'s shapes."""
     heads, tokens, width = model.mixer.heads, model.llip_cfg.mixture_tokens, model.mixer.out_proj.shape[0]
     generator = torch.Generator().manual_seed(1)
-    prototypes = torch.randn(DEFAULT_PROTOTYPES, heads, width // heads, generator=generator)
-    sizes = {}
+    prototypes = torch.randn(args.bytes_prototypes, heads, width // heads, generator=generator)
+    features = torch.randn(2 * args.bytes_images, 2, heads, tokens, width // heads, generator=generator)
+    start = time.perf_counter()
+    trained = train_first_stage(model, features, prototypes, args.code_bytes)  # one first stage for both indexes
+    training_s, sizes, seconds = time.perf_counter() - start, {}, {}
     for count in (args.bytes_images, 2 * args.bytes_images):
-        features = torch.randn(count, 2, heads, tokens, width // heads, generator=generator)
-        folder = work / f'b16-bytes-{count}'
-        write_index(folder, model, features.split(256), count, names=[f'images/{i:09d}.jpg' for i in range(count)],
-                    prototypes=prototypes, code_bytes=args.code_bytes)
+        folder, start = work / f'b16-bytes-{count}', time.perf_counter()
+        write_index(folder, model, features[:count].split(256), count,
+                    names=[f'images/{i:09d}.jpg' for i in range(count)], first_stage=trained)
+        seconds[count] = time.perf_counter() - start
         sizes[count] = {name: (folder / name).stat().st_size for name in (FEATURES, FIRST_STAGE, NAMES, MANIFEST)}
     small, large = sizes[args.bytes_images], sizes[2 * args.bytes_images]
     per_image = {name: (large[name] - small[name]) / args.bytes_images for name in small}
     fixed = {name: small[name] - per_image[name] * args.bytes_images for name in small}
     besides = sum(value for name, value in per_image.items() if name != FEATURES)
-    print(f'\nBytes per image at B/16 shapes (P = {DEFAULT_PROTOTYPES}, codes of {args.code_bytes} bytes, float16 '
+    print(f'\nBytes per image at {args.speed_model} shapes (P = {args.bytes_prototypes}, codes of {args.code_bytes} bytes, '
+          'float16 '
           f'features; growth per image between {args.bytes_images} and {2 * args.bytes_images} images, and each '
           'file\'s fixed part):')
     for name in per_image:
         print(f'  {name:20s} {per_image[name]:10,.1f} per image, {fixed[name]:12,.0f} fixed')
     print(f'  besides the re-scoring features: {besides:,.1f} bytes ({besides / 1024:.2f} KiB) per image')
-    return dict(per_image=per_image, fixed=fixed, besides_features=besides, prototypes=DEFAULT_PROTOTYPES,
-                code_bytes=args.code_bytes)
+    # Build time per image on this CPU: writing the index (first-stage vectors, codes, files), from the growth between
+    # the two builds, and encoding images.
+    write_s = (seconds[2 * args.bytes_images] - seconds[args.bytes_images]) / args.bytes_images
+    images = torch.randn(args.encode_images, 3, *model.visual.image_size, generator=generator)
+    with torch.inference_mode():
+        encode_s = timed(lambda _: model.encode_image(images), [None]).min() / args.encode_images
+    print(f'  build on this CPU ({torch.get_num_threads()} threads): {encode_s * 1e3:,.0f} ms per image to encode '
+          f'(batches of {args.encode_images}, fp32), {write_s * 1e3:,.1f} ms per image to index; the first stage '
+          f'trained in {training_s:.0f} s on {len(features)} images')
+    return dict(per_image=per_image, fixed=fixed, besides_features=besides, prototypes=args.bytes_prototypes,
+                code_bytes=args.code_bytes, encode_s_per_image=encode_s, index_s_per_image=write_s,
+                training_s=training_s, training_images=len(features))
 
 
 def evict(index: LlipIndex):
@@ -220,7 +237,7 @@ def percentiles(seconds: np.ndarray) -> dict:
 def speed(args, work: Path) -> dict:
     import faiss
     torch.manual_seed(0)
-    model = open_clip.create_model('Llip-ViT-B-16').eval()  # random weights: the arithmetic is what is timed
+    model = open_clip.create_model(args.speed_model).eval()  # random weights: the arithmetic is what is timed
     heads, tokens, width = model.mixer.heads, model.llip_cfg.mixture_tokens, model.mixer.out_proj.shape[0]
     figures = dict(bytes=bytes_by_file(args, work, model))
     stored, block = args.stored_images, 1024
@@ -231,19 +248,24 @@ def speed(args, work: Path) -> dict:
 
     write_index(work / 'b16-index', model, random_features(stored), stored)
     index = LlipIndex.open(work / 'b16-index', model)
-    # The first stage at full size: --speed-prototypes lists of --images random codes each; a query scans one.
-    first_stage = new_first_stage(torch.randn(args.speed_prototypes, heads, width // heads), args.code_bytes)
-    first_stage.train(np.random.default_rng(0).standard_normal((1 << 14, width), dtype=np.float32))
-    rng = np.random.default_rng(0)
-    for prototype in range(args.speed_prototypes):
-        for start in range(0, args.images, 1 << 18):
-            count = min(1 << 18, args.images - start)
-            ids = np.arange(start, start + count, dtype=np.int64)
-            codes = rng.integers(0, 256, (count, first_stage.code_size), dtype=np.uint8)
-            first_stage.invlists.add_entries(prototype, count, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
-    first_stage.ntotal = args.images * args.speed_prototypes
-    index.first_stage = first_stage
-    tokenizer = open_clip.get_tokenizer('Llip-ViT-B-16')
+    # Every block of rows checked against its SHA-256 before the timing: a search does it once per opened index, on a
+    # row's first read (timed here on its own).
+    start = time.perf_counter()
+    index.check_rows(np.arange(stored))
+    verify_s = time.perf_counter() - start
+    # The first stage at full size: the stored index's (one list: the zero query; its rotation and codebooks), its list
+    # refilled with --images random codes. A query scans one list whatever P is.
+    first_stage = faiss.read_index(str(index.folder / FIRST_STAGE))  # in memory (opened, it is memory-mapped)
+    lists, rng = first_stage_lists(first_stage), np.random.default_rng(0)
+    lists.invlists.resize(0, 0)
+    for start in range(0, args.images, 1 << 18):
+        count = min(1 << 18, args.images - start)
+        ids = np.arange(start, start + count, dtype=np.int64)
+        codes = rng.integers(0, 256, (count, lists.code_size), dtype=np.uint8)
+        lists.invlists.add_entries(0, count, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+    lists.ntotal = first_stage.ntotal = args.images
+    index.first_stage, index.lists = first_stage, lists
+    tokenizer = open_clip.get_tokenizer(args.speed_model)
     with torch.inference_mode():
         text_features = model.encode_text(tokenizer([f'query number {i}' for i in range(args.queries * 2)]))
     candidates = args.speed_candidates
@@ -284,14 +306,17 @@ def speed(args, work: Path) -> dict:
     exhaustive_slice_s = timed(exhaustive, [None]).min() / len(exhaustive_texts)
     exhaustive_s = exhaustive_slice_s * args.images / sliced
     figures.update(images=args.images, stored_images=stored, candidates=candidates, queries=args.queries,
-                   prototypes_in_first_stage=args.speed_prototypes, exhaustive_queries=len(exhaustive_texts),
+                   exhaustive_queries=len(exhaustive_texts),
                    exhaustive_images_measured=sliced, exhaustive_s_per_query_measured_slice=exhaustive_slice_s,
+                   first_read_check_s_per_gib=verify_s / ((index.folder / FEATURES).stat().st_size / 2 ** 30),
                    exhaustive_s_per_query_extrapolated=exhaustive_s, **timings)
-    print(f'\nQuery time at {args.images:,} images of B/16 shapes (K {tokens}, H {heads}, D {width}; random features; '
-          f'{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}), C = {candidates}, k = {K}: '
-          f'first stage scanning one list of {args.images:,} codes of {first_stage.code_size} bytes (the scan does not '
+    print(f'\nQuery time at {args.images:,} images of {args.speed_model} shapes (K {tokens}, H {heads}, D {width}; '
+          f'random features; {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}), '
+          f'C = {candidates}, k = {K}: '
+          f'first stage scanning one list of {args.images:,} codes of {lists.code_size} bytes (the scan does not '
           f'depend on P); re-scoring from a features file of {stored:,} rows '
-          f'({(index.folder / FEATURES).stat().st_size / 2 ** 30:.1f} GiB), candidates spread over it. p50 / p95:')
+          f'({(index.folder / FEATURES).stat().st_size / 2 ** 30:.1f} GiB), candidates spread over it, each block of rows '
+          f'checked against its SHA-256 beforehand ({verify_s:.1f} s: a search does it on first read). p50 / p95:')
 
     def shown(key):
         return f'{timings[key]["p50_s"] * 1e3:7.1f} / {timings[key]["p95_s"] * 1e3:7.1f} ms'
@@ -332,17 +357,19 @@ def main(argv=None):
     recall_options.add_argument('--epochs', type=int, default=9, help='of 4 captions per training image')
     recall_options.add_argument('--batch-size', type=int, default=64)
     recall_options.add_argument('--warmup', type=int, default=100)
-    speed_options = parser.add_argument_group('bytes and speed (B/16 shapes, random features)')
+    speed_options = parser.add_argument_group('bytes and speed (random weights and features)')
+    speed_options.add_argument('--speed-model', default='Llip-ViT-B-16', help='the Llip config whose shapes are used')
     speed_options.add_argument('--bytes-images', type=int, default=512,
                                help='images of the smaller of the two indexes whose files are compared')
+    speed_options.add_argument('--bytes-prototypes', type=int, default=DEFAULT_PROTOTYPES,
+                               help='prototypes of the indexes whose files are compared')
+    speed_options.add_argument('--encode-images', type=int, default=8, help='images of the batch whose encoding is timed')
     speed_options.add_argument('--images', type=int, default=1_000_000)
     speed_options.add_argument('--stored-images', type=int, default=131072,
                                help='rows of the features file (64 KiB each: 8 GiB)')
     speed_options.add_argument('--exhaustive-images', type=int, default=32768,
                                help='stored rows scored exhaustively, the time extrapolated to --images')
     speed_options.add_argument('--speed-candidates', type=int, default=DEFAULT_CANDIDATES)
-    speed_options.add_argument('--speed-prototypes', type=int, default=2,
-                               help='lists of the full-size first stage (each of --images codes)')
     speed_options.add_argument('--queries', type=int, default=64, help='queries in a batch')
     speed_options.add_argument('--exhaustive-queries', type=int, default=4)
     speed_options.add_argument('--repeats', type=int, default=20, help='queries timed one at a time')

@@ -16,7 +16,8 @@ def test_bench_index_reports_every_figure(checkpoint, tmp_path, capsys):
     small = ['--checkpoint', str(checkpoint), '--train-images', '16', '--retrieval-images', '8', '--gallery-images',
              '32', '--candidates', '10', '40', '--prototypes', '1', '3', '--images', '3000', '--stored-images', '256',
              '--exhaustive-images', '128', '--speed-candidates', '50', '--queries', '2', '--exhaustive-queries', '1',
-             '--repeats', '3', '--batch-repeats', '2', '--bytes-images', '4']
+             '--repeats', '3', '--batch-repeats', '2', '--bytes-images', '4', '--bytes-prototypes', '4',
+             '--encode-images', '1', '--speed-model', 'Llip-Tiny']
     bench.main([*small, '--json', str(output)])
     figures = json.loads(output.read_text())
     recall = figures['recall']
@@ -30,10 +31,11 @@ def test_bench_index_reports_every_figure(checkpoint, tmp_path, capsys):
     speed = figures['speed']
     assert (speed['images'], speed['stored_images'], speed['exhaustive_images_measured']) == (3000, 256, 128)
     per_image = speed['bytes']['per_image']
-    assert per_image['image_features.npy'] == 65536  # B/16, float16: 2·K·D·2 bytes
-    assert per_image['first_stage.faiss'] == 256 * (16 + 8)  # P = 256 codes of 16 bytes and ids
+    assert per_image['image_features.npy'] == 2 * 8 * 64 * 2  # Llip-Tiny, float16: 2·K·D·2 bytes
+    assert per_image['first_stage.faiss'] == 4 * (16 + 8)  # P = 4 codes of 16 bytes and ids
     assert per_image['names.json'] == len('"images/000000000.jpg", ')
     assert speed['bytes']['besides_features'] <= 8192
+    assert speed['bytes']['encode_s_per_image'] > 0 and math.isfinite(speed['bytes']['index_s_per_image'])
     for name in ('two_stage_warm_single', 'two_stage_cold_batch_per_query', 'first_stage_warm_single'):
         assert 0 < speed[name]['p50_s'] <= speed[name]['p95_s'], name
     for name in ('exhaustive_s_per_query_extrapolated', 'speedup_cold_single'):

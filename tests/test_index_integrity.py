@@ -284,3 +284,13 @@ def test_the_verify_command_names_each_damaged_part_and_fails(folder, capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 4 and f'{NAMES}: does not match' in out[0] and 'rows 0 to 3 (block 0)' in out[1]
     assert 'rows 28 to 31 (block 7)' in out[2] and out[3].endswith('rows of images 1, 30.')
+
+
+def test_an_index_whose_first_stage_this_version_does_not_read_is_refused(folder, model):
+    """An index of before the codes (its first stage an IndexIVFFlat of full vectors) says to build it again."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest['first_stage']['faiss'] = 'IndexIVFFlat'
+    manifest['sha256'] = manifest_digest(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r'written by an earlier version .* \(IndexIVFFlat\) .*build it again'):
+        LlipIndex.open(folder, model)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from open_clip_llip import LlipLoss, unpack_image, unpack_text
 from open_clip_llip.loss.sigmoid import block_loss
 from open_clip_llip.modeling.scoring import attention, conditioned_cosine, scoring_dtype, temperatures
-from open_clip_llip.search.index import first_stage_vectors, mixed_cosine, paired_cosine
+from open_clip_llip.search.index import first_stage_vectors, mixed_cosine, paired_cosine, text_directions
 
 TAUS = (0.5, 5., 20.)
 
@@ -125,13 +125,17 @@ def test_index_cosines(model):
 
 
 def test_first_stage_vectors(model):
-    """<x[c], p> is the cosine of the image's mixture for the prototype query c with the text."""
+    """<y[c], t̂> is the cosine of the image's mixture for the prototype query c with the text; t̂ is recovered from
+    the text features."""
     image_features, text_features, embeddings = encoded(model, 7, 4)
     prototypes = torch.cat([torch.zeros(1, *text_features.shape[2:]), unpack_text(text_features)[0][:2]])  # [3, H, d]
     keys, values = unpack_image(image_features)
     with torch.no_grad():
         vectors = first_stage_vectors(model, image_features, prototypes)  # [N, 3, D]
-        targets = unpack_text(text_features)[1].flatten(1)
+        targets = text_directions(model, text_features)
+    # Solving p = W_O t̂ for t̂ loses up to cond(W_O) times p's rounding (D terms of float32).
+    atol = torch.linalg.cond(model.mixer.out_proj.detach().double()).item() * targets.shape[1] * 2 ** -24
+    torch.testing.assert_close(targets.double(), F.normalize(embeddings.double(), dim=-1), rtol=0, atol=atol)
     for c, prototype in enumerate(prototypes):
         expected = plain_cosine(keys, values, prototype[None].expand(len(targets), -1, -1), embeddings,
                                 model.mixer.out_proj, model.mixer.temperature)

@@ -7,14 +7,16 @@ image gives its score. The index answers a text in two stages:
    *prototype query* near the text's own. Llip's attention — and so an image's embedding — depends
    on the text's raw query q, so a single vector per image ranks by an embedding the model never
    scores with: the uniformly mixed one, which is what the zero query gives (a = 1/K), is far from the
-   conditioned mixtures of a trained model (``scripts/bench_index.py``: 20% of the exact top 10 among
-   the best 10% of a gallery). The index therefore holds P prototype queries c (k-means centres of the
-   queries of a sample of texts: ``prototype_queries``; by default the zero query alone) and, per image
-   and prototype, the mixture u[c] = concat_h(Σ_k softmax_k(<key[h,k], c_h>/τ) value[h,k]) scaled to
-   x[c] = u[c] / |u[c] W_O| (D numbers), so that with a text's target p = W_O t̂ (``open_clip_llip.modeling.features``)
-   <x[c], p> = cos(u[c] W_O, t) exactly. In FAISS this is an ``IndexIVFFlat`` whose coarse quantizer holds
-   the prototypes and whose list c holds every image's x[c]: a text is routed to the ``probes`` prototypes
-   nearest its raw query q (L2) and only their lists are scanned, one inner product per image and probe.
+   conditioned mixtures of a trained model (``scripts/bench_index.py``). The index therefore holds P prototype
+   queries c (k-means centres of the queries of a sample of texts: ``prototype_queries``; by default the zero
+   query alone) and, per image and prototype, its unit embedding y[c] = z / |z|, z = u[c] W_O with
+   u[c] = concat_h(Σ_k softmax_k(<key[h,k], c_h>/τ) value[h,k]), so that <y[c], t̂> = cos(z, t) for a text's unit
+   embedding t̂ (``text_directions``). In FAISS this is an ``IndexIVFPQ`` behind an ``OPQMatrix`` rotation: its
+   coarse quantizer holds the prototypes, and list c holds every image's y[c], rotated, as a product-quantizer code
+   of ``code_bytes`` bytes (and an 8-byte id); the rotation and codebooks are trained once on a sample
+   (``train_first_stage``), the lists filled with ``add_preassigned``. A text is routed to the ``probes``
+   prototypes nearest its raw query q (L2) and only their lists are scanned: one table look-up per code byte,
+   image and probe.
 2. **Exact re-scoring** of those C candidates: the conditioned cosine cos(z[i|j], t[j]) of each
    (candidate, text) pair, equal to ``LlipModel.similarity`` on the stored features. Per pair,
    the logits and the mixture u = concat_h(Σ_k a·value) cost K·D multiply-adds each, then
@@ -25,27 +27,29 @@ image gives its score. The index answers a text in two stages:
    candidates each, mixing is cheaper and reads the fewest bytes.
 
 Stored per image (folder layout below): its image features [2, H, K, d] (keys and values, 2·K·D
-numbers, fp16 by default: 64 KiB at B/16) in one memory-mapped ``.npy`` file, so that a gallery
-larger than memory is searched by reading only the C candidates' rows; and its first-stage
-vectors (P·D float32 numbers: 2 KiB per prototype at B/16) in a FAISS IVF index, memory-mapped too.
+numbers, fp16 by default: 64 KiB at B/16; int8 with a float16 scale per vector: 33 KiB) in one memory-mapped
+``.npy`` file, so that a gallery larger than memory is searched by reading only the C candidates' rows; and its
+first-stage codes (P · (code_bytes + 8) bytes: 6 KiB at the default P = 256 and 16 bytes) in a FAISS file,
+memory-mapped too.
 
     index.json            manifest: model, weights fingerprint, shapes, dtype, count, τ, files (SHA-256), the
                           SHA-256 of each block of feature rows, and its own SHA-256
-    image_features.npy    [N, 2, H, K, d], float16 or float32, opened memory-mapped
-    first_stage.faiss     FAISS IndexIVFFlat: the P prototype queries (its quantizer), list c the N vectors x[c]
+    image_features.npy    [N, 2, H, K, d], float16 or float32 (int8: [N] records of codes and scales), memory-mapped
+    first_stage.faiss     FAISS OPQMatrix + IndexIVFPQ: the P prototype queries (its quantizer), list c the N codes
+                          of y[c]
     names.json            the N image names (paths), when given
 
 Python::
 
     index = build_index('gallery-index', model, RetrievalImages(paths, transform), names=paths,
                         model_name='Llip-ViT-B-16', pretrained='llip_b16_k32.pt', tokenizer=tokenizer,
-                        prototype_texts=captions, prototypes=64)   # captions: a sample of texts like the queries
+                        prototype_texts=captions)   # captions: a sample of texts like the queries
     index = LlipIndex.open('gallery-index', model, tokenizer)
-    results = index.search(['a dog on a red sofa'], k=10, candidates=1000)   # .scores, .ids [Q, k]; .names
+    results = index.search(['a dog on a red sofa'], k=10)   # .scores, .ids [Q, k]; .names
     results.records(texts)   # per query: rank, id, name, score (JSON-ready)
 
-Command: ``open_clip_llip index build`` / ``open_clip_llip index query`` (``python -m
-open_clip_llip.search.index``; ``--help``).
+Command: ``open_clip_llip index build|query|verify`` (``commands/index.py``; ``--help``). A gallery split into
+shards, built by many processes: ``shards.py``.
 
 Integrity: ``LlipIndex.open`` checks the manifest's own SHA-256 and every file's but the features' (small:
 the first stage and the names) before reading them, and the features file's size and header; a search
@@ -70,12 +74,13 @@ from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..evaluation.retrieval import encode_texts
 from ..modeling.features import check_features, unpack_image, unpack_text
 from ..modeling.llip_model import LlipModel
-from ..modeling.scoring import Temperature, attention, mixture_cosine, mixture_norm, scoring_dtype, single_temperature
+from ..modeling.scoring import Temperature, attention, mixture_cosine, scoring_dtype, single_temperature
 from ..version import __version__
 from ..written_files import WrittenFiles, file_digest, prepare_folder
 
@@ -83,10 +88,12 @@ from ..written_files import WrittenFiles, file_digest, prepare_folder
 # module was ``open_clip_llip.index``, so that index folders written before keep being recognised.
 GENERATOR = 'open_clip_llip.index'
 MANIFEST, FEATURES, FIRST_STAGE, NAMES = 'index.json', 'image_features.npy', 'first_stage.faiss', 'names.json'
+# What the manifest calls the first stage FAISS holds (``new_first_stage``).
+FIRST_STAGE_KIND = 'IndexPreTransform(OPQMatrix, IndexIVFPQ)'
 # Every file an index is: all that ``overwrite`` may remove.
 FILES = re.compile('|'.join(re.escape(name) for name in (MANIFEST, FEATURES, FIRST_STAGE, NAMES)))
 DTYPES = ('float16', 'float32', 'int8')
-DEFAULT_CANDIDATES = 1000
+DEFAULT_CANDIDATES = 1500
 DEFAULT_PROTOTYPES = 256
 # Bytes of a first-stage code (product-quantizer sub-vectors of 8 bits): with an id (8 bytes) per prototype and
 # image, P = 256 prototypes cost 6 KiB per image.
@@ -97,6 +104,9 @@ _TRAINING_VECTORS = 1 << 16
 _SAMPLE_IMAGES = 4096
 # Elements of image features scored at once (64 MiB in fp32): bounds the memory of a block of pairs.
 _BLOCK_ELEMENTS = 1 << 24
+# Elements of candidates' features re-scored at once (16 MiB in fp32; 128 rows at B/16): few enough that their
+# float32 copy is still in cache when it is scored (~40% faster than 512 rows at a time here).
+_RESCORE_ELEMENTS = 1 << 22
 # Texts encoded at once.
 _TEXT_BATCH = 1024
 # Candidate rows read from disk at once: a queue deep enough for an SSD, which serves random reads in parallel.
@@ -142,15 +152,27 @@ def first_stage_vectors(model: LlipModel, image_features: torch.Tensor, prototyp
     """Image features [N, 2, H, K, d] and prototype queries [P, H, d] -> first-stage vectors [N, P, D] (float32,
     on the model's device).
 
-    Entry [i, c] is x = u / |u W_O| with u = concat_h(Σ_k softmax_k(<key[h,k], c_h>/τ) value[h,k]), image i's
-    mixture for the prototype query c (τ: the model's): <x, p> with a text's target p = W_O t̂ is cos(u W_O, t).
-    The zero query gives uniform attention: u = concat_h(mean_k value).
+    Entry [i, c] is the unit embedding z / |z|, z = u W_O, of image i mixed for the prototype query c:
+    u = concat_h(Σ_k softmax_k(<key[h,k], c_h>/τ) value[h,k]) (τ: the model's), so that <z / |z|, t̂> is the cosine
+    of that embedding and a text's (``text_directions``). The zero query gives uniform attention:
+    u = concat_h(mean_k value).
     """
-    out_proj = model.mixer.out_proj
+    out_proj = model.mixer.out_proj.float()
     keys, values = (part.to(out_proj.device, torch.float32) for part in unpack_image(image_features))
     weights = model.mixer.attention(keys, prototypes.to(keys))  # [N, P, H, K]
-    mixed = torch.einsum('nphk,nhkd->nphd', weights, values).flatten(2)  # [N, P, D]
-    return mixed / mixture_norm(mixed, out_proj.float())[..., None]
+    return F.normalize(torch.einsum('nphk,nhkd->nphd', weights, values).flatten(2) @ out_proj, dim=-1)  # [N, P, D]
+
+
+def text_directions(model: LlipModel, text_features: torch.Tensor) -> torch.Tensor:
+    """Text features [Q, 2, H, d] -> the texts' unit embeddings t̂ [Q, D] (float32): their targets p = W_O t̂
+    (``modeling.features``) solved for t̂, W_O being invertible (ValueError if it is not)."""
+    out_proj = model.mixer.out_proj.detach().float().cpu()
+    targets = unpack_text(text_features)[1].flatten(1).float().cpu()
+    try:
+        return torch.linalg.solve(out_proj, targets.T).T
+    except RuntimeError:  # torch.linalg.LinAlgError: singular
+        raise ValueError("The mixer's output projection W_O is singular: a text's unit embedding cannot be recovered "
+                         'from its features, which the first stage scores with. Check the model.') from None
 
 
 def prototype_queries(text_features: torch.Tensor, count: int) -> torch.Tensor:
@@ -167,20 +189,32 @@ def prototype_queries(text_features: torch.Tensor, count: int) -> torch.Tensor:
     return torch.from_numpy(kmeans.centroids).view(count, *text_features.shape[2:])
 
 
-def new_first_stage(prototypes: torch.Tensor, code_bytes: int, code_bits: int = 8):
-    """An empty, untrained first stage for prototype queries [P, H, d]: a FAISS ``IndexIVFPQ`` (inner product) whose
-    quantizer holds the prototypes, flattened, and routes a text by its raw query q, and whose list c is to hold
-    every image's x[c] as a product-quantizer code of ``code_bytes`` sub-vectors of ``code_bits`` bits each.
-    ``train_first_stage`` trains its codebooks."""
+def new_first_stage(prototypes: torch.Tensor, code_bytes: int):
+    """An empty, untrained first stage for prototype queries [P, H, d]: FAISS's ``IndexPreTransform`` of an
+    ``OPQMatrix`` (a learnt rotation, so that the code's sub-vectors carry equal parts of a vector) and an
+    ``IndexIVFPQ`` (inner product) whose quantizer holds the prototypes, flattened, and routes a text by its raw
+    query q, and whose list c is to hold every image's z / |z| for prototype c, rotated, as a product-quantizer
+    code of ``code_bytes`` sub-vectors of 8 bits each. ``train_first_stage`` trains the rotation and codebooks."""
     faiss = _faiss()
     width = prototypes[0].numel()
     quantizer = faiss.IndexFlatL2(width)
     quantizer.add(np.ascontiguousarray(prototypes.detach().flatten(1).float().cpu().numpy()))
-    first_stage = faiss.IndexIVFPQ(quantizer, width, len(prototypes), code_bytes, code_bits, faiss.METRIC_INNER_PRODUCT)
-    # The lists hold vectors x of another space than the quantizer's queries q: codes of x itself, not of x − c.
-    first_stage.by_residual = False
-    first_stage.pq.cp.min_points_per_centroid = 1  # small galleries train on what they have (fewer bits), silently
-    return first_stage
+    lists = faiss.IndexIVFPQ(quantizer, width, len(prototypes), code_bytes, 8, faiss.METRIC_INNER_PRODUCT)
+    # The lists hold vectors of another space than the quantizer's queries q: codes of the vectors, not of residuals.
+    lists.by_residual = False
+    lists.pq.cp.min_points_per_centroid = 1  # small galleries train on what they have, silently
+    return faiss.IndexPreTransform(faiss.OPQMatrix(width, code_bytes), lists)
+
+
+def first_stage_lists(first_stage):
+    """The ``IndexIVFPQ`` inside a first stage (``new_first_stage``): its quantizer, codebooks and lists."""
+    return _faiss().downcast_index(first_stage.index)
+
+
+def rotate(first_stage, vectors: np.ndarray) -> np.ndarray:
+    """Vectors [n, D] -> as the first stage's rotation turns them (what its lists code and are searched with)."""
+    faiss = _faiss()
+    return faiss.downcast_VectorTransform(first_stage.chain.at(0)).apply(np.ascontiguousarray(vectors, np.float32))
 
 
 def train_first_stage(model: LlipModel, image_features: torch.Tensor, prototypes: Optional[torch.Tensor] = None,
@@ -188,10 +222,11 @@ def train_first_stage(model: LlipModel, image_features: torch.Tensor, prototypes
     """A sample of image features [n, 2, H, K, d] -> a trained, empty first stage (``new_first_stage``) for the
     prototype queries [P, H, d] (``prototype_queries``; default the zero query alone: uniform attention).
 
-    Its product quantizer is trained (seeded k-means) on the sample's first-stage vectors x[c] for every prototype
-    c (about ``_TRAINING_VECTORS`` of them, drawn seeded): ``code_bytes`` sub-vectors (a divisor of D) of 8 bits
-    each, or of log2 of the vectors' count where the sample gives fewer than 256 vectors. What is trained from
-    one sample serves any number of indexes (the shards of a gallery), whose codes it makes comparable.
+    Its rotation and product quantizer are trained (seeded) on the sample's first-stage vectors for every
+    prototype c (about ``_TRAINING_VECTORS`` of them, drawn seeded; fewer than 256, or than D, are repeated: a small
+    sample's vectors are then coded nearly exactly): ``code_bytes`` sub-vectors (a divisor of D) of 8 bits each. What is
+    trained from one sample serves any number of indexes (the shards of a gallery), whose codes it makes
+    comparable.
     """
     heads, width = model.mixer.heads, model.mixer.out_proj.shape[0]
     if prototypes is None:
@@ -214,24 +249,26 @@ def train_first_stage(model: LlipModel, image_features: torch.Tensor, prototypes
             mixed = mixed.flatten(0, 1).cpu().numpy()
             vectors.append(mixed[rng.random(len(mixed)) < keep] if keep < 1 else mixed)
     vectors = np.concatenate(vectors)
-    # k centroids need k vectors; a single vector is repeated so that two centroids (1 bit) can be fitted.
-    vectors = np.ascontiguousarray(np.repeat(vectors, 2, axis=0) if len(vectors) == 1 else vectors)
-    first_stage = new_first_stage(prototypes, code_bytes, min(8, int(math.log2(len(vectors)))))
-    first_stage.train(vectors)  # the quantizer holds its P prototypes already: only the codebooks are trained
+    # 256 centroids per sub-quantizer need 256 vectors, and the rotation D of them (FAISS 1.15's OPQMatrix corrupts
+    # memory with fewer): fewer are repeated.
+    vectors = np.ascontiguousarray(np.tile(vectors, (math.ceil(max(256, width) / len(vectors)), 1)))
+    first_stage = new_first_stage(prototypes, code_bytes)
+    first_stage.train(vectors)  # the rotation, then the codebooks; the quantizer holds its prototypes already
     return first_stage
 
 
 def add_first_stage(first_stage, vectors: np.ndarray, first_id: int):
-    """Add the first-stage vectors [n, P, D] of images ``first_id`` … ``first_id + n − 1``: x[c] to list c, coded by
-    FAISS (``add_preassigned``), each list in order of id."""
+    """Add the first-stage vectors [n, P, D] of images ``first_id`` … ``first_id + n − 1``: vector c of each, rotated,
+    to list c, coded by FAISS (``add_preassigned``), each list in order of id."""
     from faiss.contrib.ivf_tools import add_preassigned
 
     count, prototypes, width = vectors.shape
     # Named here: add_preassigned drops its own reference to the ids before FAISS reads them.
     ids = np.repeat(np.arange(first_id, first_id + count, dtype=np.int64), prototypes)
     lists = np.tile(np.arange(prototypes, dtype=np.int64), count)
-    rows = np.ascontiguousarray(vectors.reshape(count * prototypes, width), dtype=np.float32)
-    add_preassigned(first_stage, rows, lists, ids)
+    rows = rotate(first_stage, vectors.reshape(count * prototypes, width))
+    add_preassigned(first_stage_lists(first_stage), rows, lists, ids)
+    first_stage.ntotal = first_stage_lists(first_stage).ntotal
 
 
 def paired_cosine(model: LlipModel, image_features: torch.Tensor, text_features: torch.Tensor,
@@ -384,8 +421,9 @@ def write_index(
         else:
             first_stage = faiss.clone_index(first_stage)
         # The lists, from the features as stored (what re-scoring reads), in blocks of rows.
-        prototypes = torch.from_numpy(first_stage.quantizer.reconstruct_n(0, first_stage.nlist)).view(
-            first_stage.nlist, heads, width // heads)
+        lists = first_stage_lists(first_stage)
+        prototypes = torch.from_numpy(lists.quantizer.reconstruct_n(0, lists.nlist)).view(lists.nlist, heads,
+                                                                                            width // heads)
         block = max(1, _BLOCK_ELEMENTS // (len(prototypes) * width))
         with torch.inference_mode():
             for start in range(0, count, block):
@@ -400,10 +438,9 @@ def write_index(
         manifest = dict(
             generator=GENERATOR, version=__version__, model=model_name, pretrained=pretrained, precision=precision,
             **_model_record(model), temperature=model.mixer.temperature, count=count, image_features=spec,
-            first_stage=dict(file=FIRST_STAGE, faiss='IndexIVFPQ', prototypes=first_stage.nlist,
-                             code_bytes=first_stage.pq.M, code_bits=first_stage.pq.nbits,
-                             lists='prototype c: u / |u W_O|, u = concat_h(Σ_k softmax_k(<key, c>/τ) value)',
-                             routing='nearest prototypes of the raw query q (L2)', query='W_O t̂'),
+            first_stage=dict(file=FIRST_STAGE, faiss=FIRST_STAGE_KIND, prototypes=lists.nlist, code_bytes=lists.pq.M,
+                             lists='prototype c: z / |z|, z = u W_O, u = concat_h(Σ_k softmax_k(<key, c>/τ) value)',
+                             routing='nearest prototypes of the raw query q (L2)', query='t̂'),
             names=NAMES if names is not None else None, skipped_samples=skipped_samples)
         if shard is not None:
             manifest['shard'] = shard
@@ -416,8 +453,9 @@ def _check_first_stage(first_stage, heads: int, width: int):
     """ValueError unless ``first_stage`` is a trained first stage (``train_first_stage``) for a model of ``heads``
     mixer heads and embedding width ``width``."""
     faiss = _faiss()
-    if not isinstance(first_stage, faiss.IndexIVFPQ) or first_stage.d != width or not first_stage.is_trained \
-            or first_stage.by_residual or first_stage.quantizer.ntotal != first_stage.nlist:
+    lists = first_stage_lists(first_stage) if isinstance(first_stage, faiss.IndexPreTransform) else None
+    if not isinstance(lists, faiss.IndexIVFPQ) or first_stage.d != width or not first_stage.is_trained \
+            or lists.by_residual or lists.quantizer.ntotal != lists.nlist:
         raise ValueError(f'first_stage must be a trained first stage (train_first_stage) for D = {width}; got '
                          f'{type(first_stage).__name__}.')
 
@@ -662,6 +700,18 @@ def _features_layout_damage(folder: Path, manifest: dict) -> Optional[str]:
     return None
 
 
+_READERS: Optional[ThreadPoolExecutor] = None
+
+
+def _readers() -> ThreadPoolExecutor:
+    """The threads that read feature rows, ``_READ_THREADS`` of them (one where the system has no positioned read),
+    started once per process and shared by every open index."""
+    global _READERS
+    if _READERS is None:
+        _READERS = ThreadPoolExecutor(_READ_THREADS if hasattr(os, 'pread') else 1, thread_name_prefix='llip-index')
+    return _READERS
+
+
 def _read_at(file, size: int, offset: int) -> bytes:
     """``size`` bytes of ``file`` from ``offset``: a positioned read where the system has one (safe across threads)."""
     if hasattr(os, 'pread'):
@@ -784,7 +834,7 @@ class TwoStageSearch:
                              f'{list(candidates.shape)}.')
         if candidates.numel() and not (0 <= candidates.min() and candidates.max() < len(self)):
             raise ValueError(f'Image ids must lie in [0, {len(self)}).')
-        block = max(1, _BLOCK_ELEMENTS // int(np.prod(self.spec['shape'][1:])))
+        block = max(1, _RESCORE_ELEMENTS // int(np.prod(self.spec['shape'][1:])))
         scores, ids, left_out = [], [], set()
         with torch.inference_mode():  # no autocast: scores in the precision of the features and the mixer
             for query, rows in zip(text_features, candidates):
@@ -883,6 +933,7 @@ class LlipIndex(TwoStageSearch):
         super().__init__(model, manifest['image_features'], tokenizer, precision)
         self.folder, self.manifest, self.features, self.first_stage, self.names = (folder, manifest, features,
                                                                                    first_stage, names)
+        self.lists = first_stage_lists(first_stage)  # its quantizer (the prototypes), codebooks and lists
         # Blocks of feature rows checked against their SHA-256 so far (none recorded: checked whole on open).
         self._verified = np.zeros(len(manifest.get('feature_blocks', {}).get('sha256', [])), dtype=bool)
 
@@ -936,11 +987,13 @@ class LlipIndex(TwoStageSearch):
             raise ValueError(f'The index in {folder} is damaged or incomplete ({error}); build it again.') from None
         count, expected = manifest['count'], np.empty(0, _row_dtype(spec))  # [0, 2, H, K, d], or [0] for int8
         prototypes = manifest['first_stage']['prototypes']
-        # IndexIVFFlat: the full first-stage vectors of an index written before codes.
-        kind = dict(IndexIVFPQ=faiss.IndexIVFPQ, IndexIVFFlat=faiss.IndexIVFFlat).get(manifest['first_stage'].get('faiss'))
+        if manifest['first_stage'].get('faiss') != FIRST_STAGE_KIND:  # IndexIVFFlat: full vectors, before codes
+            raise ValueError(f'The index in {folder} was written by an earlier version of {GENERATOR}, whose first '
+                             f'stage ({manifest["first_stage"].get("faiss")}) this one does not read: build it again.')
+        lists = first_stage_lists(first_stage) if isinstance(first_stage, faiss.IndexPreTransform) else None
         if len(features) != count or features.shape[1:] != expected.shape[1:] or features.dtype != expected.dtype \
-                or kind is None or not isinstance(first_stage, kind) or first_stage.nlist != prototypes \
-                or first_stage.ntotal != count * prototypes or (names is not None and len(names) != count):
+                or not isinstance(lists, faiss.IndexIVFPQ) or lists.nlist != prototypes \
+                or lists.ntotal != count * prototypes or (names is not None and len(names) != count):
             raise ValueError(f'The files of the index in {folder} do not match its manifest ({count} images of '
                              f'features {spec["shape"]} {spec["dtype"]}); build it again.')
         return cls(folder, manifest, features, first_stage, names, model, tokenizer, precision)
@@ -954,9 +1007,8 @@ class LlipIndex(TwoStageSearch):
         blocks = blocks[~self._verified[blocks]]
         if not len(blocks):
             return
-        with open(self.folder / self.manifest['image_features']['file'], 'rb') as file, \
-                ThreadPoolExecutor(_READ_THREADS if hasattr(os, 'pread') else 1) as pool:
-            damage = [problem for problem in pool.map(
+        with open(self.folder / self.manifest['image_features']['file'], 'rb') as file:
+            damage = [problem for problem in _readers().map(
                 lambda block: _read_block(file, self.folder, self.manifest, self.features, block), blocks) if problem]
         if damage:
             raise ValueError(f'The index in {self.folder} is damaged: {damage[0]} Build it again (open_clip_llip '
@@ -982,9 +1034,8 @@ class LlipIndex(TwoStageSearch):
             return sum(os.preadv(file.fileno(), [buffers[j]], self.features.offset + int(ids[j]) * row_bytes)
                        for j in part)
 
-        with open(self.folder / self.manifest['image_features']['file'], 'rb') as file, \
-                ThreadPoolExecutor(_READ_THREADS) as pool:
-            done = sum(pool.map(read, np.array_split(np.arange(len(ids)), min(_READ_THREADS, max(1, len(ids))))))
+        with open(self.folder / self.manifest['image_features']['file'], 'rb') as file:
+            done = sum(_readers().map(read, np.array_split(np.arange(len(ids)), min(_READ_THREADS, max(1, len(ids))))))
         if done != len(ids) * row_bytes:
             raise ValueError(f'The features file of the index in {self.folder} is shorter than its manifest says; '
                              'build it again.')
@@ -996,7 +1047,7 @@ class LlipIndex(TwoStageSearch):
     @property
     def prototypes(self) -> int:
         """P, the first stage's prototype queries (its lists)."""
-        return self.first_stage.nlist
+        return self.lists.nlist
 
     def first_stage_search(self, text_features: torch.Tensor, count: int, probes: int = 1
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -1008,22 +1059,22 @@ class LlipIndex(TwoStageSearch):
         the shards of a gallery select together what one index of their images selects.
         """
         self._check_probes(probes)
-        queries, targets = (np.ascontiguousarray(part.flatten(1).float().cpu().numpy())
-                            for part in unpack_text(text_features))
-        _, lists = self.first_stage.quantizer.search(queries, probes)
-        self.first_stage.nprobe = probes
+        queries = np.ascontiguousarray(unpack_text(text_features)[0].flatten(1).float().cpu().numpy())
+        targets = rotate(self.first_stage, text_directions(self.model, text_features).numpy())
+        _, lists = self.lists.quantizer.search(queries, probes)
+        self.lists.nprobe = probes
         # The lists are scanned by <x[c], p> alone (zero coarse distances: the routing's L2 distances in query space
         # do not add to inner products). An image is in every list: among the best count·probes entries are at least
         # count images. One entry more shows whether a tie crosses the last place.
         coarse = np.zeros(lists.shape, np.float32)
-        entries, ids = self.first_stage.search_preassigned(targets, count * probes + 1, lists, coarse)
+        entries, ids = self.lists.search_preassigned(targets, count * probes + 1, lists, coarse)
         scores, chosen = np.empty((len(targets), count), np.float32), np.empty((len(targets), count), np.int64)
         for query in range(len(targets)):
             found, images = entries[query], ids[query]
             best = _best_per_image(found, images, count)
             if (images >= 0).all() and found[-1] == best[0][-1]:  # entries tied with the last place may be left out:
                 radius = np.nextafter(found[-1], np.float32(-np.inf))  # all of them score above this
-                _, found, images = self.first_stage.range_search_preassigned(
+                _, found, images = self.lists.range_search_preassigned(
                     targets[query:query + 1], float(radius), lists[query:query + 1], coarse[query:query + 1])
                 best = _best_per_image(found, images, count)
             scores[query], chosen[query] = best

@@ -16,7 +16,7 @@ finished shards of a killed build are kept and the others built again.
 ``ShardedIndex`` searches the shards as one index: the first stage of every shard returns its best candidates,
 which are merged by score (ties by id, as in ``LlipIndex.first_stage_search``) into the gallery's best C, and
 those are re-scored in one pass, reading each from its shard: the results equal those of one index of the same
-images with the same first stage (``tests/test_shards.py``). Image ids are the gallery's (a shard's row plus its
+images with the same first stage (``tests/test_index_shards.py``). Image ids are the gallery's (a shard's row plus its
 first id); results also say which shard each image is in.
 """
 import hashlib
@@ -45,6 +45,7 @@ from .index import (
     _faiss,
     _model_record,
     encode_images,
+    first_stage_lists,
     manifest_digest,
     read_manifest,
     text_prototypes,
@@ -155,8 +156,8 @@ def _train(folder: Path, model: LlipModel, images: torch.utils.data.Dataset, nam
         plan = dict(generator=GENERATOR, kind='gallery', model=model_name, pretrained=pretrained, precision=precision,
                     **_model_record(model), count=count, names_sha256=_names_digest(names, count), dtype=dtype,
                     skipped_samples=skipped_samples, shards=planned,
-                    first_stage=dict(file=TRAINED_FIRST_STAGE, prototypes=first_stage.nlist,
-                                     code_bytes=first_stage.pq.M, code_bits=first_stage.pq.nbits),
+                    first_stage=dict(file=TRAINED_FIRST_STAGE, prototypes=first_stage_lists(first_stage).nlist,
+                                     code_bytes=first_stage_lists(first_stage).pq.M),
                     files=dict(written.files))
         plan['sha256'] = manifest_digest(plan)
         written.write_text(PLAN, json.dumps(plan, indent=2, ensure_ascii=False) + '\n')
@@ -378,11 +379,12 @@ class ShardedIndex(TwoStageSearch):
 
 
 def _first_stage_fingerprint(shard: LlipIndex) -> bytes:
-    """The prototypes and codebooks of a shard's first stage, as bytes: equal for shards of one gallery build."""
+    """The rotation, codebooks and prototypes of a shard's first stage, as bytes: equal for shards of one gallery
+    build."""
     faiss = _faiss()
-    first_stage = shard.first_stage
-    return (faiss.vector_to_array(first_stage.pq.centroids).tobytes()
-            + first_stage.quantizer.reconstruct_n(0, first_stage.nlist).tobytes())
+    rotation, lists = faiss.downcast_VectorTransform(shard.first_stage.chain.at(0)), shard.lists
+    return (faiss.vector_to_array(rotation.A).tobytes() + faiss.vector_to_array(lists.pq.centroids).tobytes()
+            + lists.quantizer.reconstruct_n(0, lists.nlist).tobytes())
 
 
 def distributed_context() -> Tuple[int, int, Optional[Callable[[object], object]]]:

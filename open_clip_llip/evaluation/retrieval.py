@@ -115,8 +115,10 @@ def retrieval_metrics(scores: torch.Tensor, image_index: torch.Tensor) -> Dict[s
     captions. Text→image: a text's rank is that of its image among all images. Ties count
     against: a wrong item scoring as high as the right one ranks ahead of it (so does a NaN).
 
-    Memory: ``scores`` is ranked in blocks of images, ``_RANK_BLOCK_ELEMENTS`` scores at a time, with no
-    [N, M] temporary (scores converted to float32, masks, comparisons): counts are [N] and [M].
+    Memory: the items ranked ahead are counted as M or N minus those ranked below, one block of
+    ``_RANK_BLOCK_ELEMENTS`` scores at a time, into one boolean buffer allocated once: nothing
+    [N, M] and nothing allocated per block but [n] counts, so the working set does not grow with
+    N·M (docs/benchmarks.md, evaluation memory).
     """
     num_images, num_texts = scores.shape
     image_index = image_index.to(scores.device)
@@ -128,16 +130,28 @@ def retrieval_metrics(scores: torch.Tensor, image_index: torch.Tensor) -> Dict[s
     if (captions_per_image == 0).any():
         missing = (captions_per_image == 0).nonzero()[:5, 0].tolist()
         raise ValueError(f'Every image needs at least one text; images {missing} have none.')
-    true_image = scores.gather(0, image_index[None, :]).float()  # [1, M]
-    image_ahead, text_ahead = [], torch.zeros(num_texts, dtype=torch.long, device=scores.device)
-    rows = max(1, _RANK_BLOCK_ELEMENTS // max(1, num_texts))
-    for start in range(0, num_images, rows):
-        block = scores[start:start + rows].float()  # [n, M]
-        other = image_index[None, :] != torch.arange(start, start + len(block), device=scores.device)[:, None]
-        best_caption = block.masked_fill(other, float('-inf')).amax(dim=1, keepdim=True)  # [n, 1]
-        image_ahead.append((~(block < best_caption) & other).sum(dim=1))
-        text_ahead += (~(block < true_image) & other).sum(dim=0)
-    image_ahead = torch.cat(image_ahead) if image_ahead else torch.zeros(0, dtype=torch.long)
+    with torch.inference_mode():  # counting needs no autograd records
+        true_score = scores[image_index, torch.arange(num_texts, device=scores.device)].float()  # [M]
+        best_caption = torch.full((num_images,), float('-inf'), device=scores.device)
+        best_caption.scatter_reduce_(0, image_index, true_score, 'amax')  # [N]
+        best_caption[torch.bincount(image_index[true_score.isnan()], minlength=num_images) > 0] = float('nan')
+        # an image's own captions ranked level with its best one: 1, or more where they tie (all, with a NaN)
+        own_level = torch.bincount(image_index, weights=(~(true_score < best_caption[image_index])).double(),
+                                   minlength=num_images).long()
+        image_below = torch.empty(num_images, dtype=torch.long, device=scores.device)
+        text_below = torch.zeros(num_texts, dtype=torch.long, device=scores.device)
+        rows = max(1, _RANK_BLOCK_ELEMENTS // max(1, num_texts))
+        below = torch.empty(min(rows, num_images), num_texts, dtype=torch.bool, device=scores.device)
+        below_per_text = torch.empty(num_texts, dtype=torch.long, device=scores.device)
+        for start in range(0, num_images, rows):
+            block = scores[start:start + rows]  # [n, M]; compared in float32, as the promotion to it is exact
+            n = len(block)
+            torch.lt(block, best_caption[start:start + n, None], out=below[:n])
+            torch.sum(below[:n], dim=1, out=image_below[start:start + n])
+            torch.lt(block, true_score[None, :], out=below[:n])
+            text_below += torch.sum(below[:n], dim=0, out=below_per_text)
+        image_ahead = num_texts - image_below - own_level
+        text_ahead = num_images - 1 - text_below  # a text's own image is never below itself
     return {**_rank_metrics('image_to_text', image_ahead), **_rank_metrics('text_to_image', text_ahead)}
 
 

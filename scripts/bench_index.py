@@ -348,7 +348,9 @@ def main(argv=None):
     recall_options = parser.add_argument_group('recall (trained Llip-Tiny)')
     recall_options.add_argument('--gallery-images', type=int, default=100000, help='scenes added to the retrieval set')
     recall_options.add_argument('--retrieval-images', type=int, default=300, help='their captions are the queries')
-    recall_options.add_argument('--candidates', type=int, nargs='+', default=[300, 1000, 2000, 3000])
+    recall_options.add_argument('--candidates', type=int, nargs='+',
+                                default=sorted({300, 1000, DEFAULT_CANDIDATES, 2000, 3000}),
+                                help='candidate counts C re-scored (the default C among them)')
     recall_options.add_argument('--prototypes', type=int, nargs='+', default=[1, 64, 256],
                                 help='first-stage prototype queries (1: the zero query, uniform mixing)')
     recall_options.add_argument('--probes', type=int, nargs='+', default=[1, 2],

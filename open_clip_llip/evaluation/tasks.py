@@ -227,7 +227,8 @@ def evaluate(
             logging.info(f'Retrieval {task.label}: {len(retrieval_set.images)} images, '
                          f'{len(retrieval_set.captions)} captions.')
             images = DataLoader(RetrievalImages(retrieval_set.images, transform), **loader_options)
-            texts = tokenizer(retrieval_set.captions).split(batch_size)
+            # tokenised batch by batch as they are encoded: no [M, L] tensor of every caption's tokens is held
+            texts = DataLoader(retrieval_set.captions, batch_size=batch_size, collate_fn=tokenizer)
             if is_llip:
                 image_features = encode_images(model, images, device, autocast, input_dtype, use_tqdm=True)
                 text_features = encode_texts(model, texts, device, autocast, use_tqdm=True)

@@ -4,8 +4,9 @@ For each size it writes a synthetic retrieval set (random 32 px PNG images, rand
 M / N captions per image) and a randomly initialised model's checkpoint into ``--work``, runs the eval
 command in a subprocess and reports its peak resident memory: ``/usr/bin/time -v``'s "Maximum resident
 set size" where that program exists, else ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` of the finished
-subprocess (both: the largest process, not a sum). The [N, M] float32 score matrix alone is 4·N·M bytes;
-the rest is the interpreter, the model and the working set.
+subprocess (both: the largest process, not a sum). The [N, M] float32 score matrix alone is 4·N·M bytes and
+the image and caption features the command holds while scoring N and M times one image's and one caption's;
+the rest is the interpreter, the model and the working set, which should not grow with N and M.
 
     python scripts/bench_eval_memory.py --work /tmp/eval-memory --sizes 4000x12000 20000x60000 --json memory.json
 """
@@ -76,7 +77,11 @@ def main(argv=None):
     args.work.mkdir(parents=True, exist_ok=True)
     checkpoint = args.work / f'{args.model}.pt'
     torch.manual_seed(0)
-    torch.save(open_clip.create_model(args.model).state_dict(), checkpoint)
+    model = open_clip.create_model(args.model).eval()
+    torch.save(model.state_dict(), checkpoint)
+    with torch.inference_mode():  # bytes of one image's and one caption's features, as the command holds them
+        image_bytes = model.encode_image(torch.zeros(1, 3, *model.visual.image_size)).nbytes
+        caption_bytes = model.encode_text(torch.zeros(1, model.context_length, dtype=torch.long)).nbytes
     figures = dict(model=args.model, torch=torch.__version__, threads=torch.get_num_threads(),
                    measured_with=TIME if os.path.exists(TIME) else 'getrusage', runs=[])
     for images, captions in args.sizes:
@@ -87,9 +92,12 @@ def main(argv=None):
                    '--device', 'cpu']
         peak = peak_rss_mb(command)
         scores_mb = 4 * images * captions / 2 ** 20
-        figures['runs'].append(dict(images=images, captions=captions, peak_rss_mb=peak, score_matrix_mb=scores_mb))
-        print(f'{images:,} images × {captions:,} captions: peak resident {peak:,.0f} MB '
-              f'(score matrix {scores_mb:,.0f} MB)', flush=True)
+        features_mb = (images * image_bytes + captions * caption_bytes) / 2 ** 20
+        rest_mb = peak - scores_mb - features_mb
+        figures['runs'].append(dict(images=images, captions=captions, peak_rss_mb=peak, score_matrix_mb=scores_mb,
+                                    features_mb=features_mb, rest_mb=rest_mb))
+        print(f'{images:,} images × {captions:,} captions: peak resident {peak:,.0f} MB = score matrix '
+              f'{scores_mb:,.0f} MB + features {features_mb:,.0f} MB + the rest {rest_mb:,.0f} MB', flush=True)
     if args.json:
         write_json(args.json, figures, args.overwrite)
     return figures

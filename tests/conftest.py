@@ -115,19 +115,41 @@ def write_retrieval_csv(folder, count=12, seed=1, captions_per_image=1, name='va
     return folder / name, rows
 
 
+def _logging_levels():
+    """The root logger's level and every other logger's, by name."""
+    import logging
+    return logging.root.level, {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
+                                if isinstance(logger, logging.Logger)}
+
+
+def _set_logging_levels(levels):
+    """Levels as ``_logging_levels`` gave them; a logger made since then gets NOTSET (its parent's)."""
+    import logging
+    root_level, by_name = levels
+    logging.root.setLevel(root_level)
+    for name, logger in logging.root.manager.loggerDict.items():
+        if isinstance(logger, logging.Logger):
+            logger.setLevel(by_name.get(name, logging.NOTSET))
+
+
+@pytest.fixture(scope='session', autouse=True)
+def quiet_logging_at_exit():
+    """Every logger's level as it was before the suite, once it has run: open_clip_train's main and the commands'
+    ``logging.basicConfig``, run in-process by module fixtures, leave loggers at INFO, and torch reports its
+    compilations at INFO when the interpreter exits."""
+    levels = _logging_levels()
+    yield
+    _set_logging_levels(levels)
+
+
 @pytest.fixture
 def restore_logging():
     """open_clip_train's main adds handlers to the root logger and sets every logger to its level: undo both."""
     import logging
     handlers = list(logging.root.handlers)
-    levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
-              if isinstance(logger, logging.Logger)}
-    root_level = logging.root.level
+    levels = _logging_levels()
     yield
     for handler in set(logging.root.handlers) - set(handlers):
         logging.root.removeHandler(handler)
         handler.close()
-    logging.root.setLevel(root_level)
-    for name, logger in logging.root.manager.loggerDict.items():
-        if isinstance(logger, logging.Logger):
-            logger.setLevel(levels.get(name, logging.NOTSET))
+    _set_logging_levels(levels)

@@ -207,8 +207,10 @@ def new_first_stage(prototypes: torch.Tensor, code_bytes: int):
 
 
 def first_stage_lists(first_stage):
-    """The ``IndexIVFPQ`` inside a first stage (``new_first_stage``): its quantizer, codebooks and lists."""
-    return _faiss().downcast_index(first_stage.index)
+    """The ``IndexIVFPQ`` inside a first stage (``new_first_stage``): its quantizer, codebooks and lists; None where
+    ``first_stage`` wraps no index (it is not a first stage)."""
+    faiss = _faiss()
+    return faiss.downcast_index(first_stage.index) if isinstance(first_stage, faiss.IndexPreTransform) else None
 
 
 def rotate(first_stage, vectors: np.ndarray) -> np.ndarray:
@@ -267,8 +269,9 @@ def add_first_stage(first_stage, vectors: np.ndarray, first_id: int):
     ids = np.repeat(np.arange(first_id, first_id + count, dtype=np.int64), prototypes)
     lists = np.tile(np.arange(prototypes, dtype=np.int64), count)
     rows = rotate(first_stage, vectors.reshape(count * prototypes, width))
-    add_preassigned(first_stage_lists(first_stage), rows, lists, ids)
-    first_stage.ntotal = first_stage_lists(first_stage).ntotal
+    coded = first_stage_lists(first_stage)
+    add_preassigned(coded, rows, lists, ids)
+    first_stage.ntotal = coded.ntotal
 
 
 def paired_cosine(model: LlipModel, image_features: torch.Tensor, text_features: torch.Tensor,
@@ -453,7 +456,7 @@ def _check_first_stage(first_stage, heads: int, width: int):
     """ValueError unless ``first_stage`` is a trained first stage (``train_first_stage``) for a model of ``heads``
     mixer heads and embedding width ``width``."""
     faiss = _faiss()
-    lists = first_stage_lists(first_stage) if isinstance(first_stage, faiss.IndexPreTransform) else None
+    lists = first_stage_lists(first_stage)
     if not isinstance(lists, faiss.IndexIVFPQ) or first_stage.d != width or not first_stage.is_trained \
             or lists.by_residual or lists.quantizer.ntotal != lists.nlist:
         raise ValueError(f'first_stage must be a trained first stage (train_first_stage) for D = {width}; got '
@@ -990,7 +993,7 @@ class LlipIndex(TwoStageSearch):
         if manifest['first_stage'].get('faiss') != FIRST_STAGE_KIND:  # IndexIVFFlat: full vectors, before codes
             raise ValueError(f'The index in {folder} was written by an earlier version of {GENERATOR}, whose first '
                              f'stage ({manifest["first_stage"].get("faiss")}) this one does not read: build it again.')
-        lists = first_stage_lists(first_stage) if isinstance(first_stage, faiss.IndexPreTransform) else None
+        lists = first_stage_lists(first_stage)
         if len(features) != count or features.shape[1:] != expected.shape[1:] or features.dtype != expected.dtype \
                 or not isinstance(lists, faiss.IndexIVFPQ) or lists.nlist != prototypes \
                 or lists.ntotal != count * prototypes or (names is not None and len(names) != count):

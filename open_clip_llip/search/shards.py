@@ -149,6 +149,7 @@ def _train(folder: Path, model: LlipModel, images: torch.utils.data.Dataset, nam
     features = torch.cat(list(encode_images(model, torch.utils.data.Subset(images, sample), batch_size, workers,
                                             precision, progress='Sample')))
     first_stage = train_first_stage(model, features.float().cpu(), centres, code_bytes)
+    lists = first_stage_lists(first_stage)
     faiss = _faiss()
     with WrittenFiles(folder, PLAN_FILES, PLAN, GENERATOR) as written:
         faiss.write_index(first_stage, str(written.claim(TRAINED_FIRST_STAGE)))
@@ -156,8 +157,7 @@ def _train(folder: Path, model: LlipModel, images: torch.utils.data.Dataset, nam
         plan = dict(generator=GENERATOR, kind='gallery', model=model_name, pretrained=pretrained, precision=precision,
                     **_model_record(model), count=count, names_sha256=_names_digest(names, count), dtype=dtype,
                     skipped_samples=skipped_samples, shards=planned,
-                    first_stage=dict(file=TRAINED_FIRST_STAGE, prototypes=first_stage_lists(first_stage).nlist,
-                                     code_bytes=first_stage_lists(first_stage).pq.M),
+                    first_stage=dict(file=TRAINED_FIRST_STAGE, prototypes=lists.nlist, code_bytes=lists.pq.M),
                     files=dict(written.files))
         plan['sha256'] = manifest_digest(plan)
         written.write_text(PLAN, json.dumps(plan, indent=2, ensure_ascii=False) + '\n')
